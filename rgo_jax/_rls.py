@@ -1,0 +1,137 @@
+"""Recursive-least-squares (RLS) kernels for the RGO projection matrices.
+
+Every kernel works on a stack of matrices ``p: [k, d, d]`` and vectors ``v: [n, k, d]`` (``n``
+vectors for each of ``k`` independent matrices) and returns the updated stack and the
+number of vectors it skipped. A vector that is not finite is replaced by zero, and a zero
+vector leaves P unchanged, so a bad batch can never corrupt P.
+
+With ``P_0 = I`` the recursion gives ``P = alpha (alpha I + sum_i v_i v_i^T)^{-1}``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["rls_block", "rls_sequential", "rls_step"]
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _sanitize(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Zeroes non-finite vectors (last axis); returns them and a bool mask of the bad ones."""
+    bad = ~jnp.all(jnp.isfinite(v), axis=-1)
+    return jnp.where(bad[..., None], jnp.zeros_like(v), v), bad
+
+
+def _step_one(p: jax.Array, v: jax.Array, alpha: jax.Array) -> jax.Array:
+    """One rank-one step for a single ``[d, d]`` P and ``[d]`` v.
+
+    ``P <- P - (P v)(P v)^T / (alpha + v^T P v)``. The outer product is formed as
+    ``(u u^T) * (1 / denom)`` so that a symmetric P stays exactly symmetric in floating
+    point, and ``v^T P v`` is clipped at zero so the denominator is at least ``alpha``.
+    """
+    u = jnp.matmul(p, v, precision=_HI)
+    denom = alpha + jnp.maximum(jnp.dot(v, u, precision=_HI), 0.0)
+    return p - jnp.outer(u, u) * (1.0 / denom)
+
+
+def rls_step(p: jax.Array, v: jax.Array, alpha: float | jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One rank-one RLS step for each of ``k`` matrices: ``p [k,d,d]``, ``v [k,d]``.
+
+    Returns ``(p_new, skipped)`` with ``skipped`` a bool ``[k]`` (non-finite vectors).
+    """
+    v, bad = _sanitize(v.astype(p.dtype))
+    alpha = jnp.asarray(alpha, p.dtype)
+    return jax.vmap(_step_one, in_axes=(0, 0, None))(p, v, alpha), bad
+
+
+def rls_sequential(
+    p: jax.Array, v: jax.Array, alpha: float | jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """``n`` rank-one steps in order (a ``lax.scan``): ``p [k,d,d]``, ``v [n,k,d]``.
+
+    Returns ``(p_new, skipped)`` with ``skipped`` an int32 ``[k]`` count.
+    """
+
+    def body(carry, vi):
+        carry, bad = rls_step(carry, vi, alpha)
+        return carry, bad
+
+    p, bad = jax.lax.scan(body, p, v)
+    return p, jnp.sum(bad, axis=0, dtype=jnp.int32)
+
+
+def _block_one(p: jax.Array, v: jax.Array, alpha: jax.Array) -> jax.Array:
+    """Woodbury update of one ``[d, d]`` P by a block ``v [b, d]``.
+
+    ``P <- P - P V^T (alpha I + V P V^T)^{-1} V P``, which equals ``b`` sequential rank-one
+    steps in exact arithmetic. Solved by a Cholesky factorisation of the ``b x b`` matrix.
+    """
+    u = jnp.matmul(v, p, precision=_HI)  # [b, d] = V P
+    m = jnp.matmul(u, v.T, precision=_HI)  # [b, b] = V P V^T
+    m = 0.5 * (m + m.T) + alpha * jnp.eye(v.shape[0], dtype=p.dtype)
+    chol = jnp.linalg.cholesky(m)
+    x = jax.scipy.linalg.cho_solve((chol, True), u)  # [b, d] = M^-1 V P
+    new = p - jnp.matmul(u.T, x, precision=_HI)
+    return 0.5 * (new + new.T)
+
+
+def rls_block(
+    p: jax.Array,
+    v: jax.Array,
+    alpha: float | jax.Array,
+    *,
+    block_size: int = 64,
+) -> tuple[jax.Array, jax.Array]:
+    """``n`` vectors applied in blocks of ``block_size`` by the Woodbury identity.
+
+    Equals :func:`rls_sequential` in exact arithmetic (the result does not depend on the
+    order of the vectors). ``n`` is padded with zero vectors to a multiple of the block.
+
+    Args:
+      p: ``[k, d, d]`` matrices.
+      v: ``[n, k, d]`` vectors.
+      alpha: the RLS regulariser (> 0).
+      block_size: vectors per Woodbury solve; larger is faster but the ``b x b`` system is
+        worse conditioned in float32.
+
+    Returns:
+      ``(p_new, skipped)`` with ``skipped`` an int32 ``[k]`` count of non-finite vectors.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}.")
+    v, bad = _sanitize(v.astype(p.dtype))
+    n = v.shape[0]
+    b = min(block_size, n)
+    pad = (-n) % b
+    if pad:
+        v = jnp.concatenate([v, jnp.zeros((pad, *v.shape[1:]), v.dtype)], axis=0)
+    blocks = v.reshape(-1, b, *v.shape[1:])  # [nb, b, k, d]
+    alpha = jnp.asarray(alpha, p.dtype)
+    update = jax.vmap(_block_one, in_axes=(0, 1, None))  # over k
+
+    def body(carry, blk):
+        return update(carry, blk, alpha), None
+
+    p, _ = jax.lax.scan(body, p, blocks)
+    return p, jnp.sum(bad, axis=0, dtype=jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "block_size"))
+def run_rls(
+    p: jax.Array,
+    v: jax.Array,
+    alpha: jax.Array,
+    *,
+    method: str = "sequential",
+    block_size: int = 64,
+) -> tuple[jax.Array, jax.Array]:
+    """Jitted dispatcher used by :func:`rgo_jax.update_projection` for one size bucket."""
+    if method == "sequential":
+        return rls_sequential(p, v, alpha)
+    if method == "block":
+        return rls_block(p, v, alpha, block_size=block_size)
+    raise ValueError(f"Unknown RLS method {method!r}; use 'sequential' or 'block'.")
