@@ -1,0 +1,490 @@
+"""Reference networks of the RGO paper in Flax NNX, with feature encoding layers (FEL).
+
+All models take NHWC ``float32`` images (the MLP flattens whatever it gets), have ReLU
+activations, no batch norm and no dropout (the RGO networks have neither), and a single
+shared linear head returning raw, unmasked logits ``[B, num_classes]``; masking the logits
+of classes outside the current task is the training loop's business.
+
+Every model is called as ``model(x, task, *, return_inputs=False)``. ``task`` is the task
+id, a Python int or an integer scalar array (it may be traced under ``jax.jit``/``nnx.jit``:
+no Python branching depends on it). A FEL (a fixed, task-keyed permutation of the feature
+axis, see :class:`rgo_jax.FEL`) sits after every hidden nonlinearity; the FEL sites are
+numbered ``0, 1, 2, ...`` in forward order and each uses that number as its layer id, so
+distinct sites permute differently. Task 0 sees the identity. With ``fel=False`` (the
+paper's RGO-2 ablation) no permutation is applied anywhere and the FEL modules are not
+created, but the parameters (and, for one ``rngs`` seed, their values) are identical.
+
+Layers are ``nnx.Linear`` (kernel ``[in, out]``) and ``nnx.Conv`` (kernel HWIO
+``[kh, kw, cin, cout]``), all with biases and Flax's default initialisers: kernels
+LeCun-normal (truncated normal, variance ``1 / fan_in``), biases zero.
+
+``return_inputs=True`` returns ``(logits, inputs)``: ``inputs`` maps each kernel's path,
+the tuple of ``str``/``int`` used by ``nnx.to_flat_state(nnx.state(model, nnx.Param))``
+(e.g. ``("stages", 1, 0, "conv1", "kernel")``; :func:`param_path_str` writes it as
+``"stages/1/0/conv1/kernel"``), to a 2-D matrix of that layer's inputs, in forward order:
+``[B, in]`` for a dense layer and the im2col patches ``[B * H' * W', kh * kw * cin]``
+(:func:`conv_patches`, rows in HWIO-kernel order) for a convolution, so that
+``inputs[path] @ kernel.reshape(-1, cout)`` is the layer's output before the bias. These
+are the representations GPM and OWM consume.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rgo_jax._fel import FEL
+from rgo_jax._models_util import (
+    InputRecorder,
+    ParamPath,
+    conv,
+    conv_patches,
+    dense,
+    param_path_str,
+)
+
+__all__ = [
+    "MODEL_NAMES",
+    "MLP",
+    "AlexNet",
+    "BasicBlock",
+    "ParamPath",
+    "ResNet18",
+    "build_model",
+    "conv_patches",
+    "param_path_str",
+    "reduced_resnet18",
+]
+
+ModelOutput = jax.Array | tuple[jax.Array, dict[ParamPath, jax.Array]]
+
+
+def _positive_int(value: Any, name: str) -> int:
+    """Returns ``value`` as an int, or raises a clear error if it is not a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def _fel(site: FEL | None, x: jax.Array, task: int | jax.Array) -> jax.Array:
+    """Applies a FEL site, or nothing when the model was built with ``fel=False``."""
+    return x if site is None else site(x, task)
+
+
+def _check_images(model: str, x: jax.Array, channels: int) -> jax.Array:
+    """Checks that ``x`` is an NHWC batch with ``channels`` channels."""
+    x = jnp.asarray(x)
+    if x.ndim != 4 or x.shape[-1] != channels:
+        raise ValueError(
+            f"{model} expects NHWC images [B, H, W, {channels}], got an array of shape {x.shape}."
+        )
+    return x
+
+
+class _Model(nnx.Module):
+    """Shared ``__call__``: runs ``_forward`` and, if asked, collects the layer inputs."""
+
+    def _forward(self, x: jax.Array, task: int | jax.Array, rec: InputRecorder | None) -> jax.Array:
+        raise NotImplementedError
+
+    def __call__(
+        self, x: jax.Array, task: int | jax.Array, *, return_inputs: bool = False
+    ) -> ModelOutput:
+        """Logits ``[B, num_classes]`` for the images ``x`` of task ``task``.
+
+        Args:
+          x: a batch of inputs (NHWC images; the MLP flattens any trailing axes).
+          task: the task id (int or integer scalar array, may be traced).
+          return_inputs: also return the per-layer input matrices (see the module docs).
+
+        Returns:
+          ``logits``, or ``(logits, inputs)`` when ``return_inputs`` is True.
+        """
+        rec = InputRecorder() if return_inputs else None
+        logits = self._forward(x, task, rec)
+        if rec is None:
+            return logits
+        return logits, rec.by_path(self)
+
+
+class MLP(_Model):
+    """Fully connected net: ``Linear -> ReLU -> FEL`` per hidden layer, then a linear head.
+
+    The default is the paper's MNIST network 784-256-256-10. Parameter paths:
+    ``("hidden", i, "kernel" | "bias")`` and ``("head", "kernel" | "bias")``. FEL layer ids
+    are ``0 .. len(hidden) - 1``.
+
+    Args:
+      in_features: size of a flattened input.
+      hidden: widths of the hidden layers.
+      num_classes: number of logits (one shared head).
+      fel: put a FEL after each hidden ReLU (``False``: RGO-2 ablation).
+      fel_seed: seed of the FEL permutations.
+      rngs: parameter initialisation randomness.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from rgo_jax.models import MLP
+      >>> model = MLP(4, (3,), 2, rngs=nnx.Rngs(0))
+      >>> model(jnp.ones((5, 4)), task=1).shape
+      (5, 2)
+      >>> logits, inputs = model(jnp.ones((5, 4)), task=1, return_inputs=True)
+      >>> {path: m.shape for path, m in inputs.items()}
+      {('hidden', 0, 'kernel'): (5, 4), ('head', 'kernel'): (5, 3)}
+    """
+
+    def __init__(
+        self,
+        in_features: int = 784,
+        hidden: Sequence[int] = (256, 256),
+        num_classes: int = 10,
+        *,
+        fel: bool = True,
+        fel_seed: int = 0,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features = _positive_int(in_features, "MLP in_features")
+        hidden = tuple(_positive_int(h, "MLP hidden width") for h in hidden)
+        self.num_classes = _positive_int(num_classes, "MLP num_classes")
+        self.fel = bool(fel)
+        dims = (self.in_features, *hidden)
+        self.hidden = nnx.List(
+            [nnx.Linear(a, b, rngs=rngs) for a, b in zip(dims[:-1], dims[1:], strict=True)]
+        )
+        self.fels = nnx.List([FEL(i, seed=fel_seed) for i in range(len(hidden))]) if fel else None
+        self.head = nnx.Linear(dims[-1], self.num_classes, rngs=rngs)
+
+    def _forward(self, x: jax.Array, task: int | jax.Array, rec: InputRecorder | None) -> jax.Array:
+        x = jnp.asarray(x)
+        if x.ndim < 2 or math.prod(x.shape[1:]) != self.in_features:
+            raise ValueError(
+                f"MLP expects a batch [B, ...] of {self.in_features} features per example, got "
+                f"an array of shape {x.shape}."
+            )
+        x = x.reshape(x.shape[0], self.in_features)
+        for i, layer in enumerate(self.hidden):
+            x = jax.nn.relu(dense(layer, x, rec))
+            x = _fel(None if self.fels is None else self.fels[i], x, task)
+        return dense(self.head, x, rec)
+
+
+class AlexNet(_Model):
+    """The AlexNet-style CNN of HAT / GPM for CIFAR, without batch norm and dropout.
+
+    ``conv1`` 64 4x4, ``conv2`` 128 3x3, ``conv3`` 256 2x2, all VALID (no padding), stride 1,
+    each followed by ReLU, FEL and 2x2 max-pool (stride 2, floor); then ``fc1`` 2048, ``fc2``
+    2048 (ReLU, FEL) and the shared ``head``. On 32x32x3 the feature map goes
+    32 -> 29 -> 14 -> 12 -> 6 -> 5 -> 2, so ``fc1`` sees ``2 * 2 * 256 = 1024`` features
+    (flattened in NHWC order). A channel permutation commutes with max-pooling, so FEL before
+    or after the pool is the same network. FEL layer ids: ``0, 1, 2`` (convs), ``3, 4`` (fcs).
+    Parameter paths: ``conv1 .. conv3``, ``fc1``, ``fc2``, ``head``.
+
+    Args:
+      input_shape: ``(H, W, C)`` of an input image, e.g. ``(32, 32, 3)`` or ``(28, 28, 1)``.
+      num_classes: number of logits (one shared head).
+      channels: output channels of the three convolutions.
+      kernel_sizes: their (square) kernel sizes.
+      hidden: widths of ``fc1`` and ``fc2``.
+      fel: put a FEL after each ReLU (``False``: RGO-2 ablation).
+      fel_seed: seed of the FEL permutations.
+      rngs: parameter initialisation randomness.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int] = (32, 32, 3),
+        num_classes: int = 100,
+        *,
+        channels: Sequence[int] = (64, 128, 256),
+        kernel_sizes: Sequence[int] = (4, 3, 2),
+        hidden: Sequence[int] = (2048, 2048),
+        fel: bool = True,
+        fel_seed: int = 0,
+        rngs: nnx.Rngs,
+    ):
+        input_shape = tuple(_positive_int(d, "AlexNet input_shape entry") for d in input_shape)
+        if len(input_shape) != 3:
+            raise ValueError(f"AlexNet input_shape must be (H, W, C), got {input_shape}.")
+        channels = tuple(_positive_int(c, "AlexNet channels entry") for c in channels)
+        kernel_sizes = tuple(_positive_int(k, "AlexNet kernel size") for k in kernel_sizes)
+        hidden = tuple(_positive_int(h, "AlexNet hidden width") for h in hidden)
+        if len(channels) != 3 or len(kernel_sizes) != 3 or len(hidden) != 2:
+            raise ValueError(
+                "AlexNet has 3 convolutions and 2 hidden dense layers: channels and kernel_sizes "
+                f"need 3 entries, hidden 2; got {channels}, {kernel_sizes}, {hidden}."
+            )
+        self.input_shape = input_shape
+        self.num_classes = _positive_int(num_classes, "AlexNet num_classes")
+        self.fel = bool(fel)
+        h, w, c = input_shape
+        for k in kernel_sizes:
+            h, w = (h - k + 1) // 2, (w - k + 1) // 2
+            if h < 1 or w < 1:
+                raise ValueError(
+                    f"AlexNet input_shape {input_shape} is too small for kernels {kernel_sizes} "
+                    "with 2x2 max-pooling."
+                )
+        cins = (c, *channels[:-1])
+        self.conv1 = nnx.Conv(
+            cins[0], channels[0], (kernel_sizes[0],) * 2, padding="VALID", rngs=rngs
+        )
+        self.conv2 = nnx.Conv(
+            cins[1], channels[1], (kernel_sizes[1],) * 2, padding="VALID", rngs=rngs
+        )
+        self.conv3 = nnx.Conv(
+            cins[2], channels[2], (kernel_sizes[2],) * 2, padding="VALID", rngs=rngs
+        )
+        self.fc1 = nnx.Linear(h * w * channels[2], hidden[0], rngs=rngs)
+        self.fc2 = nnx.Linear(hidden[0], hidden[1], rngs=rngs)
+        self.head = nnx.Linear(hidden[1], self.num_classes, rngs=rngs)
+        sites = [FEL(i, seed=fel_seed) if fel else None for i in range(5)]
+        self.fel_conv1, self.fel_conv2, self.fel_conv3, self.fel_fc1, self.fel_fc2 = sites
+
+    def _forward(self, x: jax.Array, task: int | jax.Array, rec: InputRecorder | None) -> jax.Array:
+        x = jnp.asarray(x)
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"AlexNet expects NHWC images [B, {', '.join(map(str, self.input_shape))}], got "
+                f"an array of shape {x.shape}."
+            )
+        for layer, site in (
+            (self.conv1, self.fel_conv1),
+            (self.conv2, self.fel_conv2),
+            (self.conv3, self.fel_conv3),
+        ):
+            x = _fel(site, jax.nn.relu(conv(layer, x, rec)), task)
+            x = nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+        x = x.reshape(x.shape[0], -1)
+        x = _fel(self.fel_fc1, jax.nn.relu(dense(self.fc1, x, rec)), task)
+        x = _fel(self.fel_fc2, jax.nn.relu(dense(self.fc2, x, rec)), task)
+        return dense(self.head, x, rec)
+
+
+class BasicBlock(nnx.Module):
+    """ResNet basic block without batch norm, with the RGO FEL placements.
+
+    ``h = FEL_a(relu(conv1(x)))``; ``h = FEL_b(conv2(h))``;
+    ``out = relu(h + shortcut(x))``. Both convolutions are 3x3 ``'SAME'`` (``conv1`` with
+    ``stride``); the shortcut is the identity, or a 1x1 convolution with ``stride`` when the
+    shape changes; it is never permuted.
+
+    Args:
+      in_channels: channels of ``x``.
+      out_channels: channels of the output.
+      stride: stride of ``conv1`` and of the shortcut.
+      fel_layers: layer ids of the two FEL sites, or ``None`` for no FEL.
+      fel_seed: seed of the FEL permutations.
+      rngs: parameter initialisation randomness.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        *,
+        fel_layers: tuple[int, int] | None = None,
+        fel_seed: int = 0,
+        rngs: nnx.Rngs,
+    ):
+        in_channels = _positive_int(in_channels, "BasicBlock in_channels")
+        out_channels = _positive_int(out_channels, "BasicBlock out_channels")
+        stride = _positive_int(stride, "BasicBlock stride")
+        self.conv1 = nnx.Conv(in_channels, out_channels, (3, 3), strides=stride, rngs=rngs)
+        self.conv2 = nnx.Conv(out_channels, out_channels, (3, 3), rngs=rngs)
+        self.shortcut = (
+            nnx.Conv(in_channels, out_channels, (1, 1), strides=stride, padding="VALID", rngs=rngs)
+            if stride != 1 or in_channels != out_channels
+            else None
+        )
+        if fel_layers is None:
+            self.fel1, self.fel2 = None, None
+        else:
+            self.fel1 = FEL(fel_layers[0], seed=fel_seed)
+            self.fel2 = FEL(fel_layers[1], seed=fel_seed)
+
+    def __call__(self, x: jax.Array, task: int | jax.Array) -> jax.Array:
+        """The block's output for NHWC ``x`` of task ``task``."""
+        return self._forward(x, task, None)
+
+    def _forward(self, x: jax.Array, task: int | jax.Array, rec: InputRecorder | None) -> jax.Array:
+        h = _fel(self.fel1, jax.nn.relu(conv(self.conv1, x, rec)), task)
+        h = _fel(self.fel2, conv(self.conv2, h, rec), task)
+        skip = x if self.shortcut is None else conv(self.shortcut, x, rec)
+        return jax.nn.relu(h + skip)
+
+
+class ResNet18(_Model):
+    """ResNet-18 of the RGO paper: no batch norm, no max-pool, FEL after every nonlinearity.
+
+    ``conv1`` ``stem_kernel`` x ``stem_kernel`` / ``width``, stride ``stem_stride``,
+    ``'SAME'``, ReLU; four stages of two :class:`BasicBlock` (widths ``w, 2w, 4w, 8w``;
+    stride 2 in the first block of stages 2-4; 1x1 convolution shortcut when the shape
+    changes); global mean pool; linear ``head``. All convolutions pad ``'SAME'`` the
+    ``jax.lax`` (TensorFlow) way. FEL sites, in forward order (their layer ids): after
+    ``conv1`` + ReLU (0); in each block after ``relu(conv1)`` and after ``conv2`` before
+    the residual add; after each stage; after global pooling (21, the last).
+
+    Parameter paths: ``("conv1", ...)``, ``("stages", s, b, "conv1" | "conv2" | "shortcut",
+    ...)`` for stage ``s`` and block ``b``, ``("head", ...)``.
+
+    Args:
+      num_classes: number of logits (one shared head).
+      width: channels of the first stage.
+      in_channels: channels of the input images.
+      stem_kernel: kernel size of ``conv1`` (7 in the RGO paper, 3 in the reduced network).
+      stem_stride: stride of ``conv1`` (1 in the RGO paper).
+      fel: put the FEL sites in (``False``: RGO-2 ablation).
+      fel_seed: seed of the FEL permutations.
+      rngs: parameter initialisation randomness.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 100,
+        width: int = 64,
+        *,
+        in_channels: int = 3,
+        stem_kernel: int = 7,
+        stem_stride: int = 1,
+        fel: bool = True,
+        fel_seed: int = 0,
+        rngs: nnx.Rngs,
+    ):
+        self.num_classes = _positive_int(num_classes, "ResNet18 num_classes")
+        width = _positive_int(width, "ResNet18 width")
+        self.in_channels = _positive_int(in_channels, "ResNet18 in_channels")
+        stem_kernel = _positive_int(stem_kernel, "ResNet18 stem_kernel")
+        stem_stride = _positive_int(stem_stride, "ResNet18 stem_stride")
+        self.fel = bool(fel)
+        ids = itertools.count()
+
+        def site() -> FEL | None:
+            return FEL(next(ids), seed=fel_seed) if fel else None
+
+        self.conv1 = nnx.Conv(
+            self.in_channels, width, (stem_kernel, stem_kernel), strides=stem_stride, rngs=rngs
+        )
+        self.fel_conv1 = site()
+        stages, stage_fels = [], []
+        cin = width
+        for s, mult in enumerate((1, 2, 4, 8)):
+            cout = width * mult
+            blocks = []
+            for b in range(2):
+                layers = (next(ids), next(ids)) if fel else None
+                stride = 2 if s > 0 and b == 0 else 1
+                blocks.append(
+                    BasicBlock(cin, cout, stride, fel_layers=layers, fel_seed=fel_seed, rngs=rngs)
+                )
+                cin = cout
+            stages.append(nnx.List(blocks))
+            stage_fels.append(site())
+        self.stages = nnx.List(stages)
+        self.stage_fels = nnx.List(stage_fels) if fel else None
+        self.fel_pool = site()
+        self.head = nnx.Linear(cin, self.num_classes, rngs=rngs)
+
+    def _forward(self, x: jax.Array, task: int | jax.Array, rec: InputRecorder | None) -> jax.Array:
+        x = _check_images("ResNet18", x, self.in_channels)
+        x = _fel(self.fel_conv1, jax.nn.relu(conv(self.conv1, x, rec)), task)
+        for s, stage in enumerate(self.stages):
+            for block in stage:
+                x = block._forward(x, task, rec)
+            x = _fel(None if self.stage_fels is None else self.stage_fels[s], x, task)
+        x = jnp.mean(x, axis=(1, 2))
+        x = _fel(self.fel_pool, x, task)
+        return dense(self.head, x, rec)
+
+
+def reduced_resnet18(
+    num_classes: int = 100,
+    *,
+    width: int = 20,
+    in_channels: int = 3,
+    fel: bool = True,
+    fel_seed: int = 0,
+    rngs: nnx.Rngs,
+) -> ResNet18:
+    """The reduced ResNet-18 of GPM / TRGP: :class:`ResNet18` with width 20 and a 3x3 stem.
+
+    As in GPM's reduced ResNet-18 for 32x32 inputs, ``conv1`` is 3x3, stride 1, padding 1
+    (``'SAME'``), with no max-pool. Two differences from GPM, both kept from the RGO
+    ResNet-18: biases and no batch norm, and global mean pooling before the head (GPM
+    average-pools 2x2 and flattens, a head input of ``4 * 8 * width``; here ``8 * width``).
+
+    Examples:
+      >>> from flax import nnx
+      >>> from rgo_jax.models import reduced_resnet18
+      >>> model = reduced_resnet18(10, rngs=nnx.Rngs(0))
+      >>> model.conv1.kernel.shape, model.head.kernel.shape
+      ((3, 3, 3, 20), (160, 10))
+    """
+    return ResNet18(
+        num_classes,
+        width,
+        in_channels=in_channels,
+        stem_kernel=3,
+        stem_stride=1,
+        fel=fel,
+        fel_seed=fel_seed,
+        rngs=rngs,
+    )
+
+
+MODEL_NAMES = ("mlp", "alexnet", "resnet18", "reduced_resnet18")
+
+
+def build_model(
+    name: str,
+    *,
+    num_classes: int,
+    input_shape: Sequence[int],
+    fel: bool = True,
+    fel_seed: int = 0,
+    seed: int = 0,
+    **model_kwargs: Any,
+) -> nnx.Module:
+    """Builds a reference model by name, initialised from ``nnx.Rngs(seed)``.
+
+    Args:
+      name: one of ``"mlp"``, ``"alexnet"``, ``"resnet18"``, ``"reduced_resnet18"``.
+      num_classes: number of logits (one shared head).
+      input_shape: shape of one input without the batch axis, ``(H, W, C)`` (the MLP takes
+        the product as its ``in_features``; the ResNets use ``C``).
+      fel: put the FEL sites in (``False``: RGO-2 ablation).
+      fel_seed: seed of the FEL permutations.
+      seed: seed of the parameter initialisation.
+      **model_kwargs: further constructor arguments (e.g. ``hidden`` for the MLP, ``width``
+        for the ResNets).
+
+    Returns:
+      The model.
+
+    Examples:
+      >>> from rgo_jax.models import build_model
+      >>> model = build_model("mlp", num_classes=10, input_shape=(28, 28, 1))
+      >>> model.hidden[0].kernel.shape
+      (784, 256)
+    """
+    input_shape = tuple(int(d) for d in input_shape)
+    common = dict(fel=fel, fel_seed=fel_seed, rngs=nnx.Rngs(seed), **model_kwargs)
+    if name == "mlp":
+        return MLP(math.prod(input_shape), num_classes=num_classes, **common)
+    if name not in MODEL_NAMES:
+        raise ValueError(f"Unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}.")
+    if len(input_shape) != 3:
+        raise ValueError(f"Model {name!r} needs input_shape (H, W, C), got {input_shape}.")
+    if name == "alexnet":
+        return AlexNet(input_shape, num_classes, **common)
+    if name == "resnet18":
+        return ResNet18(num_classes, in_channels=input_shape[-1], **common)
+    return reduced_resnet18(num_classes, in_channels=input_shape[-1], **common)
