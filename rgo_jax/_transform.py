@@ -54,7 +54,7 @@ def scale_by_rgo(
     layout: _layout.LayoutSpec = None,
     *,
     project_biases: bool = True,
-    dtype: Any = jnp.float32,
+    dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Projects each gradient by the trace-normalised RGO matrix of its layer.
 
@@ -80,8 +80,9 @@ def scale_by_rgo(
         :func:`rgo_jax.layouts.layout_rules`), or a tree of layouts like params.
       project_biases: with the default rule, give 1-D leaves their own P (the reference
         code) or leave them unprojected.
-      dtype: storage dtype of P (``float32``; ``bfloat16`` halves the memory). The product
-        is computed in the gradient's dtype.
+      dtype: storage dtype of P (``None`` means ``float32``; ``jnp.bfloat16`` halves the
+        memory). The product is computed in the gradient's dtype. (``None`` rather than a
+        dtype default keeps ``optax.inject_hyperparams`` from mistaking it for a schedule.)
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; extra keyword arguments are ignored.
@@ -101,6 +102,8 @@ def scale_by_rgo(
     References:
       Liu & Liu, "Continual Learning with Recursive Gradient Optimization", ICLR 2022.
     """
+
+    dtype = jnp.float32 if dtype is None else dtype
 
     def init_fn(params):
         info = _resolve(params, layout, project_biases)
@@ -152,7 +155,7 @@ def rgo(
     layout: _layout.LayoutSpec = None,
     *,
     project_biases: bool = True,
-    dtype: Any = jnp.float32,
+    dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The reference optimizer: RGO projection of the gradient, then plain SGD.
 

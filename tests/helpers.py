@@ -1,0 +1,23 @@
+"""Shared test helpers: float64 references and small random problems."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def closed_form_p(vectors: np.ndarray, alpha: float) -> np.ndarray:
+    """``alpha (alpha I + sum v v^T)^-1`` in float64 for ``vectors [n, d]``."""
+    v = np.asarray(vectors, np.float64)
+    d = v.shape[-1]
+    return alpha * np.linalg.inv(alpha * np.eye(d) + v.T @ v)
+
+
+def random_vectors(rng: np.random.Generator, n: int, d: int, scale: float = 1.0) -> np.ndarray:
+    """Correlated, non-negative-ish vectors, like layer inputs (not isotropic noise)."""
+    basis = rng.normal(size=(max(2, d // 3), d))
+    coef = np.abs(rng.normal(size=(n, basis.shape[0])))
+    return (scale * (coef @ basis) / np.sqrt(d)).astype(np.float32)

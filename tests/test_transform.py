@@ -1,0 +1,257 @@
+"""scale_by_rgo as an optax transformation: projection maths and the optax battery."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import rgo_jax
+from rgo_jax import layouts
+
+
+def _params():
+    return {
+        "dense": {"kernel": jnp.ones((6, 4)), "bias": jnp.ones(4)},
+        "conv": {"kernel": jnp.ones((3, 3, 2, 5)), "bias": jnp.ones(5)},
+    }
+
+
+def _grads(seed=0):
+    key = jax.random.key(seed)
+    leaves, treedef = jax.tree.flatten(_params())
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(
+        treedef, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    )
+
+
+def _consolidated_state(tx, seed=1, n=20):
+    rng = np.random.default_rng(seed)
+    state = tx.init(_params())
+    vecs = {
+        "dense": {"kernel": rng.normal(size=(n, 6)), "bias": rng.normal(size=(n, 4))},
+        "conv": {"kernel": rng.normal(size=(n, 18)), "bias": rng.normal(size=(n, 5))},
+    }
+    vecs = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), vecs)
+    return rgo_jax.consolidate(state, vecs, 0.5)
+
+
+def test_identity_before_consolidation():
+    tx = rgo_jax.scale_by_rgo()
+    g = _grads()
+    out, _ = tx.update(g, tx.init(_params()))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), out, g)
+
+
+def test_update_is_trace_normalised_projection():
+    tx = rgo_jax.scale_by_rgo()
+    state = _consolidated_state(tx)
+    g = _grads()
+    out, new_state = tx.update(g, state)
+    p = np.asarray(state.p["conv"]["kernel"], np.float64)
+    gm = np.asarray(g["conv"]["kernel"]).reshape(18, 5)
+    expected = (18 / np.trace(p)) * p @ gm
+    np.testing.assert_allclose(out["conv"]["kernel"].reshape(18, 5), expected, rtol=1e-4)
+    p = np.asarray(state.p["dense"]["bias"], np.float64)
+    expected = (4 / np.trace(p)) * p @ np.asarray(g["dense"]["bias"])
+    np.testing.assert_allclose(out["dense"]["bias"], expected, rtol=1e-4)
+    # The normalised P has trace d: project the identity matrix.
+    eye_out, _ = tx.update(
+        {"w": jnp.eye(6)}, tx.init({"w": jnp.eye(6)})._replace(p={"w": state.p["dense"]["kernel"]})
+    )
+    assert abs(float(jnp.trace(eye_out["w"])) - 6.0) < 1e-4
+    # P does not change inside update.
+    jax.tree.map(np.testing.assert_array_equal, new_state.p, state.p)
+
+
+def test_projection_shrinks_consolidated_directions_only():
+    d, m, alpha, r = 8, 3, 0.01, 2.0
+    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(d, d)))
+    v = r * q[:, :m].T  # m orthogonal vectors of norm r
+    tx = rgo_jax.scale_by_rgo()
+    state = tx.init({"w": jnp.zeros((d, 1))})
+    state = rgo_jax.update_projection(state, {"w": jnp.asarray(v, jnp.float32)}, alpha)
+    shrink = alpha / (alpha + r**2)
+    scale = d / (d - m + m * shrink)
+    along = q[:, :1]
+    out, _ = tx.update({"w": jnp.asarray(along, jnp.float32)}, state)
+    np.testing.assert_allclose(out["w"], scale * shrink * along, rtol=2e-3, atol=1e-6)
+    ortho = q[:, m : m + 1]
+    out, _ = tx.update({"w": jnp.asarray(ortho, jnp.float32)}, state)
+    np.testing.assert_allclose(out["w"], scale * ortho, rtol=1e-3, atol=1e-6)
+
+
+def test_unprojected_biases_and_layout_rules():
+    tx = rgo_jax.scale_by_rgo(project_biases=False)
+    state = tx.init(_params())
+    assert state.p["dense"]["bias"].shape == (0, 0)
+    assert state.p["dense"]["kernel"].shape == (6, 6)
+    tx = rgo_jax.scale_by_rgo(layouts.layout_rules([(r"^dense/", None)]))
+    state = tx.init(_params())
+    assert state.p["dense"]["kernel"].shape == (0, 0)
+    assert state.p["conv"]["kernel"].shape == (18, 18)
+
+
+def test_unknown_leaf_raises_naming_path_and_shape():
+    tx = rgo_jax.scale_by_rgo()
+    with pytest.raises(ValueError, match=r"'mlp/w3'.*\(2, 3, 4\)"):
+        tx.init({"mlp": {"w3": jnp.zeros((2, 3, 4))}})
+    with pytest.raises(ValueError, match=r"'scale'.*\(\)"):
+        tx.init({"scale": jnp.zeros(())})
+    with pytest.raises(ValueError, match="no entry for parameter 'b'"):
+        rgo_jax.scale_by_rgo(layout={"a": "dense"}).init({"a": jnp.zeros((2, 2)), "b": jnp.ones(2)})
+    with pytest.raises(TypeError, match="'a'.*MatrixLayout"):
+        rgo_jax.scale_by_rgo(layout={"a": "dens"}).init({"a": jnp.zeros((2, 2))})
+
+
+def test_custom_layout_over_other_axes():
+    # A kernel stored [out, in] (PyTorch order): P over axis 1.
+    lay = layouts.MatrixLayout(in_axes=(1,))
+    tx = rgo_jax.scale_by_rgo(layout={"w": lay})
+    g = jax.random.normal(jax.random.key(0), (3, 5))
+    state = tx.init({"w": g})
+    assert state.p["w"].shape == (5, 5)
+    p = jnp.diag(jnp.arange(1.0, 6.0))
+    out, _ = tx.update({"w": g}, state._replace(p={"w": p}))
+    np.testing.assert_allclose(out["w"], (5 / 15) * (p @ g.T).T, rtol=1e-5)
+
+
+# ----- the optax battery -------------------------------------------------------------------
+
+
+def test_extra_args_are_accepted():
+    tx = rgo_jax.scale_by_rgo()
+    state = tx.init(_params())
+    tx.update(_grads(), state, _params(), value=jnp.ones(()), some_other_arg=3)
+    chained = optax.chain(rgo_jax.scale_by_rgo(), optax.sgd(0.1))
+    chained.update(_grads(), chained.init(_params()), _params(), loss=1.0)
+
+
+def test_no_recompilation_on_second_call():
+    tx = rgo_jax.rgo(0.1)
+    state = _consolidated_state(optax.chain(rgo_jax.scale_by_rgo(), optax.sgd(0.1)))
+    traces = []
+
+    @jax.jit
+    def step(g, s):
+        traces.append(1)
+        return tx.update(g, s)
+
+    _, state = step(_grads(0), state)
+    _, state = step(_grads(1), state)
+    assert len(traces) == 1
+
+
+def test_tree_map_params_and_state_stability():
+    tx = rgo_jax.rgo(0.1)
+    state = tx.init(_params())
+    mapped = optax.tree_map_params(tx, lambda p: p * 2, state)
+    assert jax.tree.structure(mapped) == jax.tree.structure(state)
+    # Under lax.cond the state keeps its shapes and dtypes.
+    g = _grads()
+    out = jax.lax.cond(True, lambda s: tx.update(g, s)[1], lambda s: s, state)
+    jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype) or pytest.fail(), out, state)
+
+
+def test_inject_hyperparams_and_partition():
+    tx = optax.inject_hyperparams(rgo_jax.rgo)(learning_rate=0.1)
+    state = tx.init(_params())
+    vecs = {
+        "dense": {"kernel": jnp.ones((2, 6)), "bias": jnp.ones((2, 4))},
+        "conv": {"kernel": jnp.ones((2, 18)), "bias": jnp.ones((2, 5))},
+    }
+    state = rgo_jax.consolidate(state, vecs)
+    assert int(rgo_jax.rgo_states(state)[0].count) == 2
+    updates, _ = jax.jit(tx.update)(_grads(), state)
+    assert jax.tree.structure(updates) == jax.tree.structure(_params())
+    # partition: conv projected by RGO, dense plain SGD ("leave a head unprojected").
+    labels = {"dense": {"kernel": "head", "bias": "head"}, "conv": {"kernel": "rgo", "bias": "rgo"}}
+    part = optax.partition({"rgo": rgo_jax.rgo(0.1), "head": optax.sgd(0.1)}, labels)
+    pstate = part.init(_params())
+    vecs = {"conv": {"kernel": jnp.ones((3, 18)), "bias": jnp.ones((3, 5))}}
+    pstate = rgo_jax.consolidate(pstate, vecs, 0.1)
+    (rgo_state,) = rgo_jax.rgo_states(pstate)
+    assert rgo_state.p["conv"]["kernel"].shape == (18, 18)
+    g = _grads()
+    updates, _ = jax.jit(part.update)(g, pstate)
+    np.testing.assert_allclose(updates["dense"]["kernel"], -0.1 * g["dense"]["kernel"], rtol=1e-6)
+    expected = rgo_jax.scale_by_rgo().update(
+        {"k": g["conv"]["kernel"]}, rgo_state._replace(p={"k": rgo_state.p["conv"]["kernel"]})
+    )[0]["k"]
+    np.testing.assert_allclose(updates["conv"]["kernel"], -0.1 * expected, rtol=1e-5)
+    # masked works the same way
+    masked = optax.masked(
+        rgo_jax.scale_by_rgo(),
+        {"dense": {"kernel": True, "bias": False}, "conv": {"kernel": False, "bias": False}},
+    )
+    mstate = masked.init(_params())
+    mstate = rgo_jax.consolidate(mstate, {"dense": {"kernel": jnp.ones((1, 6))}})
+    masked.update(_grads(), mstate)
+
+
+def test_no_rgo_state_is_a_clear_error():
+    with pytest.raises(ValueError, match="No RGOState"):
+        rgo_jax.consolidate(optax.sgd(0.1).init(_params()), {})
+
+
+def test_two_orders_with_adam():
+    state0 = _consolidated_state(rgo_jax.scale_by_rgo())
+    (rstate,) = rgo_jax.rgo_states(state0)
+    project = lambda g: rgo_jax.scale_by_rgo().update(g, rstate)[0]  # noqa: E731
+    g = _grads()
+    # Paper order: project the raw gradient, Adam sees the projected gradient.
+    before = optax.chain(rgo_jax.scale_by_rgo(), optax.adam(1e-2))
+    s = before.init(_params())
+    s = (rstate, s[1])
+    u_before, _ = before.update(g, s)
+    adam = optax.adam(1e-2)
+    expected_before, _ = adam.update(project(g), adam.init(_params()))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), u_before, expected_before
+    )
+    # Adam-NSCL order: Adam's update is projected.
+    after = optax.chain(optax.adam(1e-2), rgo_jax.scale_by_rgo())
+    s = after.init(_params())
+    s = (s[0], rstate)
+    u_after, _ = after.update(g, s)
+    adam_u, _ = adam.update(g, adam.init(_params()))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), u_after, project(adam_u))
+    # The two differ (Adam is not linear).
+    assert not np.allclose(u_before["conv"]["kernel"], u_after["conv"]["kernel"])
+
+
+@pytest.mark.parametrize("base", [optax.sgd(0.1, momentum=0.9), optax.adamw(1e-3)])
+def test_chains_with_common_transformations(base):
+    sched = optax.linear_schedule(0.1, 0.01, 10)
+    tx = optax.chain(
+        optax.clip_by_global_norm(1.0), rgo_jax.scale_by_rgo(), base, optax.scale_by_schedule(sched)
+    )
+    state = tx.init(_params())
+    updates, state = jax.jit(tx.update)(_grads(), state, _params())
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
+def test_nnx_optimizer_and_consolidation():
+    model = nnx.Linear(5, 3, rngs=nnx.Rngs(0))
+    opt = nnx.Optimizer(model, rgo_jax.rgo(0.5), wrt=nnx.Param)
+    x = jax.random.normal(jax.random.key(1), (8, 5))
+    y = jnp.arange(8) % 3
+
+    def loss_fn(m):
+        return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+
+    # Consolidate on a direction, then check the step is the projected SGD step.
+    v = {"kernel": jnp.ones((4, 5)), "bias": jnp.ones((4, 3))}
+    pure = nnx.as_pure(opt.opt_state)
+    pure = rgo_jax.consolidate(pure, v, 0.01)
+    nnx.update(opt.opt_state, nnx.state(pure))
+    (rstate,) = rgo_jax.rgo_states(nnx.as_pure(opt.opt_state))
+    assert int(rstate.count) == 4
+    kernel_before = np.asarray(model.kernel[...])
+    grads = nnx.grad(loss_fn)(model)
+    opt.update(model, grads)
+    p = np.asarray(rstate.p["kernel"], np.float64)
+    expected = kernel_before - 0.5 * (5 / np.trace(p)) * p @ np.asarray(grads["kernel"][...])
+    np.testing.assert_allclose(model.kernel[...], expected, rtol=1e-5, atol=1e-6)
