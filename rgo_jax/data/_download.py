@@ -1,0 +1,276 @@
+"""Opt-in download of the official data set files, verified by SHA-256.
+
+Nothing in the package downloads on its own: :func:`download` is only called explicitly.
+Files are fetched with ``urllib``, hashed while streaming to a temporary file in the target
+folder, and moved into place with ``os.replace`` only when the SHA-256 matches the table
+below, so an interrupted or corrupted download never leaves a file under the final name.
+Tarballs are extracted with every member checked (no absolute paths, no ``..``, no links
+or devices).
+
+Checksums (SHA-256 of the official files) — each value agrees across several independent
+published sources (torchvision, Keras, TensorFlow Datasets users):
+
+==============  ===========================================  ========================
+data set        files                                        official source
+==============  ===========================================  ========================
+mnist           train/t10k images/labels ``*-ubyte.gz``       yann.lecun.com/exdb/mnist
+fashion_mnist   same file names                              Zalando Research (S3)
+cifar10         ``cifar-10-python.tar.gz``                   www.cs.toronto.edu/~kriz
+cifar100        ``cifar-100-python.tar.gz``                  www.cs.toronto.edu/~kriz
+==============  ===========================================  ========================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from rgo_jax.data._loaders import canonical_name, default_data_dir
+
+__all__ = ["ChecksumError", "DOWNLOADS", "download", "sha256_file"]
+
+
+class ChecksumError(ValueError):
+    """A downloaded file's SHA-256 does not match the expected value."""
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a data set's files come from and what they must hash to."""
+
+    urls: tuple[str, ...]  # base URLs, tried in order (each ends with "/")
+    files: Mapping[str, str]  # file name -> SHA-256 (hex)
+    subdir: str  # folder under cache_dir that receives the files ("" for tarballs)
+    archive: bool  # files are tarballs to extract into cache_dir
+    extracted: str = ""  # for tarballs: the folder the archive unpacks to
+    marker: str = ""  # for tarballs: a file inside ``extracted`` proving a finished extraction
+
+
+_IDX_NAMES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+
+DOWNLOADS: Mapping[str, _Source] = {
+    "mnist": _Source(
+        urls=(
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",  # mirror of the official files
+            "https://storage.googleapis.com/cvdf-datasets/mnist/",  # mirror
+            "http://yann.lecun.com/exdb/mnist/",  # the original site
+        ),
+        files=dict(
+            zip(
+                _IDX_NAMES,
+                (
+                    "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+                    "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+                    "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+                    "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+                ),
+                strict=True,
+            )
+        ),
+        subdir="mnist",
+        archive=False,
+    ),
+    "fashion_mnist": _Source(
+        urls=(
+            "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+            "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+        ),
+        files=dict(
+            zip(
+                _IDX_NAMES,
+                (
+                    "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+                    "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+                    "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+                    "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+                ),
+                strict=True,
+            )
+        ),
+        subdir="fashion-mnist",
+        archive=False,
+    ),
+    "cifar10": _Source(
+        urls=("https://www.cs.toronto.edu/~kriz/",),
+        files={
+            "cifar-10-python.tar.gz": (
+                "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"
+            )
+        },
+        subdir="",
+        archive=True,
+        extracted="cifar-10-batches-py",
+        marker="test_batch",
+    ),
+    "cifar100": _Source(
+        urls=("https://www.cs.toronto.edu/~kriz/",),
+        files={
+            "cifar-100-python.tar.gz": (
+                "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7"
+            )
+        },
+        subdir="",
+        archive=True,
+        extracted="cifar-100-python",
+        marker="test",
+    ),
+}
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fetch(url: str, dest: Path, expected: str, timeout: float) -> None:
+    """Streams ``url`` into a temp file beside ``dest``, checks SHA-256, then renames."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            while block := resp.read(1 << 20):
+                digest.update(block)
+                out.write(block)
+        actual = digest.hexdigest()
+        if actual != expected.lower():
+            raise ChecksumError(
+                f"{dest.name}: SHA-256 mismatch for {url}: expected {expected.lower()}, "
+                f"got {actual}. The file was discarded."
+            )
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _check_member(member: tarfile.TarInfo, archive: Path, top: str) -> None:
+    name = member.name
+    parts = PurePosixPath(name).parts
+    if (
+        name.startswith(("/", "\\"))
+        or PurePosixPath(name).is_absolute()
+        or (len(name) > 1 and name[1] == ":")
+    ):
+        raise ValueError(f"{archive}: refusing member with an absolute path: {name!r}.")
+    if ".." in parts or "\\" in name:
+        raise ValueError(f"{archive}: refusing member that escapes the folder: {name!r}.")
+    if top and (not parts or parts[0] != top):
+        raise ValueError(f"{archive}: refusing member {name!r} outside the folder {top!r}.")
+    if not (member.isfile() or member.isdir()):
+        raise ValueError(
+            f"{archive}: refusing member {name!r} that is not a regular file or folder "
+            "(links and devices are not extracted)."
+        )
+
+
+def _extract(archive: Path, cache_dir: Path, top: str) -> None:
+    """Safely extracts ``archive`` (all members under ``top/``) into ``cache_dir``."""
+    with tarfile.open(archive, "r:*") as tar:
+        members = tar.getmembers()
+        for m in members:
+            _check_member(m, archive, top)
+        tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=cache_dir))
+        try:
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(tmp, members=members, filter="data")
+            else:  # pragma: no cover - Python < 3.11.4; members were checked above
+                tar.extractall(tmp, members=members)
+            for top in sorted(p for p in tmp.iterdir()):
+                target = cache_dir / top.name
+                if target.exists():
+                    shutil.rmtree(target) if target.is_dir() else target.unlink()
+                os.replace(top, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def download(
+    name: str,
+    cache_dir: str | Path | None = None,
+    *,
+    base_url: str | Sequence[str] | None = None,
+    checksums: Mapping[str, str] | None = None,
+    timeout: float = 60.0,
+    keep_archive: bool = False,
+) -> Path:
+    """Downloads a data set's official files into ``cache_dir`` and verifies them.
+
+    Supported: ``mnist``, ``fashion_mnist`` (IDX ``.gz`` files into ``cache_dir/mnist`` /
+    ``cache_dir/fashion-mnist``), ``cifar10``, ``cifar100`` (tarballs extracted to
+    ``cache_dir/cifar-10-batches-py`` / ``cache_dir/cifar-100-python``). Files already present
+    with the right hash are not fetched again. Afterwards ``load_dataset(name, cache_dir)``
+    finds the data.
+
+    Args:
+      name: data set name.
+      cache_dir: target folder; default ``$RGO_DATA_DIR`` or ``~/.cache/rgo_jax``.
+      base_url: a base URL (or several, tried in order) replacing the official ones; the
+        file names are appended to it.
+      checksums: file name -> SHA-256 overriding the built-in table (for mirrors or tests).
+      timeout: seconds per network operation.
+      keep_archive: keep the downloaded tarball after extraction.
+
+    Returns:
+      ``cache_dir``, to pass as ``data_dir`` to :func:`load_dataset`.
+
+    Raises:
+      ChecksumError: a file's SHA-256 differs (names file, expected and actual hash); no
+        file is left behind.
+      OSError: no URL could be fetched (the last error is chained).
+    """
+    key = canonical_name(name)
+    if key not in DOWNLOADS:
+        raise ValueError(
+            f"download: no official files known for {name!r}; supported: {', '.join(DOWNLOADS)}."
+        )
+    src = DOWNLOADS[key]
+    files = dict(src.files)
+    if checksums is not None:
+        files.update({k: v for k, v in checksums.items() if k in files})
+    urls = (base_url,) if isinstance(base_url, str) else tuple(base_url or src.urls)
+    urls = tuple(u if u.endswith("/") else u + "/" for u in urls)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_data_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    folder = cache / src.subdir if src.subdir else cache
+    for fname, expected in files.items():
+        dest = folder / fname
+        if src.archive and (cache / src.extracted / src.marker).is_file() and not dest.exists():
+            continue  # already extracted
+        if not (dest.is_file() and sha256_file(dest) == expected.lower()):
+            errors: list[str] = []
+            for base in urls:
+                try:
+                    _fetch(base + fname, dest, expected, timeout)
+                    break
+                except ChecksumError:
+                    raise
+                except (urllib.error.URLError, OSError) as e:
+                    errors.append(f"{base + fname}: {e}")
+            else:
+                raise OSError(f"download {key}: could not fetch {fname}: " + "; ".join(errors))
+        if src.archive:
+            try:
+                _extract(dest, cache, src.extracted)
+            finally:
+                if not keep_archive:
+                    dest.unlink()
+    return cache
