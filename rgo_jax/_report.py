@@ -283,7 +283,16 @@ def summary_table(summaries: Mapping[str, Mapping[str, Any]], *, decimals: int =
 
     Returns:
       A Markdown table with columns method, tasks, seeds, ACC %, BWT %, forgetting %, LA %
-      and, when some summary has it, FWT %; cells are ``mean ± std`` in percent.
+      and, when some summary has it, FWT %; cells are ``mean ± std`` in percent (the mean
+      alone for a single seed or run).
+
+    Examples:
+      >>> from rgo_jax.metrics import summarize_seeds
+      >>> R1, R2 = [[0.75, 0.5], [0.5, 0.875]], [[0.75, 0.5], [0.25, 0.875]]
+      >>> print(summary_table({"RGO": summarize_seeds([R1, R2])}))
+      | method | tasks | seeds | ACC %         | BWT %          | forgetting %  | LA %         |
+      | ---    | ---   | ---   | ---           | ---            | ---           | ---          |
+      | RGO    | 2     | 2     | 62.50 ± 6.25  | -37.50 ± 12.50 | 37.50 ± 12.50 | 81.25 ± 0.00 |
     """
     rows = []
     for method, s in summaries.items():
@@ -688,6 +697,14 @@ def write_run_report(
     Returns:
       ``{method: summary}``, each from :func:`rgo_jax.metrics.summarize_seeds` plus
       ``"seeds_summarized"`` and ``"seeds_in_progress"`` (seed indices).
+
+    Examples:
+      >>> import os, tempfile
+      >>> run = os.path.join(tempfile.mkdtemp(), "run")
+      >>> R = [[0.75, 0.5], [0.5, 0.875]]
+      >>> out = write_run_report(run, config={"lr": 0.1}, matrices={"RGO": [R]}, plots=False)
+      >>> out["RGO"]["acc"]["mean"], sorted(os.listdir(run))
+      (0.6875, ['config.json', 'results.json', 'summary.md'])
     """
     if not isinstance(config, Mapping):
         raise TypeError(f"config must be a dict, got {type(config).__name__}.")
