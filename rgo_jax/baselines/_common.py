@@ -1,0 +1,173 @@
+"""Shared plumbing of the input-space projection baselines (OWM, GPM).
+
+Both methods keep one ``[d, d]`` matrix per projected parameter, acting on the parameter's
+*input* side: dense kernels ``[in, out]`` over ``in``, HWIO conv kernels over
+``kh*kw*cin`` (the im2col patch dimension), exactly as :mod:`rgo_jax.layouts` describes.
+
+Biases are special: the "input" of a bias is the constant 1, so a projected 1-D leaf gets a
+``[1, 1]`` matrix acting on the bias viewed as a ``[1, n]`` matrix (its input dimension is 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rgo_jax import _layout
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafSpec:
+    """How one projected leaf is viewed as a ``[*batch, d, m]`` matrix."""
+
+    layout: _layout.MatrixLayout | None  # None for a bias (input dimension 1)
+    shape: tuple[int, ...]
+    batch_shape: tuple[int, ...]
+    d: int
+
+    @property
+    def is_bias(self) -> bool:
+        return self.layout is None
+
+    def to_matrix(self, g: jax.Array) -> jax.Array:
+        if self.layout is None:
+            return g.reshape(1, -1)
+        return self.layout.to_matrix(g)
+
+    def from_matrix(self, g: jax.Array) -> jax.Array:
+        if self.layout is None:
+            return g.reshape(self.shape)
+        return self.layout.from_matrix(g, self.shape)
+
+
+def leaf_specs(
+    tree: Any, layout: _layout.LayoutSpec, project_biases: bool
+) -> dict[str, LeafSpec | None]:
+    """``path -> LeafSpec`` (or ``None`` for an unprojected leaf), in leaf order.
+
+    A 1-D leaf that the layout rules project is a bias: its input is the constant 1.
+    """
+    info = _layout.resolve_layouts(tree, layout, project_biases=project_biases)
+    out: dict[str, LeafSpec | None] = {}
+    for name, (lay, shape) in info.items():
+        if lay is None:
+            out[name] = None
+        elif len(shape) == 1:
+            out[name] = LeafSpec(None, shape, (), 1)
+        else:
+            batch_shape, d, _ = lay.dims(shape)
+            out[name] = LeafSpec(lay, shape, batch_shape, d)
+    return out
+
+
+def is_placeholder(x: jax.Array) -> bool:
+    """The empty ``(0, 0)`` matrix that stands for "this leaf is not projected"."""
+    return x.ndim == 2 and x.shape == (0, 0)
+
+
+def init_matrices(
+    params: Any,
+    specs: dict[str, LeafSpec | None],
+    make: Callable[[LeafSpec], jax.Array],
+    dtype: Any,
+) -> Any:
+    """A tree like ``params`` with ``make(spec)`` per projected leaf, placeholders elsewhere."""
+
+    def one(path, _):
+        spec = specs[_layout.path_str(path)]
+        return jnp.zeros((0, 0), dtype) if spec is None else make(spec)
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def project_tree(
+    method: str,
+    updates: Any,
+    matrices: Any,
+    specs: dict[str, LeafSpec | None],
+    fn: Callable[[jax.Array, jax.Array], jax.Array],
+) -> Any:
+    """Applies ``fn(matrix, G)`` to every projected leaf in its ``[*batch, d, m]`` form."""
+
+    def one(path, g, mat):
+        name = _layout.path_str(path)
+        spec = specs[name]
+        if spec is None or is_placeholder(mat):
+            if spec is not None:
+                raise ValueError(
+                    f"{method}: parameter '{name}' is projected by the layout but its state "
+                    "holds no matrix; was the state made with another layout/project_biases?"
+                )
+            return g
+        want = (*spec.batch_shape, spec.d, spec.d)
+        if mat.shape != want:
+            raise ValueError(
+                f"{method}: the matrix for parameter '{name}' has shape {mat.shape}, expected "
+                f"{want} for a gradient of shape {spec.shape}."
+            )
+        out = fn(mat.astype(g.dtype), spec.to_matrix(g))
+        return spec.from_matrix(out)
+
+    return jax.tree_util.tree_map_with_path(one, updates, matrices)
+
+
+def matrix_table(matrices: Any) -> tuple[list[tuple[str, jax.Array]], Any]:
+    """``[(path, matrix)]`` of a state tree (placeholders included) and its treedef."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(matrices)
+    return [(_layout.path_str(p), m) for p, m in flat], treedef
+
+
+def per_leaf(value: Any, name: str, what: str, names: list[str]) -> Any:
+    """``value`` itself, or ``value[name]`` when it is a dict keyed by parameter path."""
+    if isinstance(value, dict):
+        if name not in value:
+            raise ValueError(
+                f"{what} is a dict but has no entry for projected parameter '{name}' "
+                f"(projected: {names[:8]}{'...' if len(names) > 8 else ''})."
+            )
+        return value[name]
+    return value
+
+
+def check_input(method: str, name: str, x: Any, batch_shape: tuple[int, ...], d: int) -> Any:
+    """Checks a layer-input matrix ``[*batch, rows, d]`` of a leaf; returns it (JAX or NumPy)."""
+    if not isinstance(x, (jax.Array, np.ndarray)):
+        x = np.asarray(x)
+    want = f"[{', '.join(map(str, (*batch_shape, 'rows', d)))}]"
+    if x.ndim != len(batch_shape) + 2 or x.shape[: len(batch_shape)] != batch_shape:
+        raise ValueError(
+            f"{method}: the input for parameter '{name}' has shape {x.shape}; expected {want}."
+        )
+    if x.shape[-1] != d:
+        raise ValueError(
+            f"{method}: the input for parameter '{name}' has {x.shape[-1]} features; its "
+            f"matrix acts on {d} (shape {x.shape}, expected {want}; conv inputs are im2col "
+            "patches in HWIO-flatten order)."
+        )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{method}: the input for parameter '{name}' must be floating, got {x.dtype}."
+        )
+    return x
+
+
+def map_states(cls: type, fn: Callable[[Any], Any], opt_state: Any, method: str) -> Any:
+    """Replaces every ``cls`` node inside a (chained) optimizer state by ``fn(node)``."""
+
+    def is_node(x):
+        return isinstance(x, cls)
+
+    if isinstance(opt_state, cls):
+        return fn(opt_state)
+    nodes = [s for s in jax.tree.leaves(opt_state, is_leaf=is_node) if is_node(s)]
+    if not nodes:
+        raise ValueError(
+            f"{method}: no {cls.__name__} found in the optimizer state; is the matching "
+            "transformation in the chain?"
+        )
+    return jax.tree.map(lambda s: fn(s) if is_node(s) else s, opt_state, is_leaf=is_node)
