@@ -1,0 +1,7 @@
+"""``python -m rgo_jax``: the benchmark command (same as ``rgo-bench``)."""
+
+import sys
+
+from rgo_jax.cli import main
+
+sys.exit(main())

@@ -1,0 +1,193 @@
+"""Continual-learning methods as small strategy objects used by :mod:`rgo_jax.train`.
+
+A method chooses the optimizer, whether the network has FEL sites, and what happens at a
+task boundary (RGO's consolidation pass, EWC's Fisher, GPM's bases...). The training loop
+itself (compiled steps, evaluation, checkpoints) is shared by all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rgo_jax import _transform
+from rgo_jax._curvature import curvature_vectors
+
+__all__ = ["METHODS", "Method", "TaskContext", "get_method"]
+
+
+@dataclasses.dataclass
+class TaskContext:
+    """What a method sees at the end of task ``task``."""
+
+    task: int
+    x_train: np.ndarray
+    y_train: np.ndarray
+    class_mask: np.ndarray
+    logits_fn: Callable[[Any, jax.Array, Any], jax.Array]  # (params, x, task) -> logits
+    inputs_fn: Callable[[Any, jax.Array, Any], dict] | None  # (params, x, task) -> layer inputs
+    rng: np.random.Generator
+    config: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A continual-learning method: its optimizer and its task-boundary work.
+
+    Attributes:
+      name: registry name.
+      fel: whether the network gets its FEL sites.
+      fresh_network_per_task: single-task learning (STL): a new network for every task.
+      joint: train on the union of all tasks seen so far (multi-task upper bound).
+      uses_memory: stores and replays past data (reported in results).
+      description: one line for ``--help`` and the results.
+    """
+
+    name: str
+    description: str
+    fel: bool = False
+    fresh_network_per_task: bool = False
+    joint: bool = False
+    uses_memory: bool = False
+    make_tx: Callable[[Any], optax.GradientTransformation] = lambda cfg: optax.sgd(
+        cfg.learning_rate
+    )
+    init_extra: Callable[[Any, Any], Any] = lambda params, cfg: ()
+    penalty: Callable[[Any, Any, Any], jax.Array] | None = None
+    after_task: Callable[[TaskContext, Any, Any, Any], tuple[Any, Any]] | None = None
+
+
+def _sample_batches(ctx: TaskContext, num_batches: int, batch_size: int):
+    n = len(ctx.x_train)
+    idx = ctx.rng.integers(0, n, size=(num_batches, batch_size))
+    return ctx.x_train[idx], ctx.y_train[idx]
+
+
+@functools.partial(jax.jit, static_argnames=("logits_fn", "per_sample"))
+def _vectors(logits_fn, params, xs, ys, mask, task, per_sample):
+    def one(batch):
+        x, y = batch
+        return curvature_vectors(
+            lambda p, xb: logits_fn(p, xb, task),
+            params,
+            x,
+            y,
+            class_mask=mask,
+            per_sample=per_sample,
+        )
+
+    vecs = jax.lax.map(one, (xs, ys), batch_size=50)
+    # [num_batches, n_per_batch, *batch, d] -> [num_batches * n_per_batch, *batch, d]
+    return jax.tree.map(lambda v: v.reshape(-1, *v.shape[2:]), vecs)
+
+
+def rgo_consolidation_vectors(
+    ctx: TaskContext, params: Any, *, per_sample: bool, num_batches: int, batch_size: int
+) -> Any:
+    """The curvature vectors of one task's consolidation pass (a ``lax.map`` over batches).
+
+    ``num_batches`` batches of ``batch_size`` are drawn from the task's training data (the
+    task's own FEL permutation); the softmax of the curvature weights is taken over the
+    task's classes (the masked head).
+    """
+    xs, ys = _sample_batches(ctx, num_batches, batch_size)
+    return _vectors(
+        ctx.logits_fn,
+        params,
+        jnp.asarray(xs),
+        jnp.asarray(ys),
+        jnp.asarray(ctx.class_mask),
+        jnp.int32(ctx.task),
+        per_sample,
+    )
+
+
+def _make_rgo(name: str, description: str, *, fel: bool, per_sample: bool, alpha=None) -> Method:
+    def make_tx(cfg):
+        return _transform.rgo(cfg.learning_rate)
+
+    def after_task(ctx: TaskContext, params, opt_state, extra):
+        vecs = rgo_consolidation_vectors(
+            ctx,
+            params,
+            per_sample=per_sample,
+            num_batches=ctx.config.consolidation_batches,
+            batch_size=ctx.config.batch_size,
+        )
+        a = ctx.config.alpha if alpha is None else alpha
+        opt_state = _transform.consolidate(opt_state, vecs, a, method=ctx.config.rls_method)
+        return opt_state, extra
+
+    return Method(name, description, fel=fel, make_tx=make_tx, after_task=after_task)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Adds a method to the registry (names are unique)."""
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is already registered.")
+    METHODS[method.name] = method
+    return method
+
+
+register(
+    _make_rgo(
+        "rgo",
+        "RGO with FEL, per-batch curvature vectors (reference code)",
+        fel=True,
+        per_sample=False,
+    )
+)
+register(
+    _make_rgo(
+        "rgo-sample",
+        "RGO with FEL, per-sample curvature vectors (paper's Alg. 1)",
+        fel=True,
+        per_sample=True,
+    )
+)
+register(
+    _make_rgo(
+        "rgo-nofel", "RGO without FEL (the paper's RGO-2 ablation)", fel=False, per_sample=False
+    )
+)
+register(
+    _make_rgo(
+        "rgo-alpha1",
+        "RGO with FEL and alpha = 1 (the paper's text)",
+        fel=True,
+        per_sample=False,
+        alpha=1.0,
+    )
+)
+register(Method("sgd", "SGD fine-tuning (lower bound)"))
+register(
+    Method("stl", "single-task learning: a fresh network per task", fresh_network_per_task=True)
+)
+register(
+    Method(
+        "joint",
+        "joint training on all tasks seen so far (upper bound, replays data)",
+        joint=True,
+        uses_memory=True,
+    )
+)
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name`` (clear error listing the valid names)."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}."
+        ) from None

@@ -1,0 +1,500 @@
+"""The continual-learning harness: task streams, compiled training, evaluation, results.
+
+``run(config, workdir)`` trains every method of ``config`` on every seed, task after task
+(task-incremental: the task id is known at train and test time, the head is one shared
+output layer whose logits outside the current task are masked), fills the accuracy matrix
+``R[i, j]`` (accuracy on task ``j`` after training task ``i``; ``j = i + 1`` too, for FWT)
+and writes the run directory: ``config.json``, ``results.json``, ``summary.md``, plots, and
+Orbax checkpoints at every task boundary from which an interrupted run resumes with the
+same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from rgo_jax import _report, data, models
+from rgo_jax._checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
+from rgo_jax._methods import METHODS, Method, TaskContext, get_method
+
+__all__ = ["BENCHMARKS", "Config", "build_stream", "run"]
+
+_NEG = -1e9  # masked logits (the reference code's "large negative value")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One experiment. Defaults are the paper's MNIST protocol (Table 1)."""
+
+    benchmark: str = "permuted_digits"
+    methods: tuple[str, ...] = ("rgo", "sgd")
+    model: str = "mlp"
+    hidden: tuple[int, ...] = (256, 256)
+    width: int | None = None
+    num_tasks: int = 20
+    steps_per_task: int = 1000
+    batch_size: int = 10
+    learning_rate: float = 0.1
+    alpha: float = 0.01
+    consolidation_batches: int = 1000
+    rls_method: str = "block"
+    seeds: tuple[int, ...] = (0,)
+    data_dir: str | None = None
+    max_train_per_task: int | None = None
+    max_test_per_task: int | None = None
+    validation_fraction: float = 0.0
+    first_task_identity: bool = True
+    fel_seed: int = 0
+    eval_batch_size: int = 1000
+    chunk_steps: int = 100
+    checkpoint: bool = True
+    plots: bool = True
+    method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.benchmark not in BENCHMARKS:
+            raise ValueError(
+                f"Unknown benchmark {self.benchmark!r}; valid: {', '.join(sorted(BENCHMARKS))}."
+            )
+        for m in self.methods:
+            get_method(m)
+        if not self.methods:
+            raise ValueError("methods is empty: name at least one (e.g. rgo,sgd).")
+        for name in (
+            "num_tasks",
+            "steps_per_task",
+            "batch_size",
+            "consolidation_batches",
+            "eval_batch_size",
+            "chunk_steps",
+        ):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}.")
+        if not self.learning_rate > 0 or not self.alpha > 0:
+            raise ValueError("learning_rate and alpha must be positive.")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(
+                f"validation_fraction must be in [0, 1), got {self.validation_fraction}."
+            )
+        if self.rls_method not in ("block", "sequential"):
+            raise ValueError(
+                f"rls_method must be 'block' or 'sequential', got {self.rls_method!r}."
+            )
+        if not self.seeds:
+            raise ValueError("seeds is empty.")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """A hash of everything that changes the numbers (not plots/checkpoint flags)."""
+        d = self.to_dict()
+        for k in ("plots", "checkpoint", "data_dir", "seeds", "methods"):
+            d.pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Benchmarks
+# --------------------------------------------------------------------------------------------
+
+
+def _dataset(name: str, cfg: Config) -> data.Dataset:
+    ds = data.load_digits() if name == "digits" else data.load_dataset(name, cfg.data_dir)
+    if cfg.validation_fraction > 0:
+        ds = ds.split_validation(cfg.validation_fraction, seed=0)
+    return ds
+
+
+def _permuted(base):
+    def build(cfg: Config, seed: int):
+        return data.permuted(
+            _dataset(base, cfg),
+            cfg.num_tasks,
+            seed,
+            first_task_identity=cfg.first_task_identity,
+            max_train_per_task=cfg.max_train_per_task,
+            max_test_per_task=cfg.max_test_per_task,
+        )
+
+    return build
+
+
+def _rotated(base):
+    def build(cfg: Config, seed: int):
+        return data.rotated(
+            _dataset(base, cfg),
+            cfg.num_tasks,
+            seed,
+            max_train_per_task=cfg.max_train_per_task,
+            max_test_per_task=cfg.max_test_per_task,
+        )
+
+    return build
+
+
+def _split(base):
+    def build(cfg: Config, seed: int):
+        return data.class_split(
+            _dataset(base, cfg),
+            cfg.num_tasks,
+            seed,
+            max_train_per_task=cfg.max_train_per_task,
+            max_test_per_task=cfg.max_test_per_task,
+        )
+
+    return build
+
+
+def _multi(cfg: Config, seed: int):
+    names = ["mnist", "fashion_mnist", "cifar10", "notmnist", "svhn"]
+    found = []
+    for n in names:
+        try:
+            found.append(_dataset(n, cfg))
+        except (FileNotFoundError, ValueError):
+            continue
+    if len(found) < 2:
+        raise FileNotFoundError(
+            f"multi_dataset needs at least two of {names} under the data directory "
+            f"({cfg.data_dir or data.default_data_dir()}); found {len(found)}."
+        )
+    return data.multi_dataset(found[: cfg.num_tasks])
+
+
+BENCHMARKS = {
+    "permuted_digits": _permuted("digits"),
+    "split_digits": _split("digits"),
+    "permuted_mnist": _permuted("mnist"),
+    "rotated_mnist": _rotated("mnist"),
+    "split_mnist": _split("mnist"),
+    "permuted_fashion_mnist": _permuted("fashion_mnist"),
+    "split_cifar10": _split("cifar10"),
+    "split_cifar100": _split("cifar100"),
+    "split_miniimagenet": _split("miniimagenet"),
+    "multi_dataset": _multi,
+}
+
+
+def build_stream(cfg: Config, seed: int) -> data.TaskStream:
+    """The task stream of ``cfg.benchmark`` for one seed."""
+    stream = BENCHMARKS[cfg.benchmark](cfg, seed)
+    if len(stream) < cfg.num_tasks and cfg.benchmark != "multi_dataset":
+        raise ValueError(f"{cfg.benchmark} has {len(stream)} tasks, fewer than {cfg.num_tasks}.")
+    return stream
+
+
+# --------------------------------------------------------------------------------------------
+# Model plumbing
+# --------------------------------------------------------------------------------------------
+
+
+def _build(cfg: Config, method: Method, stream: data.TaskStream, seed: int):
+    kwargs: dict[str, Any] = {}
+    if cfg.model == "mlp":
+        kwargs["hidden"] = tuple(cfg.hidden)
+    elif cfg.width is not None:
+        kwargs["width"] = cfg.width
+    model = models.build_model(
+        cfg.model,
+        num_classes=stream.num_classes,
+        input_shape=stream.input_shape,
+        fel=method.fel,
+        fel_seed=cfg.fel_seed,
+        seed=seed,
+        **kwargs,
+    )
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, nnx.as_pure(params), rest
+
+
+class _Net:
+    """Functional view of an NNX model: ``logits(params, x, task)``."""
+
+    def __init__(self, graphdef, rest):
+        self.graphdef, self.rest = graphdef, rest
+
+    def logits(self, params, x, task):
+        return nnx.merge(self.graphdef, params, self.rest)(x, task)
+
+    def inputs(self, params, x, task):
+        return nnx.merge(self.graphdef, params, self.rest)(x, task, return_inputs=True)[1]
+
+
+def _masked_ce(logits, y, mask):
+    z = jnp.where(mask, logits, _NEG)
+    return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
+
+
+def _make_chunk_fn(net: _Net, tx, method: Method):
+    """A jitted ``lax.scan`` over a chunk of steps: one compiled program per task shape."""
+
+    def loss_fn(params, extra, x, y, mask, task):
+        loss = _masked_ce(net.logits(params, x, task), y, mask)
+        if method.penalty is not None:
+            loss = loss + method.penalty(params, extra, None)
+        return loss
+
+    @jax.jit
+    def chunk(params, opt_state, extra, xs, ys, masks, tasks, idx):
+        def body(carry, step_idx):
+            params, opt_state = carry
+            x, y = xs[step_idx], ys[step_idx]
+            mask, task = masks[step_idx], tasks[step_idx[0]]
+            loss, grads = jax.value_and_grad(loss_fn)(params, extra, x, y, mask, task)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), loss
+
+        (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), idx)
+        return params, opt_state, losses
+
+    return chunk
+
+
+def _accuracy_fn(net: _Net):
+    @jax.jit
+    def correct(params, x, y, mask, task):
+        z = jnp.where(mask[None, :], net.logits(params, x, task), _NEG)
+        return jnp.sum(jnp.argmax(z, axis=-1) == y)
+
+    return correct
+
+
+def _evaluate(correct, params, x, y, mask, task, batch):
+    n = len(x)
+    total = 0
+    for lo in range(0, n, batch):
+        total += int(
+            correct(
+                params,
+                jnp.asarray(x[lo : lo + batch]),
+                jnp.asarray(y[lo : lo + batch]),
+                jnp.asarray(mask),
+                jnp.int32(task),
+            )
+        )
+    return total / n
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+class _Progress:
+    """A tqdm bar over all steps of one (method, seed) with task, loss and ETA."""
+
+    def __init__(self, total: int, desc: str, initial: int = 0):
+        try:
+            from tqdm.auto import tqdm  # noqa: PLC0415
+
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                desc=desc,
+                unit="step",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                mininterval=0.5,
+            )
+        except ImportError:  # pragma: no cover - tqdm is in the bench extra
+            self.bar = None
+
+    def update(self, n: int, **postfix):
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _task_arrays(stream, t, cfg: Config, method: Method):
+    """Training inputs, labels, per-sample masks and per-sample task ids for task ``t``."""
+    tasks = range(t + 1) if method.joint else [t]
+    xs, ys, ms, ts = [], [], [], []
+    masks = stream.class_masks()
+    for k in tasks:
+        x, y = stream.get_split(k, "train")
+        xs.append(x)
+        ys.append(y)
+        ms.append(np.broadcast_to(masks[k], (len(y), stream.num_classes)))
+        ts.append(np.full(len(y), k, np.int32))
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(ms), np.concatenate(ts)
+
+
+def _step_indices(n: int, steps: int, batch: int, seed: int, t: int) -> np.ndarray:
+    """Epoch-shuffled sample indices ``[steps, batch]`` from a (seed, task)-keyed RNG."""
+    rng = np.random.default_rng([seed, t, 1])
+    need = steps * batch
+    order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(need / n))])
+    return order[:need].reshape(steps, batch)
+
+
+def _run_one(cfg: Config, method: Method, seed: int, workdir: Path, log) -> tuple:
+    stream = build_stream(cfg, seed)
+    T = min(cfg.num_tasks, len(stream))
+    graphdef, params0, rest = _build(cfg, method, stream, seed)
+    net = _Net(graphdef, rest)
+    tx = method.make_tx(cfg)
+    masks = stream.class_masks()
+
+    def fresh():
+        return params0, tx.init(params0), method.init_extra(params0, cfg)
+
+    params, opt_state, extra = fresh()
+    R = np.full((T, T), np.nan)
+    per_task_params: list = []
+    correct = _accuracy_fn(net)
+    test = {}
+
+    def test_split(j):
+        if j not in test:
+            test[j] = stream.get_split(j, "test")
+        return test[j]
+
+    random_init = np.array(
+        [
+            _evaluate(correct, params, *test_split(j), masks[j], j, cfg.eval_batch_size)
+            for j in range(T)
+        ]
+    )
+    ckpt_root = workdir / "checkpoints" / method.name / f"seed{seed}"
+    start = 0
+    found = latest_checkpoint(ckpt_root) if cfg.checkpoint else None
+    if found is not None:
+        path, meta = found
+        if meta.get("fingerprint") != cfg.fingerprint():
+            raise ValueError(
+                f"Checkpoint {path} was written by a different configuration; use a new "
+                "output directory (or delete the old one) to start afresh."
+            )
+        template = {
+            "params": params,
+            "opt_state": opt_state,
+            "extra": extra,
+            "per_task": [params0] * len(meta["per_task"]),
+        }
+        state = restore_checkpoint(path, template)
+        params, opt_state, extra = state["params"], state["opt_state"], state["extra"]
+        per_task_params = list(state["per_task"])
+        R = np.array(meta["R"], dtype=np.float64)
+        start = meta["task"] + 1
+        log(f"[{method.name} seed {seed}] resumed after task {meta['task']} from {path}")
+
+    chunk_fn = _make_chunk_fn(net, tx, method)
+    progress = _Progress(
+        T * cfg.steps_per_task, f"{method.name} s{seed}", initial=start * cfg.steps_per_task
+    )
+    for t in range(start, T):
+        if method.fresh_network_per_task and t > 0:
+            params, opt_state, extra = fresh()
+        x, y, m, tids = _task_arrays(stream, t, cfg, method)
+        idx = _step_indices(len(y), cfg.steps_per_task, cfg.batch_size, seed, t)
+        dx, dy, dm, dt = (jnp.asarray(a) for a in (x, y, m, tids))
+        for lo in range(0, cfg.steps_per_task, cfg.chunk_steps):
+            sl = jnp.asarray(idx[lo : lo + cfg.chunk_steps])
+            params, opt_state, losses = chunk_fn(params, opt_state, extra, dx, dy, dm, dt, sl)
+            progress.update(int(sl.shape[0]), task=t, loss=f"{float(losses[-1]):.3f}")
+        if method.after_task is not None:
+            ctx = TaskContext(
+                task=t,
+                x_train=x,
+                y_train=y,
+                class_mask=masks[t],
+                logits_fn=net.logits,
+                inputs_fn=net.inputs,
+                rng=np.random.default_rng([seed, t, 2]),
+                config=cfg,
+            )
+            opt_state, extra = method.after_task(ctx, params, opt_state, extra)
+        if method.fresh_network_per_task:
+            per_task_params.append(params)
+        for j in range(min(t + 2, T)):
+            pj = per_task_params[j] if (method.fresh_network_per_task and j <= t) else params
+            R[t, j] = _evaluate(correct, pj, *test_split(j), masks[j], j, cfg.eval_batch_size)
+        if cfg.checkpoint:
+            save_checkpoint(
+                ckpt_root / f"task_{t:03d}",
+                {
+                    "params": params,
+                    "opt_state": opt_state,
+                    "extra": extra,
+                    "per_task": per_task_params,
+                },
+                {
+                    "task": t,
+                    "seed": seed,
+                    "method": method.name,
+                    "R": R.tolist(),
+                    "per_task": len(per_task_params),
+                    "fingerprint": cfg.fingerprint(),
+                    "rng": {
+                        "kind": "numpy default_rng keyed by [seed, task, stream]",
+                        "seed": seed,
+                    },
+                },
+            )
+        yield t, R, random_init
+    progress.close()
+
+
+def run(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
+    """Runs every method and seed of ``cfg``; writes and returns the results.
+
+    Results are rewritten after every task, so a partial run has a valid ``summary.md``;
+    rerunning the same command on the same ``workdir`` resumes from the checkpoints.
+
+    Returns:
+      ``{"summaries": {method: summary}, "matrices": {method: [R per seed]}}``.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    matrices: dict[str, list] = {m: [] for m in cfg.methods}
+    random_init: dict[str, list] = {m: [] for m in cfg.methods}
+    config = {
+        **cfg.to_dict(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "scenario": _report.SCENARIO,
+    }
+    summaries: dict = {}
+    for name in cfg.methods:
+        method = METHODS[name]
+        for seed in cfg.seeds:
+            t0 = time.time()
+            slot = len(matrices[name])
+            matrices[name].append(None)
+            random_init[name].append(None)
+            for t, R, b in _run_one(cfg, method, seed, workdir, log):
+                matrices[name][slot] = R[: t + 1, : t + 1].copy()
+                random_init[name][slot] = b
+                summaries = _report.write_run_report(
+                    workdir,
+                    config=config,
+                    matrices={k: v for k, v in matrices.items() if v and v[0] is not None},
+                    random_init={
+                        k: np.stack(v) for k, v in random_init.items() if v and v[0] is not None
+                    },
+                    plots=cfg.plots and t == len(b) - 1,
+                )
+            full = matrices[name][slot]
+            log(f"\n[{name} seed {seed}] accuracy matrix ({time.time() - t0:.1f} s)")
+            log(_report.format_matrix(full))
+    log("\n" + _report.summary_table(summaries))
+    return {"summaries": summaries, "matrices": matrices}
