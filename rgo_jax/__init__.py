@@ -1,6 +1,15 @@
-"""rgo_jax: Recursive Gradient Optimization for continual learning in JAX/Optax."""
+"""rgo_jax: Recursive Gradient Optimization for continual learning in JAX/Optax.
+
+The optimizer (:func:`scale_by_rgo`, :func:`rgo`) projects each layer's gradient by a
+trace-normalised matrix P built from earlier tasks' curvature (:func:`curvature_vectors`,
+:func:`consolidate`); the feature encoding layer (:class:`FEL`) gives every task its own
+permutation of the hidden features. Submodules: :mod:`rgo_jax.layouts`,
+:mod:`rgo_jax.models`, :mod:`rgo_jax.data`, :mod:`rgo_jax.metrics`,
+:mod:`rgo_jax.baselines`, :mod:`rgo_jax.train`.
+"""
 
 from rgo_jax import layouts as layouts
+from rgo_jax import metrics as metrics
 from rgo_jax._curvature import curvature_vectors as curvature_vectors
 from rgo_jax._fel import FEL as FEL
 from rgo_jax._fel import FELKey as FELKey
@@ -8,6 +17,16 @@ from rgo_jax._fel import LinenFEL as LinenFEL
 from rgo_jax._fel import fel_permutation as fel_permutation
 from rgo_jax._fel import permute_features as permute_features
 from rgo_jax._layout import MatrixLayout as MatrixLayout
+from rgo_jax._report import SCENARIO as SCENARIO
+from rgo_jax._report import format_matrix as format_matrix
+from rgo_jax._report import format_summary as format_summary
+from rgo_jax._report import markdown_table as markdown_table
+from rgo_jax._report import plot_accuracy_matrix as plot_accuracy_matrix
+from rgo_jax._report import plot_accuracy_per_task as plot_accuracy_per_task
+from rgo_jax._report import summary_table as summary_table
+from rgo_jax._report import write_json_atomic as write_json_atomic
+from rgo_jax._report import write_run_report as write_run_report
+from rgo_jax._report import write_text_atomic as write_text_atomic
 from rgo_jax._rls import rls_block as rls_block
 from rgo_jax._rls import rls_sequential as rls_sequential
 from rgo_jax._rls import rls_step as rls_step
