@@ -227,7 +227,8 @@ def _find_folder(
     raise _not_found(dataset, root, candidates, expected)
 
 
-def _cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def _cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """The uint8 rows ``[N, 3072]`` and int32 labels of one CIFAR pickle."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing CIFAR batch file.")
     d = normalize_keys(load_pickle(path), path)
@@ -241,10 +242,19 @@ def _cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray, di
             f"{path}: CIFAR 'data' must be uint8 [N, 3072] (3x32x32 planes), "
             f"got {data.dtype} {data.shape}."
         )
-    if labels.shape != (len(data),):
-        raise ValueError(f"{path}: {len(data)} images but {label_key!r} has shape {labels.shape}.")
-    x = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # R, G, B planes -> NHWC
-    return _to_unit_float(np.ascontiguousarray(x), str(path)), labels.astype(np.int32), d
+    if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"{path}: {len(data)} images but {label_key!r} is {labels.dtype} {labels.shape}."
+        )
+    return data, labels.astype(np.int32)
+
+
+def _cifar_images(rows: np.ndarray) -> np.ndarray:
+    """uint8 rows ``[N, 3072]`` (R, G, B 32x32 planes) -> float32 NHWC in [0, 1]."""
+    out = np.empty((len(rows), 32, 32, 3), np.float32)
+    np.copyto(out, rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # one pass
+    out /= np.float32(255.0)
+    return out
 
 
 def load_cifar10(root: str | Path) -> Dataset:
@@ -273,7 +283,7 @@ def load_cifar10(root: str | Path) -> Dataset:
         "cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}",
     )
     parts = [_cifar_batch(folder / f"data_batch_{i}", "labels") for i in range(1, 6)]
-    x_test, y_test, _ = _cifar_batch(folder / "test_batch", "labels")
+    test_rows, y_test = _cifar_batch(folder / "test_batch", "labels")
     names = None
     meta_path = folder / "batches.meta"
     if meta_path.is_file():
@@ -281,9 +291,9 @@ def load_cifar10(root: str | Path) -> Dataset:
         names = as_class_names(meta.get("label_names"))
     return Dataset(
         dataset,
-        np.concatenate([p[0] for p in parts]),
+        _cifar_images(np.concatenate([p[0] for p in parts])),
         np.concatenate([p[1] for p in parts]),
-        x_test,
+        _cifar_images(test_rows),
         y_test,
         10,
         names,
@@ -317,8 +327,8 @@ def load_cifar100(root: str | Path, label: str = "fine") -> Dataset:
         "cifar-100-python/{train, test, meta}",
     )
     key = f"{label}_labels"
-    x_train, y_train, _ = _cifar_batch(folder / "train", key)
-    x_test, y_test, _ = _cifar_batch(folder / "test", key)
+    train_rows, y_train = _cifar_batch(folder / "train", key)
+    test_rows, y_test = _cifar_batch(folder / "test", key)
     num_classes = 100 if label == "fine" else 20
     names = None
     meta_path = folder / "meta"
@@ -326,7 +336,15 @@ def load_cifar100(root: str | Path, label: str = "fine") -> Dataset:
         meta = normalize_keys(load_pickle(meta_path), meta_path)
         names = as_class_names(meta.get(f"{label}_label_names"))
     name = dataset if label == "fine" else "cifar100_coarse"
-    return Dataset(name, x_train, y_train, x_test, y_test, num_classes, names)
+    return Dataset(
+        name,
+        _cifar_images(train_rows),
+        y_train,
+        _cifar_images(test_rows),
+        y_test,
+        num_classes,
+        names,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
