@@ -72,9 +72,14 @@ def ewc_penalty(params: Any, anchors: Any, fisher: Any, lam: float | jax.Array) 
     """
     _, p, a = _matched(params, anchors, "anchors")
     _, _, f = _matched(params, fisher, "fisher")
+    return _penalty(p, a, f, lam)
+
+
+@jax.jit
+def _penalty(p: list, a: list, f: list, lam: Any) -> jax.Array:
     total = jnp.zeros([], jnp.float32)
     for x, x0, w in zip(p, a, f, strict=True):
-        diff = x.astype(jnp.float32) - jnp.asarray(x0, jnp.float32)
+        diff = jnp.asarray(x, jnp.float32) - jnp.asarray(x0, jnp.float32)
         total = total + jnp.sum(jnp.asarray(w, jnp.float32) * diff * diff)
     return 0.5 * jnp.asarray(lam, jnp.float32) * total
 
@@ -101,6 +106,27 @@ def _pure(tree: Any) -> Any:
     """Arrays only, keyed like ``tree`` (NNX ``Variable`` wrappers dropped)."""
     flat, treedef = jax.tree_util.tree_flatten(tree)
     return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x, jnp.float32) for x in flat])
+
+
+@functools.partial(jax.jit, static_argnames=("online",))
+def _combine(theta, old_a, old_f, new_f, offset, gamma, online):
+    """Per-leaf anchors, Fisher and offset of :func:`ewc_accumulate` (lists of arrays)."""
+    anchors, fishers = [], []
+    for t, a, fo, fn in zip(theta, old_a, old_f, new_f, strict=True):
+        a, fo = jnp.asarray(a, jnp.float32), jnp.asarray(fo, jnp.float32)
+        if online:
+            anchors.append(t)
+            fishers.append(gamma * fo + fn)
+            continue
+        f = fo + fn
+        safe = jnp.where(f > 0, f, 1.0)
+        anchors.append(jnp.where(f > 0, (fo * a + fn * t) / safe, t))
+        fishers.append(f)
+        # a (x - p)^2 + b (x - q)^2 = (a + b)(x - m)^2 + ab / (a + b) (p - q)^2
+        offset = offset + jnp.sum(jnp.where(f > 0, fo * fn / safe, 0.0) * (a - t) ** 2)
+    if online:
+        offset = jnp.zeros([], jnp.float32)
+    return anchors, fishers, offset
 
 
 def ewc_accumulate(
@@ -159,21 +185,7 @@ def ewc_accumulate(
         return EWCState(params, fisher_tree, zero_f, jnp.ones([], jnp.int32))
     _, _, old_a = _matched(params, state.anchors, "state.anchors")
     _, _, old_f = _matched(params, state.fisher, "state.fisher")
-    anchors, fishers = [], []
-    offset = state.offset
-    for theta, a, fo, fn in zip(flat, old_a, old_f, f_new, strict=True):
-        if online:
-            anchors.append(theta)
-            fishers.append(gamma * fo + fn)
-            continue
-        f = fo + fn
-        safe = jnp.where(f > 0, f, 1.0)
-        anchors.append(jnp.where(f > 0, (fo * a + fn * theta) / safe, theta))
-        fishers.append(f)
-        # a (x - p)^2 + b (x - q)^2 = (a + b)(x - m)^2 + ab / (a + b) (p - q)^2
-        offset = offset + jnp.sum(jnp.where(f > 0, fo * fn / safe, 0.0) * (a - theta) ** 2)
-    if online:
-        offset = jnp.zeros([], jnp.float32)
+    anchors, fishers, offset = _combine(flat, old_a, old_f, f_new, state.offset, gamma, online)
     return EWCState(
         anchors=jax.tree_util.tree_unflatten(treedef, anchors),
         fisher=jax.tree_util.tree_unflatten(treedef, fishers),
@@ -345,13 +357,34 @@ def diagonal_fisher(
     kept = jnp.arange(num_classes) if kept is None else jnp.asarray(kept)
 
     b = min(chunk_size, n)
-    pad = (-n) % b
-    w = jnp.concatenate([jnp.full((n,), 1.0 / n, jnp.float32), jnp.zeros((pad,), jnp.float32)])
-    xp = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)], axis=0) if pad else x
-    yp = jnp.concatenate([labels, jnp.zeros((pad,), labels.dtype)]) if pad else labels
-    keys = (
-        jax.random.split(rng, n + pad) if rng is not None else jnp.zeros((n + pad, 2), jnp.uint32)
+    keys = jax.random.split(rng, n) if rng is not None else jnp.zeros((n, 2), jnp.uint32)
+    static = dict(
+        logits_fn=logits_fn,
+        num_classes=num_classes,
+        empirical=empirical,
+        sampled=rng is not None,
+        chunk=b,
     )
+    try:
+        hash(logits_fn)
+    except TypeError:  # an unhashable callable cannot be a static argument: trace each call
+        return _fisher_impl(params, x, labels, cls, kept, keys, **static)
+    return _fisher_jit(params, x, labels, cls, kept, keys, **static)
+
+
+def _fisher_impl(
+    params, x, labels, cls, kept, keys, *, logits_fn, num_classes, empirical, sampled, chunk
+):
+    """Scan over chunks of ``chunk`` examples (zero-weight padding), vmap within a chunk."""
+    n = x.shape[0]
+    pad = (-n) % chunk
+    w = jnp.concatenate([jnp.full((n,), 1.0 / n, jnp.float32), jnp.zeros((pad,), jnp.float32)])
+
+    def padded(t):
+        return jnp.concatenate([t, jnp.zeros((pad, *t.shape[1:]), t.dtype)]) if pad else t
+
+    if pad and sampled:
+        keys = jnp.concatenate([keys, keys[:pad]])  # padding rows have zero weight
     one = functools.partial(
         _per_example,
         logits_fn,
@@ -359,16 +392,22 @@ def diagonal_fisher(
         cls=cls,
         num_classes=num_classes,
         empirical=empirical,
-        sampled=rng is not None,
+        sampled=sampled,
         kept=kept,
     )
-    chunk = jax.vmap(one)
+    batched = jax.vmap(one)
 
     def body(acc, blk):
-        out = chunk(*blk)
+        out = batched(*blk)
         return jax.tree.map(lambda a, o: a + jnp.sum(o, axis=0), acc, out), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
-    blocks = tuple(t.reshape(-1, b, *t.shape[1:]) for t in (xp, yp, w, keys))
+    keys = keys if sampled else padded(keys)
+    blocks = tuple(t.reshape(-1, chunk, *t.shape[1:]) for t in (padded(x), padded(labels), w, keys))
     fisher, _ = jax.lax.scan(body, zeros, blocks)
     return fisher
+
+
+_fisher_jit = jax.jit(
+    _fisher_impl, static_argnames=("logits_fn", "num_classes", "empirical", "sampled", "chunk")
+)
