@@ -225,6 +225,11 @@ def test_unreachable_server(tmp_path, monkeypatch):
     assert _leftovers(tmp_path / "mnist") == []
 
 
+def test_checksums_for_unknown_files_rejected(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown files \['typo.gz'\]"):
+        data.download("mnist", tmp_path, base_url="http://127.0.0.1:9/", checksums={"typo.gz": "0"})
+
+
 def test_unknown_name():
     with pytest.raises(ValueError, match="no official files known for 'digits'"):
         data.download("digits", "/nonexistent-never-created")

@@ -63,6 +63,65 @@ def cifar_rows(rng: np.random.Generator, n: int) -> np.ndarray:
     return rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
 
 
+# Python 2 pickles, written opcode by opcode as Python 2 + numpy wrote the official CIFAR files
+# (keys and raw array data are Python 2 ``str``; numpy under its old ``numpy.core`` name).
+def _py2_str(b: bytes) -> bytes:
+    return (b"U" + bytes([len(b)]) if len(b) < 256 else b"T" + struct.pack("<I", len(b))) + b
+
+
+def _py2_int(i: int) -> bytes:
+    return b"K" + bytes([i]) if 0 <= i < 256 else b"J" + struct.pack("<i", i)
+
+
+def _py2_uint8_array(a: np.ndarray) -> bytes:
+    shape = b"(" + b"".join(_py2_int(d) for d in a.shape) + b"t"
+    dtype = (
+        b"cnumpy\ndtype\n"
+        + _py2_str(b"u1")
+        + _py2_int(0)
+        + _py2_int(1)
+        + b"\x87R"
+        + b"("
+        + _py2_int(3)
+        + _py2_str(b"|")
+        + b"NNN"
+        + _py2_int(-1)
+        + _py2_int(-1)
+        + _py2_int(0)
+        + b"tb"
+    )
+    return (
+        b"cnumpy.core.multiarray\n_reconstruct\n"
+        + b"cnumpy\nndarray\n"
+        + _py2_int(0)
+        + b"\x85"
+        + _py2_str(b"b")
+        + b"\x87R"
+        + b"("
+        + _py2_int(1)
+        + shape
+        + dtype
+        + b"\x89"
+        + _py2_str(a.astype(np.uint8).tobytes())
+        + b"tb"
+    )
+
+
+def py2_pickle_dict(items: dict[bytes, object]) -> bytes:
+    body = b""
+    for k, v in items.items():
+        if isinstance(v, np.ndarray):
+            val = _py2_uint8_array(v)
+        elif isinstance(v, list) and v and isinstance(v[0], bytes):
+            val = b"](" + b"".join(_py2_str(e) for e in v) + b"e"
+        elif isinstance(v, list):
+            val = b"](" + b"".join(_py2_int(int(e)) for e in v) + b"e"
+        else:
+            val = _py2_str(v)
+        body += _py2_str(k) + val
+    return b"\x80\x02}(" + body + b"u."
+
+
 # ---------------------------------------------------------------- real MNIST / Fashion-MNIST
 
 
@@ -238,6 +297,28 @@ def test_cifar100_format(tmp_path, protocol, bytes_keys):
     coarse_ds = data.load_cifar100(folder, label="coarse")
     assert coarse_ds.num_classes == 20 and coarse_ds.y_test.tolist() == coarse["test"]
     assert coarse_ds.class_names[19] == "c19"
+
+
+def test_cifar10_python2_pickles(tmp_path):
+    rng = np.random.default_rng(4)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rows = {}
+    for i, name in enumerate([f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]):
+        rows[name] = cifar_rows(rng, 2)
+        batch = {b"batch_label": b"batch", b"data": rows[name], b"labels": [i, 9 - i]}
+        (folder / name).write_bytes(py2_pickle_dict(batch))
+    names = [b"airplane", b"automobile"] + [f"c{i}".encode() for i in range(2, 10)]
+    (folder / "batches.meta").write_bytes(py2_pickle_dict({b"label_names": names}))
+    assert pickle.loads((folder / "test_batch").read_bytes(), encoding="bytes")[b"labels"] == [5, 4]
+    ds = data.load_cifar10(tmp_path)
+    assert ds.y_train.tolist() == [0, 9, 1, 8, 2, 7, 3, 6, 4, 5] and ds.y_test.tolist() == [5, 4]
+    assert ds.class_names[:2] == ("airplane", "automobile")
+    expected = np.concatenate([rows[f"data_batch_{j}"] for j in range(1, 6)])
+    np.testing.assert_array_equal(
+        np.round(ds.x_train * 255).astype(np.uint8),
+        expected.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1),
+    )
 
 
 class _Evil:

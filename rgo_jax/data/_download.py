@@ -8,16 +8,15 @@ Tarballs are extracted with every member checked (no absolute paths, no ``..``, 
 or devices).
 
 Checksums (SHA-256 of the official files) — each value agrees across several independent
-published sources (torchvision, Keras, TensorFlow Datasets users):
+published sources (e.g. the torchvision and Keras data set code):
 
-==============  ===========================================  ========================
-data set        files                                        official source
-==============  ===========================================  ========================
-mnist           train/t10k images/labels ``*-ubyte.gz``       yann.lecun.com/exdb/mnist
-fashion_mnist   same file names                              Zalando Research (S3)
-cifar10         ``cifar-10-python.tar.gz``                   www.cs.toronto.edu/~kriz
-cifar100        ``cifar-100-python.tar.gz``                  www.cs.toronto.edu/~kriz
-==============  ===========================================  ========================
+- ``mnist``: ``{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz``, originally from
+  yann.lecun.com/exdb/mnist (tried last: that site often refuses downloads; two long-lived
+  mirrors of the same files are tried first).
+- ``fashion_mnist``: the same file names, from Zalando Research's S3 bucket or GitHub.
+- ``cifar10`` / ``cifar100``: ``cifar-{10,100}-python.tar.gz`` from www.cs.toronto.edu/~kriz.
+
+The URLs and hashes are in :data:`DOWNLOADS`.
 """
 
 from __future__ import annotations
@@ -235,7 +234,7 @@ def download(
     Raises:
       ChecksumError: a file's SHA-256 differs (names file, expected and actual hash); no
         file is left behind.
-      OSError: no URL could be fetched (the last error is chained).
+      OSError: no URL could be fetched (the message lists each URL's error).
     """
     key = canonical_name(name)
     if key not in DOWNLOADS:
@@ -245,7 +244,13 @@ def download(
     src = DOWNLOADS[key]
     files = dict(src.files)
     if checksums is not None:
-        files.update({k: v for k, v in checksums.items() if k in files})
+        unknown = sorted(set(checksums) - set(files))
+        if unknown:
+            raise ValueError(
+                f"download {key}: checksums given for unknown files {unknown}; "
+                f"the files are {sorted(files)}."
+            )
+        files.update(checksums)
     urls = (base_url,) if isinstance(base_url, str) else tuple(base_url or src.urls)
     urls = tuple(u if u.endswith("/") else u + "/" for u in urls)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_data_dir()
