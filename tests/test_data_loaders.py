@@ -464,8 +464,19 @@ def test_load_dataset_env_and_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("RGO_DATA_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match=r"nowhere.*RGO_DATA_DIR.*download\('cifar10'"):
         data.load_dataset("cifar10")
-    with pytest.raises(ValueError, match="unknown data set 'imagenet21k'"):
+    with pytest.raises(ValueError, match=r"unknown data set 'imagenet21k'.*imagenet21k\.npz"):
         data.load_dataset("imagenet21k")
+    # any other name is read as <name>.npz from the data folder (e.g. SVHN for 5-datasets)
+    (tmp_path / "nowhere" / "svhn").mkdir(parents=True)
+    np.savez(
+        tmp_path / "nowhere" / "svhn" / "svhn.npz",
+        x_train=np.zeros((2, 32, 32, 3), np.uint8),
+        y_train=[0, 9],
+        x_test=np.zeros((1, 32, 32, 3), np.uint8),
+        y_test=[3],
+    )
+    svhn = data.load_dataset("svhn")
+    assert svhn.name == "svhn" and svhn.num_classes == 10 and svhn.input_shape == (32, 32, 3)
 
 
 # ---------------------------------------------------------------- Dataset record

@@ -645,9 +645,11 @@ def load_dataset(name: str, data_dir: str | Path | None = None, **kwargs: Any) -
 
     Names: ``mnist``, ``fashion_mnist``, ``notmnist``, ``cifar10``, ``cifar100``,
     ``miniimagenet``, ``digits`` (bundled, needs no files); anything ending in ``.npz`` is
-    read with :func:`load_npz`. The folder is ``data_dir``, else ``$RGO_DATA_DIR``, else
-    ``~/.cache/rgo_jax``; each loader also looks in its usual subfolder (``mnist/``,
-    ``cifar-10-batches-py/``, ...). Never downloads: call :func:`rgo_jax.data.download`.
+    read with :func:`load_npz`, and any other name (e.g. ``svhn``) as ``<name>.npz`` or
+    ``<name>/<name>.npz`` in the data folder. The folder is ``data_dir``, else
+    ``$RGO_DATA_DIR``, else ``~/.cache/rgo_jax``; each loader also looks in its usual
+    subfolder (``mnist/``, ``cifar-10-batches-py/``, ...). Never downloads: call
+    :func:`rgo_jax.data.download`.
 
     Args:
       name: data set name (case-insensitive, ``-``/``_`` aliases accepted) or ``.npz`` path.
@@ -662,10 +664,19 @@ def load_dataset(name: str, data_dir: str | Path | None = None, **kwargs: Any) -
     """
     if str(name).lower().endswith(".npz"):
         return load_npz(name)
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    if name.strip().lower() not in _ALIASES:
+        # any other data set (e.g. SVHN) stored as ``<name>.npz`` in the data folder
+        for candidate in (root / f"{name}.npz", root / name / f"{name}.npz"):
+            if candidate.is_file():
+                return load_npz(candidate)
+        raise ValueError(
+            f"unknown data set {name!r}: not one of {', '.join(DATASET_NAMES)}, and no "
+            f"{name}.npz in {root} (or {root / name}); a path to an .npz file also works."
+        )
     key = canonical_name(name)
     if key == "digits":
         return load_digits(**kwargs)
-    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     loader = {
         "mnist": load_mnist,
         "fashion_mnist": load_fashion_mnist,
