@@ -8,8 +8,10 @@ permutation of the hidden features. Submodules: :mod:`rgo_jax.layouts`,
 :mod:`rgo_jax.baselines`, :mod:`rgo_jax.train`.
 """
 
+from rgo_jax import data as data
 from rgo_jax import layouts as layouts
 from rgo_jax import metrics as metrics
+from rgo_jax import models as models
 from rgo_jax._curvature import curvature_vectors as curvature_vectors
 from rgo_jax._fel import FEL as FEL
 from rgo_jax._fel import FELKey as FELKey

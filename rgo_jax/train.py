@@ -388,7 +388,7 @@ def _run_one(cfg: Config, method: Method, seed: int, workdir: Path, log) -> tupl
             "params": params,
             "opt_state": opt_state,
             "extra": extra,
-            "per_task": [params0] * len(meta["per_task"]),
+            "per_task": [params0] * meta["per_task"],
         }
         state = restore_checkpoint(path, template)
         params, opt_state, extra = state["params"], state["opt_state"], state["extra"]

@@ -1,0 +1,155 @@
+"""The harness end to end on the bundled digits: RGO keeps old tasks, runs resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rgo_jax import cli, train
+
+QUICK = dict(
+    benchmark="permuted_digits",
+    num_tasks=3,
+    steps_per_task=200,
+    consolidation_batches=100,
+    hidden=(128, 128),
+    plots=False,
+)
+
+
+@pytest.fixture(scope="module")
+def rgo_vs_sgd(tmp_path_factory):
+    cfg = train.Config(methods=("rgo", "sgd", "stl"), checkpoint=False, **QUICK)
+    return train.run(cfg, tmp_path_factory.mktemp("run"), log=lambda *a: None)
+
+
+def test_rgo_with_fel_keeps_the_first_task(rgo_vs_sgd):
+    r_rgo = rgo_vs_sgd["matrices"]["rgo"][0]
+    r_sgd = rgo_vs_sgd["matrices"]["sgd"][0]
+    # Both learn task 0 equally (same init, P = I during the first task).
+    assert r_rgo[0, 0] == pytest.approx(r_sgd[0, 0], abs=0.02)
+    assert r_rgo[0, 0] > 0.85
+    # After two more permuted tasks, SGD has forgotten much of task 0; RGO has not.
+    assert r_rgo[0, 0] - r_rgo[2, 0] < 0.05
+    assert r_rgo[2, 0] - r_sgd[2, 0] > 0.2
+    s = rgo_vs_sgd["summaries"]
+    assert s["rgo"]["acc"]["mean"] > s["sgd"]["acc"]["mean"] + 0.1
+
+
+def test_stl_has_no_forgetting_by_construction(rgo_vs_sgd):
+    r = rgo_vs_sgd["matrices"]["stl"][0]
+    for i in range(3):
+        for j in range(i):
+            assert r[i, j] == r[j, j]
+
+
+def _cli(out, *extra):
+    args = [
+        "--benchmark",
+        "permuted_digits",
+        "--tasks",
+        "3",
+        "--steps",
+        "150",
+        "--consolidation-batches",
+        "50",
+        "--hidden",
+        "64",
+        "--methods",
+        "rgo",
+        "--no-plots",
+        "--out",
+        str(out),
+        *extra,
+    ]
+    return [sys.executable, "-m", "rgo_jax", *args]
+
+
+def test_killed_run_resumes_to_the_same_numbers(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    full = tmp_path / "full"
+    subprocess.run(_cli(full), check=True, env=env, capture_output=True)
+    part = tmp_path / "part"
+    proc = subprocess.Popen(
+        _cli(part), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    meta = part / "checkpoints" / "rgo" / "seed0" / "task_000" / "meta.json"
+    deadline = time.time() + 300
+    while not meta.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert meta.exists(), "the run never wrote its first checkpoint"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # Interrupted before the last task: its checkpoint is not there.
+    assert not (part / "checkpoints" / "rgo" / "seed0" / "task_002" / "meta.json").exists()
+    out = subprocess.run(_cli(part), check=True, env=env, capture_output=True, text=True)
+    assert "resumed after task" in out.stdout
+    a = json.loads((full / "results.json").read_text())
+    b = json.loads((part / "results.json").read_text())
+    ra = np.array(a["methods"]["rgo"]["matrices"][0], dtype=float)
+    rb = np.array(b["methods"]["rgo"]["matrices"][0], dtype=float)
+    np.testing.assert_allclose(ra, rb, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--benchmark", "nope"], "Unknown benchmark 'nope'"),
+        (["--steps", "0"], "steps_per_task must be a positive integer"),
+        (["--methods", "rgo,adamw"], "Unknown method 'adamw'"),
+        (["--tasks", "x"], "--tasks 'x' is not a valid value"),
+        (["--config", "missing.json"], "does not exist"),
+    ],
+)
+def test_bad_configuration_fails_at_once(argv, message, capsys):
+    with pytest.raises(SystemExit, match=message):
+        cli.main(argv)
+
+
+def test_missing_data_directory_says_what_to_do(tmp_path, capsys):
+    code = cli.main(
+        [
+            "--benchmark",
+            "permuted_mnist",
+            "--data-dir",
+            str(tmp_path / "none"),
+            "--out",
+            str(tmp_path / "o"),
+            "--tasks",
+            "2",
+            "--steps",
+            "10",
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "none" in err and ("RGO_DATA_DIR" in err or "--data-dir" in err)
+
+
+def test_too_many_tasks_for_classes(tmp_path):
+    cfg = train.Config(benchmark="split_digits", num_tasks=11, steps_per_task=10)
+    with pytest.raises(ValueError, match="11"):
+        train.run(cfg, tmp_path, log=lambda *a: None)
+
+
+def test_run_directory_contents(tmp_path):
+    cfg = train.Config(
+        methods=("rgo",), **{**QUICK, "num_tasks": 2, "steps_per_task": 50, "plots": True}
+    )
+    train.run(cfg, tmp_path, log=lambda *a: None)
+    for name in (
+        "config.json",
+        "results.json",
+        "summary.md",
+        "accuracy_per_task.png",
+        "accuracy_matrix_rgo.png",
+    ):
+        assert (tmp_path / name).is_file(), name
+    assert "task-incremental" in (tmp_path / "summary.md").read_text()
+    assert Path(tmp_path / "checkpoints" / "rgo" / "seed0" / "task_001" / "meta.json").exists()
