@@ -122,6 +122,31 @@ def matrix_table(matrices: Any) -> tuple[list[tuple[str, jax.Array]], Any]:
     return [(_layout.path_str(p), m) for p, m in flat], treedef
 
 
+def path_keyed(table: dict, what: str) -> dict[str, Any]:
+    """``table`` with every key as a ``"a/0/kernel"`` string.
+
+    Keys may be strings or tuples of ``str``/``int`` (the ``nnx.to_flat_state`` spelling
+    that the models' ``return_inputs`` dictionaries use); ``None`` values are dropped.
+    """
+    if not isinstance(table, dict):
+        raise TypeError(
+            f"{what} must be a dict keyed by parameter path, got {type(table).__name__}."
+        )
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(key, str):
+            name = key
+        elif isinstance(key, (tuple, list)):
+            name = "/".join(str(k) for k in key)
+        else:
+            raise TypeError(f"{what}: key {key!r} is not a path (a str or a tuple of str/int).")
+        if name in out:
+            raise ValueError(f"{what}: path '{name}' appears twice.")
+        if value is not None:
+            out[name] = value
+    return out
+
+
 def per_leaf(value: Any, name: str, what: str, names: list[str]) -> Any:
     """``value`` itself, or ``value[name]`` when it is a dict keyed by parameter path."""
     if isinstance(value, dict):

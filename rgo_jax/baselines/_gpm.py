@@ -215,7 +215,8 @@ def gpm_update_bases(
       state: a :class:`GPMState`, or any optimizer state containing some (a chain), whose
         every :class:`GPMState` is updated.
       representations: ``{path: [rows, d]}`` layer inputs keyed like
-        :func:`rgo_jax.layouts.path_str` of the parameter: dense ``[n, in]``, conv im2col
+        :func:`rgo_jax.layouts.path_str` of the parameter (or by the tuple path, as the
+        models' ``return_inputs`` give): dense ``[n, in]``, conv im2col
         patches ``[n*H'*W', kh*kw*cin]`` in HWIO-flatten order; ``[*batch, rows, d]`` for a
         stacked layout. Extra keys are ignored; a projected bias needs no entry (input 1).
       threshold: energy fraction in ``(0, 1]``, a scalar or a dict ``path -> float``
@@ -224,12 +225,9 @@ def gpm_update_bases(
     Returns:
       The state with extended bases and ranks, ``count`` increased by one.
     """
-    if not isinstance(representations, dict):
-        raise TypeError(
-            "gpm_update_bases: representations must be a dict path -> [rows, d], got "
-            f"{type(representations).__name__}."
-        )
-    reps = {k: v for k, v in representations.items() if v is not None}
+    reps = _common.path_keyed(representations, "gpm_update_bases representations")
+    if isinstance(threshold, dict):
+        threshold = _common.path_keyed(threshold, "gpm_update_bases threshold")
     return _common.map_states(
         GPMState, lambda s: _update_state(s, reps, threshold), state, "gpm_update_bases"
     )

@@ -210,7 +210,8 @@ def owm_update(
       state: an :class:`OWMState`, or any optimizer state containing some (a chain), whose
         every :class:`OWMState` is updated.
       inputs: ``{path: [rows, d]}`` layer inputs keyed like :func:`rgo_jax.layouts.path_str`
-        of the parameter (``"fc1/kernel"``): dense ``[B, in]``, conv im2col patches
+        of the parameter (``"fc1/kernel"``, or the tuple ``("fc1", "kernel")`` as the models'
+        ``return_inputs`` give): dense ``[B, in]``, conv im2col patches
         ``[B*H'*W', kh*kw*cin]`` (HWIO-flatten order); ``[*batch, rows, d]`` for a stacked
         layout. Extra keys are ignored. A projected bias needs no entry (input 1).
       alpha: the RLS denominator, a scalar or a dict ``path -> scalar`` covering every
@@ -224,16 +225,14 @@ def owm_update(
     Returns:
       The state with every P updated and ``count`` increased by one.
     """
-    if not isinstance(inputs, dict):
-        raise TypeError(
-            f"owm_update: inputs must be a dict path -> [rows, d], got {type(inputs).__name__}."
-        )
+    inputs = _common.path_keyed(inputs, "owm_update inputs")
+    if isinstance(alpha, dict):
+        alpha = _common.path_keyed(alpha, "owm_update alpha")
     _check_alpha(alpha)
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(
             f"owm_update: batch_size must be a positive Python int, got {batch_size!r}."
         )
-    inputs = {k: v for k, v in inputs.items() if v is not None}
     return _common.map_states(
         OWMState, lambda s: _absorb(s, inputs, alpha, batch_size), state, "owm_update"
     )
