@@ -53,6 +53,12 @@ _FLAGS = {
         float,
         "evaluate on this fraction of TRAIN held out (tuning), not test",
     ),
+    "--head": (
+        "head",
+        str,
+        "masked (one shared head, logits outside the task masked; the "
+        "reference) or multi (disjoint output units per task)",
+    ),
     "--chunk-steps": ("chunk_steps", int, "steps per compiled chunk (progress granularity)"),
 }
 

@@ -58,6 +58,7 @@ class Config:
     validation_fraction: float = 0.0
     first_task_identity: bool = True
     fel_seed: int = 0
+    head: str = "masked"
     eval_batch_size: int = 1000
     chunk_steps: int = 100
     checkpoint: bool = True
@@ -96,6 +97,8 @@ class Config:
             )
         if not self.seeds:
             raise ValueError("seeds is empty.")
+        if self.head not in ("masked", "multi"):
+            raise ValueError(f"head must be 'masked' or 'multi', got {self.head!r}.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -190,12 +193,41 @@ BENCHMARKS = {
 }
 
 
+class _MultiHead:
+    """A stream whose tasks get disjoint output units: task ``t``'s labels move by ``t * C``.
+
+    With the masked loss this is the multi-head setting (one head per task); for streams
+    whose tasks already have disjoint classes (class splits) it changes nothing.
+    """
+
+    def __init__(self, stream: data.TaskStream):
+        self.stream = stream
+        classes = [stream.task_classes(t) for t in range(len(stream))]
+        overlap = len(np.unique(np.concatenate(classes))) < sum(len(c) for c in classes)
+        self.offset = stream.num_classes if overlap else 0
+        self.num_classes = stream.num_classes + self.offset * (len(stream) - 1)
+        self.input_shape = stream.input_shape
+
+    def __len__(self):
+        return len(self.stream)
+
+    def class_masks(self) -> np.ndarray:
+        masks = np.zeros((len(self), self.num_classes), bool)
+        for t in range(len(self)):
+            masks[t, self.stream.task_classes(t) + t * self.offset] = True
+        return masks
+
+    def get_split(self, t: int, split: str):
+        x, y = self.stream.get_split(t, split)
+        return x, y + np.int32(t * self.offset)
+
+
 def build_stream(cfg: Config, seed: int) -> data.TaskStream:
-    """The task stream of ``cfg.benchmark`` for one seed."""
+    """The task stream of ``cfg.benchmark`` for one seed (multi-head if ``cfg.head``)."""
     stream = BENCHMARKS[cfg.benchmark](cfg, seed)
     if len(stream) < cfg.num_tasks and cfg.benchmark != "multi_dataset":
         raise ValueError(f"{cfg.benchmark} has {len(stream)} tasks, fewer than {cfg.num_tasks}.")
-    return stream
+    return _MultiHead(stream) if cfg.head == "multi" else stream
 
 
 # --------------------------------------------------------------------------------------------

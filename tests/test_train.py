@@ -153,3 +153,19 @@ def test_run_directory_contents(tmp_path):
         assert (tmp_path / name).is_file(), name
     assert "task-incremental" in (tmp_path / "summary.md").read_text()
     assert Path(tmp_path / "checkpoints" / "rgo" / "seed0" / "task_001" / "meta.json").exists()
+
+
+def test_multi_head_gives_each_task_its_own_units():
+    cfg = train.Config(**{**QUICK, "head": "multi"})
+    stream = train.build_stream(cfg, 0)
+    assert stream.num_classes == 30
+    masks = stream.class_masks()
+    np.testing.assert_array_equal(masks.sum(1), [10, 10, 10])
+    assert not (masks[0] & masks[1]).any()
+    _, y2 = stream.get_split(2, "test")
+    _, y0 = stream.get_split(0, "test")
+    assert y2.min() >= 20 and y0.max() < 10
+    split = train.build_stream(
+        train.Config(**{**QUICK, "benchmark": "split_digits", "head": "multi"}), 0
+    )
+    assert split.num_classes == 10  # class splits are already disjoint
