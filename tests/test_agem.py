@@ -174,3 +174,21 @@ def test_memory_input_errors():
         EpisodicMemory(per_task=0)
     with pytest.raises(KeyError, match="task 5"):
         mem.task_data(5)
+
+
+def test_memory_state_dict_resumes_exactly():
+    full = EpisodicMemory(per_task=4, seed=3)
+    part = EpisodicMemory(per_task=4, seed=3)
+    for task in range(2):
+        x, y = _stream(task, 12)
+        full.add(task, x, y)
+        part.add(task, x[:6], y[:6])
+    resumed = EpisodicMemory.from_state_dict(part.state_dict())
+    for task in range(2):
+        x, y = _stream(task, 12)
+        resumed.add(task, x[6:], y[6:])  # continue the stream after the checkpoint
+    for task in range(2):
+        np.testing.assert_array_equal(resumed.task_data(task)[1], full.task_data(task)[1])
+        assert resumed.num_seen(task) == 12
+    with pytest.raises(ValueError, match="malformed state"):
+        EpisodicMemory.from_state_dict({"per_task": 4})

@@ -206,6 +206,48 @@ class EpisodicMemory:
         n = self._size[task]
         return self._x[task][:n].copy(), self._y[task][:n].copy()
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: settings, stored examples, counters, RNG states.
+
+        Plain Python containers and NumPy arrays (picklable; ``x``/``y`` per task as
+        arrays), e.g. for a task-boundary checkpoint. Restore with :meth:`from_state_dict`.
+        """
+        return {
+            "per_task": self.per_task,
+            "policy": self.policy,
+            "seed": self.seed,
+            "tasks": {
+                t: {
+                    "x": self._x[t].copy(),
+                    "y": self._y[t].copy(),
+                    "size": self._size[t],
+                    "seen": self._seen[t],
+                    "rng": self._rng[t].bit_generator.state,
+                }
+                for t in self._x
+            },
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> EpisodicMemory:
+        """The memory saved by :meth:`state_dict`; it continues exactly as the original."""
+        try:
+            mem = cls(state["per_task"], policy=state["policy"], seed=state["seed"])
+            for t, d in state["tasks"].items():
+                t = int(t)
+                x, y = np.asarray(d["x"]), np.asarray(d["y"])
+                if x.shape[0] != mem.per_task or y.shape != (mem.per_task,):
+                    raise ValueError(
+                        f"task {t} stores {x.shape[0]} slots, expected per_task={mem.per_task}"
+                    )
+                mem._x[t], mem._y[t] = x.copy(), y.copy()
+                mem._size[t], mem._seen[t] = int(d["size"]), int(d["seen"])
+                mem._rng[t] = np.random.default_rng()
+                mem._rng[t].bit_generator.state = d["rng"]
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"EpisodicMemory.from_state_dict: malformed state ({e!r}).") from e
+        return mem
+
     def _check(self, x: np.ndarray, y: np.ndarray) -> None:
         if x.ndim < 1 or y.ndim != 1 or x.shape[0] != y.shape[0]:
             raise ValueError(
