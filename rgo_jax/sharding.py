@@ -1,0 +1,7 @@
+"""Multi-device helpers for RGO: a data mesh, sharded batches, replicated or row-sharded P."""
+
+from rgo_jax._sharding import DATA_AXIS as DATA_AXIS
+from rgo_jax._sharding import data_mesh as data_mesh
+from rgo_jax._sharding import replicate_state as replicate_state
+from rgo_jax._sharding import shard_batch as shard_batch
+from rgo_jax._sharding import shard_projection_rows as shard_projection_rows
