@@ -124,6 +124,12 @@ def test_per_position_conv_steps_with_batch_size():
     np.testing.assert_allclose(
         new.p["conv"]["kernel"], _closed_form(x.mean(0), 1.0, 1.0), rtol=2e-4, atol=1e-5
     )
+    block = owm_update(
+        state, {"conv/kernel": x.reshape(b * pos, d)}, 1.0, batch_size=b, method="block"
+    )
+    np.testing.assert_allclose(
+        block.p["conv"]["kernel"], new.p["conv"]["kernel"], rtol=1e-4, atol=1e-5
+    )
     with pytest.raises(ValueError, match="not a multiple of batch_size=5"):
         owm_update(state, {"conv/kernel": x.reshape(b * pos, d)}, 1.0, batch_size=5)
 

@@ -51,7 +51,7 @@ def scale_by_owm(
       ``alpha`` that decays during each task (e.g. ``alpha_l = a_l * b_l ** progress``),
       passed to :func:`owm_update` per step; P is updated *before* projecting the step's
       gradient (pass ``owm_inputs=`` to ``update`` for that order);
-    - the original formulation ``P_0 = I / alpha`` with a unit denominator:
+    - ``P_0 = I / alpha`` with a unit denominator (the authors' earlier ``OWMLayer`` code):
       ``scale_by_owm(init_scale=1 / alpha)`` and ``owm_update(..., alpha=1.0)``, giving
       ``P = (alpha I + sum r r^T)^{-1}``. It differs from the PyTorch form with the same
       constant ``alpha`` only by the factor ``alpha`` (a learning-rate scale).
@@ -72,7 +72,7 @@ def scale_by_owm(
         ``(path, leaf) -> layout``; or a tree of layouts).
       project_biases: with the default rule, give 1-D leaves (biases) a ``[1, 1]`` P whose
         input is the constant 1 (a bias is a kernel row seen by the input 1). Default
-        ``False``: biases are left unprojected (the reference networks have no biases).
+        ``False``: biases are left unprojected (the reference layers are bias-free).
       init_scale: ``P_0 = init_scale * I``.
       dtype: storage dtype of P; the RLS update runs in float32.
 
@@ -156,8 +156,10 @@ def _owm_vectors(name: str, x: Any, p: jax.Array, batch_size: int | None) -> jax
     return jnp.moveaxis(v, -2, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size",))
-def _absorb(state: OWMState, inputs: dict, alpha: Any, batch_size: int | None) -> OWMState:
+@functools.partial(jax.jit, static_argnames=("batch_size", "method"))
+def _absorb(
+    state: OWMState, inputs: dict, alpha: Any, batch_size: int | None, method: str
+) -> OWMState:
     table, treedef = _common.matrix_table(state.p)
     names = [n for n, m in table if not _common.is_placeholder(m)]
     new_leaves = []
@@ -182,7 +184,10 @@ def _absorb(state: OWMState, inputs: dict, alpha: Any, batch_size: int | None) -
             raise ValueError(f"owm_update: alpha for '{name}' must be a scalar, got {a.shape}.")
         pk = p.reshape(-1, d, d).astype(jnp.float32)
         vk = v.reshape(v.shape[0], -1, d).astype(jnp.float32)
-        pk, bad = _rls.rls_sequential(pk, vk, a)
+        if method == "block" and vk.shape[0] > 1:
+            pk, bad = _rls.rls_block(pk, vk, a)
+        else:
+            pk, bad = _rls.rls_sequential(pk, vk, a)
         new_leaves.append(pk.reshape(p.shape).astype(p.dtype))
         skipped = skipped + jnp.sum(bad, dtype=jnp.int32)
     return OWMState(
@@ -198,6 +203,7 @@ def owm_update(
     alpha: float | jax.Array | dict[str, float | jax.Array],
     *,
     batch_size: int | None = None,
+    method: str = "sequential",
 ) -> Any:
     r"""Absorbs one training step's layer inputs into every OWM projector (jit-compiled).
 
@@ -221,6 +227,9 @@ def owm_update(
         gives) and the ``L`` per-position batch means are absorbed in order, the reference
         code's treatment of conv layers (one RLS step per output position). Dense layers
         then have ``L = 1`` and are unaffected.
+      method: ``"sequential"`` (rank-one steps in order, :func:`rgo_jax.rls_sequential`) or
+        ``"block"`` (:func:`rgo_jax.rls_block`, the same P up to rounding; faster when
+        ``batch_size`` gives many positions per step).
 
     Returns:
       The state with every P updated and ``count`` increased by one.
@@ -233,6 +242,8 @@ def owm_update(
         raise ValueError(
             f"owm_update: batch_size must be a positive Python int, got {batch_size!r}."
         )
+    if method not in ("sequential", "block"):
+        raise ValueError(f"owm_update: method must be 'sequential' or 'block', got {method!r}.")
     return _common.map_states(
-        OWMState, lambda s: _absorb(s, inputs, alpha, batch_size), state, "owm_update"
+        OWMState, lambda s: _absorb(s, inputs, alpha, batch_size, method), state, "owm_update"
     )
