@@ -8,6 +8,7 @@ permutation of the hidden features. Submodules: :mod:`rgo_jax.layouts`,
 :mod:`rgo_jax.baselines`, :mod:`rgo_jax.train`.
 """
 
+from rgo_jax import baselines as baselines
 from rgo_jax import data as data
 from rgo_jax import layouts as layouts
 from rgo_jax import metrics as metrics

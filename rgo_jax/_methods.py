@@ -48,6 +48,12 @@ class Method:
       joint: train on the union of all tasks seen so far (multi-task upper bound).
       uses_memory: stores and replays past data (reported in results).
       description: one line for ``--help`` and the results.
+      make_tx: ``cfg -> optax transformation``.
+      init_extra: ``(params, cfg) -> pytree`` of method state kept outside the optimizer.
+      penalty: ``(params, extra, cfg) -> scalar`` added to the loss (EWC).
+      step_kwargs: ``(net, params, x, task, cfg) -> dict`` of extra arguments for
+        ``tx.update`` at every step (OWM's layer inputs), traced inside the step.
+      after_task: ``(ctx, params, opt_state, extra) -> (opt_state, extra)``.
     """
 
     name: str
@@ -61,6 +67,7 @@ class Method:
     )
     init_extra: Callable[[Any, Any], Any] = lambda params, cfg: ()
     penalty: Callable[[Any, Any, Any], jax.Array] | None = None
+    step_kwargs: Callable[[Any, Any, jax.Array, Any, Any], dict] | None = None
     after_task: Callable[[TaskContext, Any, Any, Any], tuple[Any, Any]] | None = None
 
 
@@ -191,3 +198,93 @@ def get_method(name: str) -> Method:
         raise ValueError(
             f"Unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}."
         ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Baselines (rgo_jax.baselines) wired into the harness
+# --------------------------------------------------------------------------------------------
+
+
+def _opt(cfg, key, default):
+    return cfg.method_options.get(key, default)
+
+
+def _ewc(name: str, online: bool) -> Method:
+    from rgo_jax import baselines  # noqa: PLC0415
+
+    def init_extra(params, cfg):
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        state = baselines.ewc_accumulate(None, params, zeros, online=online)
+        return state._replace(num_tasks=jnp.zeros_like(state.num_tasks))
+
+    def penalty(params, extra, cfg):
+        return extra.penalty(params, _opt(cfg, "ewc_lambda", 10.0))
+
+    def after_task(ctx: TaskContext, params, opt_state, extra):
+        n = min(len(ctx.x_train), _opt(ctx.config, "ewc_samples", 500))
+        idx = ctx.rng.choice(len(ctx.x_train), size=n, replace=False)
+        fisher = baselines.diagonal_fisher(
+            lambda p, x: ctx.logits_fn(p, x, ctx.task),
+            params,
+            jnp.asarray(ctx.x_train[idx]),
+            jnp.asarray(ctx.y_train[idx]),
+            class_mask=jnp.asarray(ctx.class_mask),
+        )
+        extra = baselines.ewc_accumulate(
+            extra, params, fisher, online=online, gamma=_opt(ctx.config, "ewc_gamma", 1.0)
+        )
+        return opt_state, extra
+
+    kind = "online EWC (Schwarz et al. 2018)" if online else "EWC (Kirkpatrick et al. 2017)"
+    return Method(
+        name,
+        f"{kind}: diagonal-Fisher penalty, lambda from ewc_lambda",
+        init_extra=init_extra,
+        penalty=penalty,
+        after_task=after_task,
+    )
+
+
+def _owm() -> Method:
+    from rgo_jax import baselines  # noqa: PLC0415
+
+    def make_tx(cfg):
+        return optax.chain(baselines.scale_by_owm(), optax.sgd(cfg.learning_rate))
+
+    def step_kwargs(net, params, x, task, cfg):
+        return {"owm_inputs": net.inputs(params, x, task), "owm_alpha": _opt(cfg, "owm_alpha", 1.0)}
+
+    return Method(
+        "owm",
+        "OWM (Zeng et al. 2019): RLS on batch-mean layer inputs every step",
+        make_tx=make_tx,
+        step_kwargs=step_kwargs,
+    )
+
+
+def _gpm() -> Method:
+    from rgo_jax import baselines  # noqa: PLC0415
+
+    def make_tx(cfg):
+        return optax.chain(baselines.scale_by_gpm(), optax.sgd(cfg.learning_rate))
+
+    def after_task(ctx: TaskContext, params, opt_state, extra):
+        n = min(len(ctx.x_train), _opt(ctx.config, "gpm_samples", 300))
+        idx = ctx.rng.choice(len(ctx.x_train), size=n, replace=False)
+        reps = ctx.inputs_fn(params, jnp.asarray(ctx.x_train[idx]), ctx.task)
+        reps = jax.tree.map(np.asarray, reps)
+        threshold = _opt(ctx.config, "gpm_threshold", 0.97)
+        return baselines.gpm_update_bases(opt_state, reps, threshold), extra
+
+    return Method(
+        "gpm",
+        "GPM (Saha et al. 2021): gradient orthogonal to stored input bases",
+        make_tx=make_tx,
+        after_task=after_task,
+    )
+
+
+register(_ewc("ewc", online=False))
+register(_ewc("online-ewc", online=True))
+register(_owm())
+register(_gpm())

@@ -81,6 +81,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/latest", help="run directory (default runs/latest)")
     for flag, (_, _, hlp) in _FLAGS.items():
         p.add_argument(flag, default=None, help=hlp)
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method option, repeatable: ewc_lambda, ewc_gamma, ewc_samples, "
+        "owm_alpha, gpm_threshold, gpm_samples",
+    )
     p.add_argument("--no-checkpoint", action="store_true", help="do not write checkpoints")
     p.add_argument("--no-plots", action="store_true", help="do not draw PNG plots")
     p.add_argument("--list", action="store_true", help="list benchmarks and methods, then exit")
@@ -121,6 +129,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
             fields[field] = _convert(value, typ, flag)
+    options = dict(fields.get("method_options", {}))
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"rgo-bench: --option {item!r} must be KEY=VALUE.")
+        options[key] = _convert(value, float, "--option " + key)
+    fields["method_options"] = options
     if args.no_checkpoint:
         fields["checkpoint"] = False
     if args.no_plots:

@@ -272,13 +272,13 @@ def _masked_ce(logits, y, mask):
     return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
 
 
-def _make_chunk_fn(net: _Net, tx, method: Method):
+def _make_chunk_fn(net: _Net, tx, method: Method, cfg: Config):
     """A jitted ``lax.scan`` over a chunk of steps: one compiled program per task shape."""
 
     def loss_fn(params, extra, x, y, mask, task):
         loss = _masked_ce(net.logits(params, x, task), y, mask)
         if method.penalty is not None:
-            loss = loss + method.penalty(params, extra, None)
+            loss = loss + method.penalty(params, extra, cfg)
         return loss
 
     @jax.jit
@@ -288,7 +288,10 @@ def _make_chunk_fn(net: _Net, tx, method: Method):
             x, y = xs[step_idx], ys[step_idx]
             mask, task = masks[step_idx], tasks[step_idx[0]]
             loss, grads = jax.value_and_grad(loss_fn)(params, extra, x, y, mask, task)
-            updates, opt_state = tx.update(grads, opt_state, params)
+            kwargs = {}
+            if method.step_kwargs is not None:
+                kwargs = method.step_kwargs(net, params, x, task, cfg)
+            updates, opt_state = tx.update(grads, opt_state, params, **kwargs)
             return (optax.apply_updates(params, updates), opt_state), loss
 
         (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), idx)
@@ -429,7 +432,7 @@ def _run_one(cfg: Config, method: Method, seed: int, workdir: Path, log) -> tupl
         start = meta["task"] + 1
         log(f"[{method.name} seed {seed}] resumed after task {meta['task']} from {path}")
 
-    chunk_fn = _make_chunk_fn(net, tx, method)
+    chunk_fn = _make_chunk_fn(net, tx, method, cfg)
     progress = _Progress(
         T * cfg.steps_per_task, f"{method.name} s{seed}", initial=start * cfg.steps_per_task
     )
