@@ -424,7 +424,7 @@ def reduced_resnet18(
     Examples:
       >>> from flax import nnx
       >>> from rgo_jax.models import reduced_resnet18
-      >>> model = reduced_resnet18(10, rngs=nnx.Rngs(0))
+      >>> model = nnx.eval_shape(lambda: reduced_resnet18(10, rngs=nnx.Rngs(0)))  # shapes only
       >>> model.conv1.kernel.shape, model.head.kernel.shape
       ((3, 3, 3, 20), (160, 10))
     """
@@ -471,9 +471,9 @@ def build_model(
 
     Examples:
       >>> from rgo_jax.models import build_model
-      >>> model = build_model("mlp", num_classes=10, input_shape=(28, 28, 1))
-      >>> model.hidden[0].kernel.shape
-      (784, 256)
+      >>> model = build_model("mlp", num_classes=10, input_shape=(28, 28, 1), hidden=(32,))
+      >>> model.hidden[0].kernel.shape, model.head.kernel.shape
+      ((784, 32), (32, 10))
     """
     input_shape = tuple(int(d) for d in input_shape)
     common = dict(fel=fel, fel_seed=fel_seed, rngs=nnx.Rngs(seed), **model_kwargs)
