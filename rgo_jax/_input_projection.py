@@ -71,9 +71,10 @@ def _pm_bwd(precision, res, dy):
     dx = jnp.matmul(dy, kernel.T, precision=precision)
     pm = p.astype(xs.dtype)
     scale = _trace_scale(pm).astype(xs.dtype)
-    if n < m:  # input side: (s P X^T) D, d^2 n + d n m multiply-adds
-        px = jnp.matmul(pm, xs.T * scale, precision=precision)
-        dk = jnp.matmul(px, dys, precision=precision)
+    if n < m:  # input side: (s P X^T) D = (s X P^T)^T D, d^2 n + d n m multiply-adds
+        # X P^T rather than P X^T: the same numbers, and measured faster on CPU.
+        xp = jnp.matmul(xs * scale, pm.T, precision=precision)
+        dk = jnp.matmul(xp.T, dys, precision=precision)
     else:  # output side: s P (X^T D), d n m + d^2 m
         dk = jnp.matmul(pm, jnp.matmul(xs.T, dys, precision=precision), precision=precision)
         dk = dk * scale

@@ -116,8 +116,8 @@ def scale_by_rgo(
             return jnp.broadcast_to(jnp.eye(d, dtype=dtype), (*batch_shape, d, d))
 
         p = jax.tree_util.tree_map_with_path(make, params)
-        zero = jnp.zeros([], jnp.int32)
-        return RGOState(p=p, count=zero, skipped=zero)
+        # Two distinct buffers, so that the state can be donated to a jitted step.
+        return RGOState(p=p, count=jnp.zeros([], jnp.int32), skipped=jnp.zeros([], jnp.int32))
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -140,7 +140,8 @@ def scale_by_rgo(
                     f"{(*batch_shape, d, d)} for a gradient of shape {shape}."
                 )
             pm = p.astype(g.dtype)
-            scale = d / jnp.trace(pm, axis1=-2, axis2=-1)
+            # The trace from the diagonal: O(d) (jnp.trace masks and sums all d^2 entries).
+            scale = d / jnp.sum(jnp.diagonal(pm, axis1=-2, axis2=-1), axis=-1)
             out = jnp.matmul(pm, lay.to_matrix(g)) * scale[..., None, None]
             return lay.from_matrix(out, shape)
 

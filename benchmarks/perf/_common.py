@@ -110,36 +110,47 @@ def _block(x: Any) -> Any:
     return jax.block_until_ready(x)
 
 
-def compile_case(fn: Callable, args: Sequence[Any], static: dict | None = None) -> dict:
-    """Compiles ``jax.jit(fn)`` for ``args``; returns the executable, timings and XLA costs."""
-    jitted = jax.jit(fn, **(static or {}))
-    t0 = time.perf_counter()
-    lowered = jitted.lower(*args)
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
-    _block(compiled(*args))
-    t3 = time.perf_counter()
-    flops = None
-    try:
-        cost = compiled.cost_analysis()
-        if isinstance(cost, list):
-            cost = cost[0]
-        flops = float(cost.get("flops", float("nan"))) if cost else None
-    except Exception:  # noqa: BLE001 - cost analysis is best effort
-        flops = None
-    return {
-        "compiled": compiled,
-        "args": tuple(args),
-        "trace_s": t1 - t0,
-        "compile_s": t2 - t1,
-        "first_call_s": t3 - t2,
-        "xla_flops": flops,
-    }
+class _Case:
+    """A compiled function and its live arguments (donated ones are replaced by outputs)."""
+
+    def __init__(self, fn: Callable, args: Sequence[Any], donate: Sequence[int] = ()):
+        self.donate = tuple(donate)
+        jitted = jax.jit(fn, donate_argnums=self.donate)
+        self.args = list(args)
+        t0 = time.perf_counter()
+        lowered = jitted.lower(*self.args)
+        t1 = time.perf_counter()
+        self.compiled = lowered.compile()
+        t2 = time.perf_counter()
+        self.call()
+        t3 = time.perf_counter()
+        self.trace_s, self.compile_s, self.first_call_s = t1 - t0, t2 - t1, t3 - t2
+        self.xla_flops = None
+        try:
+            cost = self.compiled.cost_analysis()
+            if isinstance(cost, list):
+                cost = cost[0]
+            self.xla_flops = float(cost["flops"]) if cost and "flops" in cost else None
+        except Exception:  # noqa: BLE001 - cost analysis is best effort
+            pass
+        self.temp_bytes = None
+        try:
+            self.temp_bytes = int(self.compiled.memory_analysis().temp_size_in_bytes)
+        except Exception:  # noqa: BLE001 - memory analysis is best effort
+            pass
+
+    def call(self) -> None:
+        out = self.compiled(*self.args)
+        if self.donate:
+            if len(out) != len(self.donate):
+                raise ValueError("a donating case must return one output per donated argument")
+            for i, o in zip(self.donate, out, strict=True):
+                self.args[i] = o
+        _block(out)
 
 
 def time_cases(
-    cases: dict[str, tuple[Callable, Sequence[Any]]],
+    cases: dict[str, tuple],
     *,
     rounds: int = 15,
     min_sample_s: float = 0.005,
@@ -148,57 +159,56 @@ def time_cases(
     """Times several functions side by side (see the module docstring for the protocol).
 
     Args:
-      cases: name -> (function, args); each function is jitted.
+      cases: name -> ``(function, args)`` or ``(function, args, donate_argnums)``; each
+        function is jitted. A donating function must return a tuple with one new value per
+        donated argument, which replaces it for the next call (a training loop's carry).
       rounds: interleaved samples per case (fewer if ``max_total_s`` runs out, at least 3).
       min_sample_s: a sample repeats the call until it lasts about this long.
       max_total_s: wall-clock budget for the timed rounds of all cases together.
 
     Returns:
       name -> dict with ``median_s``, ``min_s``, ``q25_s``, ``q75_s``, ``samples``, ``inner``,
-      ``compile_s``, ``trace_s``, ``first_call_s`` and ``xla_flops``.
+      ``compile_s``, ``trace_s``, ``first_call_s``, ``xla_flops`` and ``temp_bytes``.
     """
-    built = {name: compile_case(fn, args) for name, (fn, args) in cases.items()}
-    # Calibrate the number of calls per sample.
-    for b in built.values():
+    built = {name: _Case(*spec) for name, spec in cases.items()}
+    inner, samples = {}, {name: [] for name in built}
+    per_round = 0.0
+    for name, c in built.items():  # calibrate the number of calls per sample
         t0 = time.perf_counter()
-        _block(b["compiled"](*b["args"]))
+        c.call()
         one = max(time.perf_counter() - t0, 1e-7)
-        b["one_s"] = one
-        b["inner"] = max(1, min(1000, math.ceil(min_sample_s / one)))
-        b["samples"] = []
-    per_round = sum(b["inner"] * b["one_s"] for b in built.values())
+        inner[name] = max(1, min(1000, math.ceil(min_sample_s / one)))
+        per_round += inner[name] * one
     rounds = max(3, min(rounds, int(max_total_s / max(per_round, 1e-9))))
     for _ in range(rounds):
-        for b in built.values():
-            f, args, k = b["compiled"], b["args"], b["inner"]
+        for name, c in built.items():
+            k = inner[name]
             t0 = time.perf_counter()
             for _ in range(k):
-                out = f(*args)
-            _block(out)
-            b["samples"].append((time.perf_counter() - t0) / k)
+                c.call()
+            samples[name].append((time.perf_counter() - t0) / k)
     out = {}
-    for name, b in built.items():
-        s = np.asarray(b["samples"])
+    for name, c in built.items():
+        s = np.asarray(samples[name])
         out[name] = {
             "median_s": float(np.median(s)),
             "min_s": float(np.min(s)),
             "q25_s": float(np.percentile(s, 25)),
             "q75_s": float(np.percentile(s, 75)),
             "samples": len(s),
-            "inner": b["inner"],
-            "compile_s": b["compile_s"],
-            "trace_s": b["trace_s"],
-            "first_call_s": b["first_call_s"],
-            "xla_flops": b["xla_flops"],
+            "inner": inner[name],
+            "compile_s": c.compile_s,
+            "trace_s": c.trace_s,
+            "first_call_s": c.first_call_s,
+            "xla_flops": c.xla_flops,
+            "temp_bytes": c.temp_bytes,
         }
     return out
 
 
 def tree_bytes(tree: Any) -> int:
     """Total bytes of the arrays (or shape-dtype structs) in ``tree``."""
-    return int(
-        sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-    )
+    return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
 def fmt_s(s: float | None) -> str:
