@@ -90,6 +90,11 @@ def _parser() -> argparse.ArgumentParser:
         "owm_alpha, gpm_threshold, gpm_samples",
     )
     p.add_argument("--no-checkpoint", action="store_true", help="do not write checkpoints")
+    p.add_argument(
+        "--no-vmap-seeds",
+        action="store_true",
+        help="run seeds one after another instead of vmapped together",
+    )
     p.add_argument("--no-plots", action="store_true", help="do not draw PNG plots")
     p.add_argument("--list", action="store_true", help="list benchmarks and methods, then exit")
     return p
@@ -138,6 +143,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     fields["method_options"] = options
     if args.no_checkpoint:
         fields["checkpoint"] = False
+    if args.no_vmap_seeds:
+        fields["vmap_seeds"] = False
     if args.no_plots:
         fields["plots"] = False
     for k in ("methods", "seeds", "hidden"):

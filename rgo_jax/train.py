@@ -59,6 +59,8 @@ class Config:
     first_task_identity: bool = True
     fel_seed: int = 0
     head: str = "masked"
+    vmap_seeds: bool = True
+    vmap_memory_gb: float = 4.0
     eval_batch_size: int = 1000
     chunk_steps: int = 100
     checkpoint: bool = True
@@ -240,6 +242,8 @@ def _build(cfg: Config, method: Method, stream: data.TaskStream, seed: int):
     if cfg.model == "mlp":
         kwargs["hidden"] = tuple(cfg.hidden)
     elif cfg.width is not None:
+        if cfg.model not in ("resnet18", "reduced_resnet18"):
+            raise ValueError(f"width applies to the ResNets, not to model {cfg.model!r}.")
         kwargs["width"] = cfg.width
     model = models.build_model(
         cfg.model,
@@ -273,7 +277,7 @@ def _masked_ce(logits, y, mask):
 
 
 def _make_chunk_fn(net: _Net, tx, method: Method, cfg: Config):
-    """A jitted ``lax.scan`` over a chunk of steps: one compiled program per task shape."""
+    """A ``lax.scan`` over a chunk of steps of one seed (vmapped and jitted by the caller)."""
 
     def loss_fn(params, extra, x, y, mask, task):
         loss = _masked_ce(net.logits(params, x, task), y, mask)
@@ -281,7 +285,6 @@ def _make_chunk_fn(net: _Net, tx, method: Method, cfg: Config):
             loss = loss + method.penalty(params, extra, cfg)
         return loss
 
-    @jax.jit
     def chunk(params, opt_state, extra, xs, ys, masks, tasks, idx):
         def body(carry, step_idx):
             params, opt_state = carry
@@ -381,111 +384,180 @@ def _step_indices(n: int, steps: int, batch: int, seed: int, t: int) -> np.ndarr
     return order[:need].reshape(steps, batch)
 
 
-def _run_one(cfg: Config, method: Method, seed: int, workdir: Path, log) -> tuple:
-    stream = build_stream(cfg, seed)
-    T = min(cfg.num_tasks, len(stream))
-    graphdef, params0, rest = _build(cfg, method, stream, seed)
-    net = _Net(graphdef, rest)
-    tx = method.make_tx(cfg)
-    masks = stream.class_masks()
+def _stack(trees):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
-    def fresh():
-        return params0, tx.init(params0), method.init_extra(params0, cfg)
 
-    params, opt_state, extra = fresh()
-    R = np.full((T, T), np.nan)
-    per_task_params: list = []
-    correct = _accuracy_fn(net)
-    test = {}
+def _unstack(tree, i):
+    return jax.tree.map(lambda x: x[i], tree)
 
-    def test_split(j):
-        if j not in test:
-            test[j] = stream.get_split(j, "test")
-        return test[j]
 
-    random_init = np.array(
-        [
-            _evaluate(correct, params, *test_split(j), masks[j], j, cfg.eval_batch_size)
-            for j in range(T)
-        ]
-    )
-    ckpt_root = workdir / "checkpoints" / method.name / f"seed{seed}"
-    start = 0
-    found = latest_checkpoint(ckpt_root) if cfg.checkpoint else None
-    if found is not None:
-        path, meta = found
-        if meta.get("fingerprint") != cfg.fingerprint():
+class _Lane:
+    """One seed's stream, results and checkpoints inside a group of seeds run together."""
+
+    def __init__(self, cfg: Config, method: Method, seed: int, workdir: Path):
+        self.seed = seed
+        self.stream = build_stream(cfg, seed)
+        self.T = min(cfg.num_tasks, len(self.stream))
+        self.graphdef, self.params0, self.rest = _build(cfg, method, self.stream, seed)
+        self.masks = self.stream.class_masks()
+        self.R = np.full((self.T, self.T), np.nan)
+        self.per_task: list = []
+        self.ckpt_root = workdir / "checkpoints" / method.name / f"seed{seed}"
+        self._test: dict = {}
+
+    def test_split(self, j):
+        if j not in self._test:
+            self._test[j] = self.stream.get_split(j, "test")
+        return self._test[j]
+
+
+def _seed_groups(cfg: Config, method: Method) -> list[tuple[int, ...]]:
+    """Seeds batched by ``vmap`` as far as their training data fits ``vmap_memory_gb``."""
+    if not cfg.vmap_seeds:
+        return [(s,) for s in cfg.seeds]
+    stream = build_stream(cfg, cfg.seeds[0])
+    x, _ = stream.get_split(0, "train")
+    per_seed = x.nbytes * (min(cfg.num_tasks, len(stream)) if method.joint else 1)
+    k = max(1, int(cfg.vmap_memory_gb * 2**30 // max(per_seed, 1)))
+    return [tuple(cfg.seeds[i : i + k]) for i in range(0, len(cfg.seeds), k)]
+
+
+def _resume_point(cfg: Config, lanes: list[_Lane]) -> int:
+    """The first task that every seed of the group still has to train."""
+    if not cfg.checkpoint:
+        return 0
+    done = []
+    for lane in lanes:
+        found = latest_checkpoint(lane.ckpt_root)
+        if found is None:
+            return 0
+        if found[1].get("fingerprint") != cfg.fingerprint():
             raise ValueError(
-                f"Checkpoint {path} was written by a different configuration; use a new "
+                f"Checkpoint {found[0]} was written by a different configuration; use a new "
                 "output directory (or delete the old one) to start afresh."
             )
-        template = {
-            "params": params,
-            "opt_state": opt_state,
-            "extra": extra,
-            "per_task": [params0] * meta["per_task"],
-        }
-        state = restore_checkpoint(path, template)
-        params, opt_state, extra = state["params"], state["opt_state"], state["extra"]
-        per_task_params = list(state["per_task"])
-        R = np.array(meta["R"], dtype=np.float64)
-        start = meta["task"] + 1
-        log(f"[{method.name} seed {seed}] resumed after task {meta['task']} from {path}")
+        done.append(found[1]["task"])
+    return min(done) + 1
 
-    chunk_fn = _make_chunk_fn(net, tx, method, cfg)
+
+def _run_group(cfg: Config, method: Method, seeds: tuple[int, ...], workdir: Path, log):
+    """Trains ``seeds`` in lockstep, the training steps ``vmap``-ed over the seed axis.
+
+    Yields ``(t, lanes)`` after every task. Consolidation, evaluation and checkpoints are
+    per seed (one checkpoint directory per seed, as in a sequential run).
+    """
+    lanes = [_Lane(cfg, method, seed, workdir) for seed in seeds]
+    T = lanes[0].T
+    net = _Net(lanes[0].graphdef, lanes[0].rest)
+    tx = method.make_tx(cfg)
+    correct = _accuracy_fn(net)
+
+    def fresh():
+        return (
+            _stack([ln.params0 for ln in lanes]),
+            _stack([tx.init(ln.params0) for ln in lanes]),
+            _stack([method.init_extra(ln.params0, cfg) for ln in lanes]),
+        )
+
+    params, opt_state, extra = fresh()
+    random_init = [
+        np.array(
+            [
+                _evaluate(
+                    correct, ln.params0, *ln.test_split(j), ln.masks[j], j, cfg.eval_batch_size
+                )
+                for j in range(T)
+            ]
+        )
+        for ln in lanes
+    ]
+    start = _resume_point(cfg, lanes)
+    if start > 0:
+        restored = []
+        for i, ln in enumerate(lanes):
+            path = ln.ckpt_root / f"task_{start - 1:03d}"
+            meta = json.loads((path / "meta.json").read_text())
+            template = {
+                "params": ln.params0,
+                "opt_state": _unstack(opt_state, i),
+                "extra": _unstack(extra, i),
+                "per_task": [ln.params0] * meta["per_task"],
+            }
+            state = restore_checkpoint(path, template)
+            restored.append(state)
+            ln.per_task = list(state["per_task"])
+            ln.R = np.array(meta["R"], dtype=np.float64)
+            log(f"[{method.name} seed {ln.seed}] resumed after task {start - 1} from {path}")
+        params = _stack([s["params"] for s in restored])
+        opt_state = _stack([s["opt_state"] for s in restored])
+        extra = _stack([s["extra"] for s in restored])
+
+    chunk_fn = jax.jit(jax.vmap(_make_chunk_fn(net, tx, method, cfg)))
+    label = ",".join(map(str, seeds))
     progress = _Progress(
-        T * cfg.steps_per_task, f"{method.name} s{seed}", initial=start * cfg.steps_per_task
+        T * cfg.steps_per_task, f"{method.name} s{label}", initial=start * cfg.steps_per_task
     )
     for t in range(start, T):
         if method.fresh_network_per_task and t > 0:
             params, opt_state, extra = fresh()
-        x, y, m, tids = _task_arrays(stream, t, cfg, method)
-        idx = _step_indices(len(y), cfg.steps_per_task, cfg.batch_size, seed, t)
-        dx, dy, dm, dt = (jnp.asarray(a) for a in (x, y, m, tids))
+        arrays = [_task_arrays(ln.stream, t, cfg, method) for ln in lanes]
+        idx = np.stack(
+            [
+                _step_indices(len(a[1]), cfg.steps_per_task, cfg.batch_size, ln.seed, t)
+                for a, ln in zip(arrays, lanes, strict=True)
+            ]
+        )
+        dx, dy, dm, dt = (jnp.asarray(np.stack(col)) for col in zip(*arrays, strict=True))
         for lo in range(0, cfg.steps_per_task, cfg.chunk_steps):
-            sl = jnp.asarray(idx[lo : lo + cfg.chunk_steps])
+            sl = jnp.asarray(idx[:, lo : lo + cfg.chunk_steps])
             params, opt_state, losses = chunk_fn(params, opt_state, extra, dx, dy, dm, dt, sl)
-            progress.update(int(sl.shape[0]), task=t, loss=f"{float(losses[-1]):.3f}")
-        if method.after_task is not None:
-            ctx = TaskContext(
-                task=t,
-                x_train=x,
-                y_train=y,
-                class_mask=masks[t],
-                logits_fn=net.logits,
-                inputs_fn=net.inputs,
-                rng=np.random.default_rng([seed, t, 2]),
-                config=cfg,
-            )
-            opt_state, extra = method.after_task(ctx, params, opt_state, extra)
-        if method.fresh_network_per_task:
-            per_task_params.append(params)
-        for j in range(min(t + 2, T)):
-            pj = per_task_params[j] if (method.fresh_network_per_task and j <= t) else params
-            R[t, j] = _evaluate(correct, pj, *test_split(j), masks[j], j, cfg.eval_batch_size)
-        if cfg.checkpoint:
-            save_checkpoint(
-                ckpt_root / f"task_{t:03d}",
-                {
-                    "params": params,
-                    "opt_state": opt_state,
-                    "extra": extra,
-                    "per_task": per_task_params,
-                },
-                {
-                    "task": t,
-                    "seed": seed,
-                    "method": method.name,
-                    "R": R.tolist(),
-                    "per_task": len(per_task_params),
-                    "fingerprint": cfg.fingerprint(),
-                    "rng": {
-                        "kind": "numpy default_rng keyed by [seed, task, stream]",
-                        "seed": seed,
+            progress.update(int(sl.shape[1]), task=t, loss=f"{float(losses[:, -1].mean()):.3f}")
+        del dx, dy, dm, dt
+        new_opt, new_extra = [], []
+        for i, ln in enumerate(lanes):
+            p_i, o_i, e_i = _unstack(params, i), _unstack(opt_state, i), _unstack(extra, i)
+            if method.after_task is not None:
+                x, y = arrays[i][0], arrays[i][1]
+                ctx = TaskContext(
+                    task=t,
+                    x_train=x,
+                    y_train=y,
+                    class_mask=ln.masks[t],
+                    logits_fn=net.logits,
+                    inputs_fn=net.inputs,
+                    rng=np.random.default_rng([ln.seed, t, 2]),
+                    config=cfg,
+                )
+                o_i, e_i = method.after_task(ctx, p_i, o_i, e_i)
+            new_opt.append(o_i)
+            new_extra.append(e_i)
+            if method.fresh_network_per_task:
+                ln.per_task.append(p_i)
+            for j in range(min(t + 2, T)):
+                pj = ln.per_task[j] if (method.fresh_network_per_task and j <= t) else p_i
+                ln.R[t, j] = _evaluate(
+                    correct, pj, *ln.test_split(j), ln.masks[j], j, cfg.eval_batch_size
+                )
+            if cfg.checkpoint:
+                save_checkpoint(
+                    ln.ckpt_root / f"task_{t:03d}",
+                    {"params": p_i, "opt_state": o_i, "extra": e_i, "per_task": ln.per_task},
+                    {
+                        "task": t,
+                        "seed": ln.seed,
+                        "method": method.name,
+                        "R": ln.R.tolist(),
+                        "per_task": len(ln.per_task),
+                        "fingerprint": cfg.fingerprint(),
+                        "rng": {
+                            "kind": "numpy default_rng keyed by [seed, task, stream]",
+                            "seed": ln.seed,
+                        },
                     },
-                },
-            )
-        yield t, R, random_init
+                )
+        opt_state, extra = _stack(new_opt), _stack(new_extra)
+        yield t, lanes, random_init
     progress.close()
 
 
@@ -511,14 +583,18 @@ def run(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
     summaries: dict = {}
     for name in cfg.methods:
         method = METHODS[name]
-        for seed in cfg.seeds:
+        for seeds in _seed_groups(cfg, method):
             t0 = time.time()
-            slot = len(matrices[name])
-            matrices[name].append(None)
-            random_init[name].append(None)
-            for t, R, b in _run_one(cfg, method, seed, workdir, log):
-                matrices[name][slot] = R[: t + 1, : t + 1].copy()
-                random_init[name][slot] = b
+            slots = []
+            for _ in seeds:
+                slots.append(len(matrices[name]))
+                matrices[name].append(None)
+                random_init[name].append(None)
+            lanes: list[_Lane] = []
+            for t, lanes, b in _run_group(cfg, method, seeds, workdir, log):
+                for slot, ln, b_i in zip(slots, lanes, b, strict=True):
+                    matrices[name][slot] = ln.R[: t + 1, : t + 1].copy()
+                    random_init[name][slot] = b_i
                 summaries = _report.write_run_report(
                     workdir,
                     config=config,
@@ -526,10 +602,10 @@ def run(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
                     random_init={
                         k: np.stack(v) for k, v in random_init.items() if v and v[0] is not None
                     },
-                    plots=cfg.plots and t == len(b) - 1,
+                    plots=cfg.plots and t == lanes[0].T - 1,
                 )
-            full = matrices[name][slot]
-            log(f"\n[{name} seed {seed}] accuracy matrix ({time.time() - t0:.1f} s)")
-            log(_report.format_matrix(full))
+            for slot, seed in zip(slots, seeds, strict=True):
+                log(f"\n[{name} seed {seed}] accuracy matrix ({time.time() - t0:.1f} s)")
+                log(_report.format_matrix(matrices[name][slot]))
     log("\n" + _report.summary_table(summaries))
     return {"summaries": summaries, "matrices": matrices}

@@ -169,3 +169,27 @@ def test_multi_head_gives_each_task_its_own_units():
         train.Config(**{**QUICK, "benchmark": "split_digits", "head": "multi"}), 0
     )
     assert split.num_classes == 10  # class splits are already disjoint
+
+
+def test_vmapped_seeds_match_sequential_seeds(tmp_path):
+    base = {
+        **QUICK,
+        "num_tasks": 2,
+        "steps_per_task": 100,
+        "consolidation_batches": 30,
+        "hidden": (32,),
+        "methods": ("rgo",),
+        "seeds": (0, 1),
+        "checkpoint": False,
+    }
+    together = train.run(train.Config(**base), tmp_path / "v", log=lambda *a: None)
+    apart = train.run(train.Config(**base, vmap_seeds=False), tmp_path / "s", log=lambda *a: None)
+    for a, b in zip(together["matrices"]["rgo"], apart["matrices"]["rgo"], strict=True):
+        # Same data, init and steps; only float rounding of batched kernels may differ.
+        np.testing.assert_allclose(a, b, atol=0.01)
+    ra, rb = together["matrices"]["rgo"]
+    assert not np.array_equal(ra, rb)  # the two seeds are different runs
+    assert train._seed_groups(train.Config(**base, vmap_memory_gb=1e-9), train.METHODS["rgo"]) == [
+        (0,),
+        (1,),
+    ]
