@@ -9,13 +9,13 @@ float64, and reports the largest deviation, the smallest eigenvalue of P and the
 the trace-normalised projection of random gradients.
 
 Command (about 2 minutes on 2 CPU cores):
-    python benchmarks/rls_drift.py --data-dir ../shared/datasets --out benchmarks/results/rls_drift.json
+    python benchmarks/rls_drift.py --data-dir ../shared/datasets \
+        --out benchmarks/results/rls_drift.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import subprocess
 import time
