@@ -49,10 +49,12 @@ class Method:
       uses_memory: stores and replays past data (reported in results).
       description: one line for ``--help`` and the results.
       make_tx: ``cfg -> optax transformation``.
-      init_extra: ``(params, cfg) -> pytree`` of method state kept outside the optimizer.
+      init_extra: ``(params, cfg, stream) -> pytree`` of method state kept outside the
+        optimizer (``stream`` gives ``input_shape`` and ``num_classes``).
       penalty: ``(params, extra, cfg) -> scalar`` added to the loss (EWC).
-      step_kwargs: ``(net, params, x, task, cfg) -> dict`` of extra arguments for
-        ``tx.update`` at every step (OWM's layer inputs), traced inside the step.
+      step_kwargs: ``(net, params, x, task, cfg, extra, step) -> dict`` of extra arguments
+        for ``tx.update`` at every step (OWM's layer inputs, A-GEM's reference gradient),
+        traced inside the step; ``step`` is the int32 step number within the task.
       after_task: ``(ctx, params, opt_state, extra) -> (opt_state, extra)``.
     """
 
@@ -65,9 +67,9 @@ class Method:
     make_tx: Callable[[Any], optax.GradientTransformation] = lambda cfg: optax.sgd(
         cfg.learning_rate
     )
-    init_extra: Callable[[Any, Any], Any] = lambda params, cfg: ()
+    init_extra: Callable[[Any, Any, Any], Any] = lambda params, cfg, stream: ()
     penalty: Callable[[Any, Any, Any], jax.Array] | None = None
-    step_kwargs: Callable[[Any, Any, jax.Array, Any, Any], dict] | None = None
+    step_kwargs: Callable[..., dict] | None = None
     after_task: Callable[[TaskContext, Any, Any, Any], tuple[Any, Any]] | None = None
 
 
@@ -212,7 +214,7 @@ def _opt(cfg, key, default):
 def _ewc(name: str, online: bool) -> Method:
     from rgo_jax import baselines  # noqa: PLC0415
 
-    def init_extra(params, cfg):
+    def init_extra(params, cfg, stream):
         zeros = jax.tree.map(jnp.zeros_like, params)
         state = baselines.ewc_accumulate(None, params, zeros, online=online)
         return state._replace(num_tasks=jnp.zeros_like(state.num_tasks))
@@ -251,7 +253,7 @@ def _owm() -> Method:
     def make_tx(cfg):
         return optax.chain(baselines.scale_by_owm(), optax.sgd(cfg.learning_rate))
 
-    def step_kwargs(net, params, x, task, cfg):
+    def step_kwargs(net, params, x, task, cfg, extra, step):
         return {"owm_inputs": net.inputs(params, x, task), "owm_alpha": _opt(cfg, "owm_alpha", 1.0)}
 
     return Method(
@@ -288,3 +290,66 @@ register(_ewc("ewc", online=False))
 register(_ewc("online-ewc", online=True))
 register(_owm())
 register(_gpm())
+
+
+def _agem() -> Method:
+    """A-GEM with a fixed-size episodic memory kept in the method state (jit-friendly).
+
+    After each task ``agem_per_task`` random training samples of that task are stored (with
+    their class masks); every step of a later task draws ``agem_batch`` of them uniformly
+    (a key folded with the task and step) for the reference gradient.
+    """
+    from rgo_jax import baselines  # noqa: PLC0415
+
+    def make_tx(cfg):
+        return optax.chain(baselines.agem(), optax.sgd(cfg.learning_rate))
+
+    def init_extra(params, cfg, stream):
+        per_task = int(_opt(cfg, "agem_per_task", 250))
+        cap = per_task * cfg.num_tasks
+        return {
+            "x": jnp.zeros((cap, *stream.input_shape), jnp.float32),
+            "y": jnp.zeros((cap,), jnp.int32),
+            "mask": jnp.zeros((cap, stream.num_classes), bool),
+            "n": jnp.zeros([], jnp.int32),
+        }
+
+    def step_kwargs(net, params, x, task, cfg, extra, step):
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(17), task), step)
+        size = int(_opt(cfg, "agem_batch", 64))
+        idx = jax.random.randint(key, (size,), 0, jnp.maximum(extra["n"], 1))
+
+        def mem_loss(p):
+            z = net.logits(p, extra["x"][idx], 0)
+            z = jnp.where(extra["mask"][idx], z, -1e9)
+            return optax.softmax_cross_entropy_with_integer_labels(z, extra["y"][idx]).mean()
+
+        ref = jax.grad(mem_loss)(params)
+        ref = jax.tree.map(lambda g: jnp.where(extra["n"] > 0, g, jnp.zeros_like(g)), ref)
+        return {"ref_grads": ref}
+
+    def after_task(ctx: TaskContext, params, opt_state, extra):
+        per_task = int(_opt(ctx.config, "agem_per_task", 250))
+        n = min(per_task, len(ctx.x_train))
+        pick = ctx.rng.choice(len(ctx.x_train), size=n, replace=False)
+        lo = int(extra["n"])
+        extra = {
+            "x": extra["x"].at[lo : lo + n].set(jnp.asarray(ctx.x_train[pick])),
+            "y": extra["y"].at[lo : lo + n].set(jnp.asarray(ctx.y_train[pick])),
+            "mask": extra["mask"].at[lo : lo + n].set(jnp.asarray(ctx.class_mask)[None, :]),
+            "n": jnp.asarray(lo + n, jnp.int32),
+        }
+        return opt_state, extra
+
+    return Method(
+        "agem",
+        "A-GEM (Chaudhry et al. 2019): gradient corrected by a memory batch",
+        uses_memory=True,
+        make_tx=make_tx,
+        init_extra=init_extra,
+        step_kwargs=step_kwargs,
+        after_task=after_task,
+    )
+
+
+register(_agem())

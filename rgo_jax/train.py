@@ -285,19 +285,20 @@ def _make_chunk_fn(net: _Net, tx, method: Method, cfg: Config):
             loss = loss + method.penalty(params, extra, cfg)
         return loss
 
-    def chunk(params, opt_state, extra, xs, ys, masks, tasks, idx):
-        def body(carry, step_idx):
+    def chunk(params, opt_state, extra, xs, ys, masks, tasks, idx, steps):
+        def body(carry, inputs):
             params, opt_state = carry
+            step_idx, step = inputs
             x, y = xs[step_idx], ys[step_idx]
             mask, task = masks[step_idx], tasks[step_idx[0]]
             loss, grads = jax.value_and_grad(loss_fn)(params, extra, x, y, mask, task)
             kwargs = {}
             if method.step_kwargs is not None:
-                kwargs = method.step_kwargs(net, params, x, task, cfg)
+                kwargs = method.step_kwargs(net, params, x, task, cfg, extra, step)
             updates, opt_state = tx.update(grads, opt_state, params, **kwargs)
             return (optax.apply_updates(params, updates), opt_state), loss
 
-        (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), idx)
+        (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), (idx, steps))
         return params, opt_state, losses
 
     return chunk
@@ -457,7 +458,7 @@ def _run_group(cfg: Config, method: Method, seeds: tuple[int, ...], workdir: Pat
         return (
             _stack([ln.params0 for ln in lanes]),
             _stack([tx.init(ln.params0) for ln in lanes]),
-            _stack([method.init_extra(ln.params0, cfg) for ln in lanes]),
+            _stack([method.init_extra(ln.params0, cfg, ln.stream) for ln in lanes]),
         )
 
     params, opt_state, extra = fresh()
@@ -493,6 +494,9 @@ def _run_group(cfg: Config, method: Method, seeds: tuple[int, ...], workdir: Pat
         opt_state = _stack([s["opt_state"] for s in restored])
         extra = _stack([s["extra"] for s in restored])
 
+    if start >= T:  # finished earlier: report the restored results
+        yield T - 1, lanes, random_init
+        return
     chunk_fn = jax.jit(jax.vmap(_make_chunk_fn(net, tx, method, cfg)))
     label = ",".join(map(str, seeds))
     progress = _Progress(
@@ -511,7 +515,12 @@ def _run_group(cfg: Config, method: Method, seeds: tuple[int, ...], workdir: Pat
         dx, dy, dm, dt = (jnp.asarray(np.stack(col)) for col in zip(*arrays, strict=True))
         for lo in range(0, cfg.steps_per_task, cfg.chunk_steps):
             sl = jnp.asarray(idx[:, lo : lo + cfg.chunk_steps])
-            params, opt_state, losses = chunk_fn(params, opt_state, extra, dx, dy, dm, dt, sl)
+            steps = jnp.broadcast_to(
+                jnp.arange(lo, lo + sl.shape[1], dtype=jnp.int32), sl.shape[:2]
+            )
+            params, opt_state, losses = chunk_fn(
+                params, opt_state, extra, dx, dy, dm, dt, sl, steps
+            )
             progress.update(int(sl.shape[1]), task=t, loss=f"{float(losses[:, -1].mean()):.3f}")
         del dx, dy, dm, dt
         new_opt, new_extra = [], []
