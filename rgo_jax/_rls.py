@@ -68,15 +68,20 @@ def _block_one(p: jax.Array, v: jax.Array, alpha: jax.Array) -> jax.Array:
     """Woodbury update of one ``[d, d]`` P by a block ``v [b, d]``.
 
     ``P <- P - P V^T (alpha I + V P V^T)^{-1} V P``, which equals ``b`` sequential rank-one
-    steps in exact arithmetic. Solved by a Cholesky factorisation of the ``b x b`` matrix.
+    steps in exact arithmetic. With ``M = alpha I + V P V^T = L L^T`` (Cholesky) and
+    ``W = L^{-1} V P``, the update is the Gram product ``P - W^T W``. ``L^{-1}`` is the
+    inverse of a ``b x b`` triangle, so the only ``O(d)``-sized work is three matrix
+    products; a triangular solve against the ``[b, d]`` right-hand side (``cho_solve``) was
+    measured 2-3x slower on CPU. The caller symmetrises P once after all blocks.
     """
+    b = v.shape[0]
     u = jnp.matmul(v, p, precision=_HI)  # [b, d] = V P
     m = jnp.matmul(u, v.T, precision=_HI)  # [b, b] = V P V^T
-    m = 0.5 * (m + m.T) + alpha * jnp.eye(v.shape[0], dtype=p.dtype)
+    m = 0.5 * (m + m.T) + alpha * jnp.eye(b, dtype=p.dtype)
     chol = jnp.linalg.cholesky(m)
-    x = jax.scipy.linalg.cho_solve((chol, True), u)  # [b, d] = M^-1 V P
-    new = p - jnp.matmul(u.T, x, precision=_HI)
-    return 0.5 * (new + new.T)
+    linv = jax.scipy.linalg.solve_triangular(chol, jnp.eye(b, dtype=p.dtype), lower=True)
+    w = jnp.matmul(linv, u, precision=_HI)  # [b, d] = L^-1 V P
+    return p - jnp.matmul(w.T, w, precision=_HI)
 
 
 def rls_block(
@@ -117,6 +122,9 @@ def rls_block(
         return update(carry, blk, alpha), None
 
     p, _ = jax.lax.scan(body, p, blocks)
+    # One symmetrisation after all blocks (a transpose of P per block costs as much as a
+    # block's products for large d).
+    p = 0.5 * (p + jnp.swapaxes(p, -1, -2))
     return p, jnp.sum(bad, axis=0, dtype=jnp.int32)
 
 

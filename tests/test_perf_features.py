@@ -1,0 +1,448 @@
+"""Performance features: input-side projection, data-parallel sharding, the GPU check script.
+
+These tests check results (against float64 references and the plain single-device path),
+never timings.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import rgo_jax
+from rgo_jax import sharding
+from rgo_jax._fast_curvature import batched_curvature_vectors, use_reduced_kernel_gradients
+from rgo_jax._input_projection import (
+    input_projection_matrices,
+    projected_matmul,
+    rgo_input_projected,
+    scale_by_rgo_input_projected,
+    use_input_projection,
+)
+from rgo_jax.models import MLP
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _spd(rng, d, n=None, alpha=0.1):
+    """A consolidated-looking P = alpha (alpha I + V^T V)^-1 in float64."""
+    v = rng.normal(size=(n or 2 * d, d)) / np.sqrt(d)
+    return alpha * np.linalg.inv(alpha * np.eye(d) + v.T @ v)
+
+
+# ---------------------------------------------------------------- input-side projection
+
+
+@pytest.mark.parametrize("n", [3, 12])  # n < m (input side) and n >= m (output side)
+def test_projected_matmul_matches_float64_reference(n):
+    rng = np.random.default_rng(0)
+    d, m = 7, 5
+    x = rng.normal(size=(n, d))
+    w = rng.normal(size=(d, m))
+    p = _spd(rng, d)
+    dy = rng.normal(size=(n, m))
+    y, vjp = jax.vjp(
+        lambda x, w: projected_matmul(x, w, jnp.asarray(p, jnp.float32)),
+        jnp.asarray(x, jnp.float32),
+        jnp.asarray(w, jnp.float32),
+    )
+    dx, dw = vjp(jnp.asarray(dy, jnp.float32))
+    np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, dy @ w.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, d / np.trace(p) * p @ x.T @ dy, rtol=1e-4, atol=1e-5)
+
+
+def test_projected_matmul_leading_axes_and_constant_p():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, 3, 4)), jnp.float32)  # [..., d] with two lead axes
+    w = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
+    p = _spd(rng, 4)
+    dw = jax.grad(lambda w: jnp.sum(projected_matmul(x, w, jnp.asarray(p, jnp.float32)) ** 2))(w)
+    xs = np.asarray(x, np.float64).reshape(6, 4)
+    dy = 2 * xs @ np.asarray(w, np.float64)
+    np.testing.assert_allclose(dw, 4 / np.trace(p) * p @ xs.T @ dy, rtol=1e-4, atol=1e-5)
+    # P is a constant: no gradient flows into it.
+    dp = jax.grad(lambda p: jnp.sum(projected_matmul(x, w, p)))(jnp.asarray(p, jnp.float32))
+    assert not np.any(np.asarray(dp))
+
+
+def test_projected_matmul_bfloat16_p():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(3, 8)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(8, 16)), jnp.float32)
+    p = _spd(rng, 8)
+    g16 = jax.grad(lambda w: projected_matmul(x, w, jnp.asarray(p, jnp.bfloat16)).sum())(w)
+    ref = 8 / np.trace(p) * p @ np.asarray(x, np.float64).T @ np.ones((3, 16))
+    assert g16.dtype == jnp.float32
+    np.testing.assert_allclose(g16, ref, rtol=2e-2, atol=2e-2)
+
+
+def test_projected_matmul_shape_errors():
+    with pytest.raises(ValueError, match=r"P has shape \(3, 3\), expected \(4, 4\)"):
+        projected_matmul(jnp.ones((2, 4)), jnp.ones((4, 5)), jnp.eye(3))
+    with pytest.raises(ValueError, match="does not end in the kernel's input size 4"):
+        projected_matmul(jnp.ones((2, 3)), jnp.ones((4, 5)), jnp.eye(4))
+
+
+class _MLPProblem:
+    """A small paper-style MLP (12-16-9-5, FEL on) with a consolidated RGO state."""
+
+    def __init__(self):
+        model = MLP(12, (16, 9), 5, rngs=nnx.Rngs(0))
+        self.graph, self.params, self.rest = nnx.split(model, nnx.Param, ...)
+        self.rng = rng = np.random.default_rng(0)
+        # Batch 8: n < m for hidden/0 (16) and hidden/1 (9), n >= m for the head (5), so
+        # both associations of the input-side product are exercised.
+        self.x = jnp.asarray(rng.normal(size=(8, 12)), jnp.float32)
+        self.y = jnp.asarray(rng.integers(0, 5, size=8), jnp.int32)
+        self.tx = rgo_jax.rgo(0.1)
+        state = self.tx.init(self.params)
+        self.state = rgo_jax.consolidate(state, _random_vectors(state[0].p, rng, 30), 0.1)
+
+    def loss(self, params, x, y, mats=None):
+        model = nnx.merge(self.graph, params, self.rest)
+        if mats is None:
+            logits = model(x, 1)
+        else:
+            with use_input_projection(model, mats):
+                logits = model(x, 1)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def _random_vectors(state_p, rng, n):
+    return jax.tree.map(
+        lambda p: jnp.asarray(rng.normal(size=(n, p.shape[-1])), jnp.float32), state_p
+    )
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    return _MLPProblem()
+
+
+def test_input_projected_step_equals_plain_rgo_step(mlp):
+    plain, fast = mlp.tx, rgo_input_projected(0.1, r"kernel$")
+    # The same state as scale_by_rgo's (one P per leaf), so consolidate/checkpoints carry over.
+    assert jax.tree.structure(jax.eval_shape(fast.init, mlp.params)) == jax.tree.structure(
+        mlp.state
+    )
+
+    @jax.jit
+    def steps(params, state, x, y):
+        g = jax.grad(mlp.loss)(params, x, y)
+        u_plain, _ = plain.update(g, state, params)
+        mats = input_projection_matrices(state, r"kernel$")
+        g_in = jax.grad(mlp.loss)(params, x, y, mats)
+        u_fast, _ = fast.update(g_in, state, params)
+        return u_plain, u_fast, g
+
+    u_plain, u_fast, g = steps(mlp.params, mlp.state, mlp.x, mlp.y)
+    assert min(float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(u_plain)) > 1e-4
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), u_fast, u_plain
+    )
+    # Independent check of one kernel against float64: -lr * (d / tr P) P G.
+    p = np.asarray(mlp.state[0].p["hidden"][0]["kernel"], np.float64)
+    expected = -0.1 * 12 / np.trace(p) * p @ np.asarray(g["hidden"][0]["kernel"], np.float64)
+    np.testing.assert_allclose(u_fast["hidden"][0]["kernel"], expected, rtol=1e-4, atol=1e-7)
+    assert not np.allclose(expected, -0.1 * np.asarray(g["hidden"][0]["kernel"]), atol=1e-5)
+
+
+def test_use_input_projection_with_nnx_grad_restores_layers(mlp):
+    model = nnx.merge(mlp.graph, mlp.params, mlp.rest)
+    p = _spd(mlp.rng, 16)
+    mats = {"hidden/1/kernel": jnp.asarray(p, jnp.float32)}
+
+    def loss(model, mats, project):
+        if not project:
+            logits = model(mlp.x, 1)
+        else:
+            with use_input_projection(model, mats):
+                logits = model(mlp.x, 1)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, mlp.y).mean()
+
+    grad = nnx.jit(nnx.grad(loss), static_argnums=2)
+    g_proj, g_plain = grad(model, mats, True), grad(model, mats, False)
+    np.testing.assert_allclose(
+        g_proj["hidden"][1]["kernel"][...],
+        16 / np.trace(p) * p @ np.asarray(g_plain["hidden"][1]["kernel"][...], np.float64),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(  # other layers untouched
+        g_proj["hidden"][0]["kernel"][...], g_plain["hidden"][0]["kernel"][...], rtol=1e-5
+    )
+    assert model.hidden[1].dot_general is jax.lax.dot_general  # restored after the block
+
+
+def test_input_projection_errors_name_the_problem(mlp):
+    graph, params, rest = mlp.graph, mlp.params, mlp.rest
+    with pytest.raises(ValueError, match="'head/bias'.*only dense kernels"):
+        scale_by_rgo_input_projected(r"head/").init(params)
+    with pytest.raises(ValueError, match="matches none"):
+        scale_by_rgo_input_projected(r"nothing_like_this").init(params)
+    model = nnx.merge(graph, params, rest)
+    with pytest.raises(ValueError, match=r"kernel path\(s\) \['fc9/kernel'\]"):
+        with use_input_projection(model, {"fc9/kernel": jnp.eye(3)}):
+            pass
+    with pytest.raises(ValueError, match=r"'hidden/0/kernel' has shape \(3, 3\), expected"):
+        with use_input_projection(model, {"hidden/0/kernel": jnp.eye(3)}):
+            pass
+    assert model.hidden[0].dot_general is jax.lax.dot_general
+    with pytest.raises(ValueError, match="exactly one RGOState"):
+        input_projection_matrices(optax.sgd(0.1).init(params))
+
+
+# ---------------------------------------------------------------- fast curvature vectors
+
+
+class _ConvNet(nnx.Module):
+    """Conv (stride 2, SAME) -> ReLU -> Conv (VALID) -> mean pool -> Linear."""
+
+    def __init__(self, rngs):
+        self.c1 = nnx.Conv(3, 4, (3, 3), strides=2, padding="SAME", rngs=rngs)
+        self.c2 = nnx.Conv(4, 6, (2, 2), padding="VALID", rngs=rngs)
+        self.head = nnx.Linear(6, 5, rngs=rngs)
+
+    def __call__(self, x):
+        h = jax.nn.relu(self.c1(x))
+        h = jax.nn.relu(self.c2(h))
+        return self.head(jnp.mean(h, axis=(1, 2)))
+
+
+def _vectors_both_ways(model, xs, ys, **kw):
+    graph, params, rest = nnx.split(model, nnx.Param, ...)
+    args = (1,) if isinstance(model, MLP) else ()
+
+    def plain(p, x):
+        return nnx.merge(graph, p, rest)(x, *args)
+
+    def fast(p, x):
+        m = nnx.merge(graph, p, rest)
+        with use_reduced_kernel_gradients(m):
+            return m(x, *args)
+
+    ref = jax.jit(lambda p: batched_curvature_vectors(plain, p, xs, ys, **kw))(params)
+    out = jax.jit(lambda p: batched_curvature_vectors(fast, p, xs, ys, **kw))(params)
+    return ref, out, plain, params
+
+
+def test_reduced_kernel_gradients_give_the_same_vectors_dense(mlp):
+    xs = jnp.asarray(mlp.rng.normal(size=(6, 4, 12)), jnp.float32)
+    ys = jnp.asarray(mlp.rng.integers(0, 5, size=(6, 4)), jnp.int32)
+    ref, out, plain, params = _vectors_both_ways(nnx.merge(mlp.graph, mlp.params, mlp.rest), xs, ys)
+    assert out["hidden"][0]["kernel"].shape == (6, 12) and out["head"]["bias"].shape == (6, 5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), out, ref)
+    # And both equal the core function applied batch by batch.
+    third = rgo_jax.curvature_vectors(plain, params, xs[3], ys[3])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[3], b[0], rtol=1e-5), out, third)
+
+
+def test_reduced_kernel_gradients_give_the_same_vectors_conv():
+    rng = np.random.default_rng(7)
+    xs = jnp.asarray(rng.normal(size=(3, 4, 7, 7, 3)), jnp.float32)
+    ys = jnp.asarray(rng.integers(0, 5, size=(3, 4)), jnp.int32)
+    ref, out, _, _ = _vectors_both_ways(_ConvNet(nnx.Rngs(0)), xs, ys, per_sample=True)
+    assert out["c1"]["kernel"].shape == (12, 27)  # 3 batches x 4 samples, 3*3*3 inputs
+    assert out["c2"]["kernel"].shape == (12, 16)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), out, ref)
+
+
+def test_batched_curvature_vectors_chunked_equals_vmapped(mlp):
+    xs = jnp.asarray(mlp.rng.normal(size=(6, 4, 12)), jnp.float32)
+    ys = jnp.asarray(mlp.rng.integers(0, 5, size=(6, 4)), jnp.int32)
+    fn = lambda p, x: nnx.merge(mlp.graph, p, mlp.rest)(x, 1)  # noqa: E731
+    whole = batched_curvature_vectors(fn, mlp.params, xs, ys)
+    chunked = batched_curvature_vectors(fn, mlp.params, xs, ys, chunk=2)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), chunked, whole)
+    with pytest.raises(ValueError, match="not a multiple of chunk=4"):
+        batched_curvature_vectors(fn, mlp.params, xs, ys, chunk=4)
+    with pytest.raises(ValueError, match="same \\[num_batches, B\\] axes"):
+        batched_curvature_vectors(fn, mlp.params, xs, ys[:, :3])
+    model = nnx.merge(mlp.graph, mlp.params, mlp.rest)
+    with pytest.raises(ValueError, match=r"kernel path\(s\) \['nope/kernel'\]"):
+        with use_reduced_kernel_gradients(model, ["nope/kernel"]):
+            pass
+
+
+# ---------------------------------------------------------------- data-parallel sharding
+
+needs_4 = pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 (host) devices")
+
+
+@pytest.fixture(scope="module")
+def dp_problem(mlp):
+    tx = mlp.tx
+
+    def step(params, state, x, y):
+        g = jax.grad(mlp.loss)(params, x, y)
+        u, state = tx.update(g, state, params)
+        return optax.apply_updates(params, u), state
+
+    def vectors(params, xb, yb):  # [nb, B, ...] -> [nb, ...] per-batch curvature vectors
+        model_fn = lambda p, x: nnx.merge(mlp.graph, p, mlp.rest)(x, 1)  # noqa: E731
+        one = lambda x, y: rgo_jax.curvature_vectors(model_fn, params, x, y)  # noqa: E731
+        return jax.tree.map(lambda v: v[:, 0], jax.vmap(one)(xb, yb))
+
+    return mlp.params, mlp.state, mlp.x, mlp.y, jax.jit(step), jax.jit(vectors), mlp.rng
+
+
+@needs_4
+def test_data_parallel_step_equals_single_device(dp_problem):
+    params, state, x, y, step, _, _ = dp_problem
+    ref_params, _ = step(params, state, x, y)
+    mesh = sharding.data_mesh(jax.devices()[:4])
+    xs, ys = sharding.shard_batch((x, y), mesh)
+    assert len(xs.addressable_shards) == 4 and xs.addressable_shards[0].data.shape == (2, 12)
+    sp, ss = sharding.replicate_state((params, state), mesh)
+    new_params, _ = step(sp, ss, xs, ys)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), new_params, ref_params
+    )
+    assert new_params["hidden"][0]["kernel"].sharding.is_fully_replicated
+
+
+@needs_4
+def test_sharded_curvature_vectors_and_consolidation_equal_single_device(dp_problem):
+    params, state, _, _, _, vectors, rng = dp_problem
+    xb = jnp.asarray(rng.normal(size=(4, 8, 12)), jnp.float32)  # 4 batches of 8
+    yb = jnp.asarray(rng.integers(0, 5, size=(4, 8)), jnp.int32)
+    ref_vectors = vectors(params, xb, yb)
+    ref = rgo_jax.consolidate(state, ref_vectors, 0.1)
+    mesh = sharding.data_mesh(jax.devices()[:4])
+    rparams = sharding.replicate_state(params, mesh)
+    # Batches spread over devices: each device computes one batch's vector.
+    sv = vectors(rparams, *sharding.shard_batch((xb, yb), mesh))
+    assert not sv["hidden"][0]["kernel"].sharding.is_fully_replicated
+    out = rgo_jax.consolidate(sharding.replicate_state(state, mesh), sv, 0.1)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        rgo_jax.rgo_states(out)[0].p,
+        rgo_jax.rgo_states(ref)[0].p,
+    )
+    # Each batch's samples spread over devices: the batch-summed vector is reduced across them.
+    by_sample = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
+    sv2 = vectors(rparams, jax.device_put(xb, by_sample), jax.device_put(yb, by_sample))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), sv2, ref_vectors
+    )
+
+
+@needs_4
+def test_row_sharded_projection_step_and_consolidation(dp_problem):
+    params, state, x, y, step, _, rng = dp_problem
+    mesh = sharding.data_mesh(jax.devices()[:4])
+    sstate = sharding.shard_projection_rows(state, mesh, min_dim=12)
+    p_sharded = rgo_jax.rgo_states(sstate)[0].p
+    rows = jax.sharding.PartitionSpec("data", None)
+    assert p_sharded["hidden"][0]["kernel"].sharding.spec == rows  # 12 x 12, 12 % 4 == 0
+    assert p_sharded["hidden"][1]["kernel"].sharding.spec == rows  # 16 x 16
+    assert p_sharded["head"]["kernel"].sharding.is_fully_replicated  # 9 < min_dim
+    assert len(p_sharded["hidden"][1]["kernel"].addressable_shards[0].data) == 4
+    p13 = rgo_jax.rgo_states(sharding.shard_projection_rows(state, mesh, min_dim=9))[0].p
+    assert p13["head"]["kernel"].sharding.is_fully_replicated  # 9 is not divisible by 4
+    ref_params, _ = step(params, state, x, y)
+    out_params, _ = step(
+        sharding.replicate_state(params, mesh), sstate, *sharding.shard_batch((x, y), mesh)
+    )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), out_params, ref_params
+    )
+    vecs = _random_vectors(rgo_jax.rgo_states(state)[0].p, rng, 30)
+    ref = rgo_jax.rgo_states(rgo_jax.consolidate(state, vecs, 0.1))[0].p
+    out = rgo_jax.rgo_states(rgo_jax.consolidate(sstate, vecs, 0.1))[0].p
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), out, ref)
+
+
+@needs_4
+def test_shard_batch_rejects_indivisible_batch():
+    mesh = sharding.data_mesh(jax.devices()[:4])
+    with pytest.raises(ValueError, match=r"'1' has shape \(10,\).*divisible by the 4 devices"):
+        sharding.shard_batch((jnp.ones((8, 2)), jnp.ones(10)), mesh)
+    with pytest.raises(ValueError, match="no axis named 'model'"):
+        sharding.shard_batch(jnp.ones(8), mesh, axis_name="model")
+    with pytest.raises(ValueError, match="no RGOState"):
+        sharding.shard_projection_rows({"a": jnp.ones(2)}, mesh)
+
+
+# ---------------------------------------------------------------- the GPU check script
+
+
+def test_gpu_check_runs_small_on_cpu(tmp_path):
+    out = tmp_path / "check.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/perf/gpu_check.py"), "--small", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    saved = json.loads(out.read_text())
+    assert printed["config"] == saved["config"]
+    assert printed["config"]["small"] is True
+    step = printed["step"]
+    assert step["rgo"]["median_s"] > 0 and step["base"]["median_s"] > 0
+    assert step["rgo_over_base"] == pytest.approx(
+        step["rgo"]["median_s"] / step["base"]["median_s"]
+    )
+    assert printed["consolidation"]["vectors_per_s"] > 0
+    assert printed["checks"]["rgo_update_finite"] and printed["checks"]["p_symmetric"]
+
+
+# ---------------------------------------------------------------- core changes made for speed
+
+
+def test_rgo_state_from_init_can_be_donated():
+    """count and skipped are distinct buffers, so a jitted step may donate the whole state."""
+    tx = rgo_jax.rgo(0.1)
+    params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}
+    state = tx.init(params)
+
+    def step(params, state):
+        u, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+        return optax.apply_updates(params, u), state
+
+    params, state = jax.jit(step, donate_argnums=(0, 1))(params, state)
+    np.testing.assert_allclose(params["w"], 0.9 * np.ones((3, 2)), rtol=1e-6)
+    assert int(state[0].count) == 0 and int(state[0].skipped) == 0
+
+
+def test_block_kernel_many_blocks_matches_closed_form_and_stays_symmetric():
+    """The Gram-form Woodbury block (symmetrised once at the end) over 20 blocks."""
+    rng = np.random.default_rng(11)
+    d, n = 40, 640
+    basis = rng.normal(size=(12, d))
+    v = (np.abs(rng.normal(size=(n, 12))) @ basis / np.sqrt(d)).astype(np.float32)
+    p0 = jnp.eye(d, dtype=jnp.float32)[None]
+    out, skipped = rgo_jax.rls_block(p0, jnp.asarray(v)[:, None], 0.01, block_size=32)
+    ref = 0.01 * np.linalg.inv(0.01 * np.eye(d) + v.astype(np.float64).T @ v)
+    p = np.asarray(out[0], np.float64)
+    assert int(skipped[0]) == 0
+    np.testing.assert_array_equal(p, p.T)
+    np.testing.assert_allclose(p, ref, atol=2e-4 * np.abs(ref).max())
+    seq, _ = rgo_jax.rls_sequential(p0, jnp.asarray(v)[:, None], 0.01)
+    np.testing.assert_allclose(p, np.asarray(seq[0]), atol=2e-4 * np.abs(ref).max())
+
+
+def test_trace_normalisation_uses_the_diagonal_only_for_stacked_p():
+    """The O(d) diagonal trace equals d / tr(P) per stacked matrix (float64 reference)."""
+    rng = np.random.default_rng(5)
+    ps = np.stack([_spd(rng, 4), _spd(rng, 4, alpha=2.0)])  # two stacked layers
+    g = rng.normal(size=(2, 4, 3))
+    tx = rgo_jax.scale_by_rgo({"w": rgo_jax.layouts.stacked(rgo_jax.layouts.DENSE)})
+    state = tx.init({"w": jnp.zeros((2, 4, 3))})._replace(p={"w": jnp.asarray(ps, jnp.float32)})
+    out, _ = tx.update({"w": jnp.asarray(g, jnp.float32)}, state)
+    for i in range(2):
+        expected = 4 / np.trace(ps[i]) * ps[i] @ g[i]
+        np.testing.assert_allclose(out["w"][i], expected, rtol=1e-5, atol=1e-6)
