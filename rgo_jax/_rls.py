@@ -64,23 +64,62 @@ def rls_sequential(
     return p, jnp.sum(bad, axis=0, dtype=jnp.int32)
 
 
+_BASE = 16  # XLA:CPU's triangular solve was measured fast up to 16 x 16, ~500x slower at 32
+
+
+def _tril_inv(low_tri: jax.Array) -> jax.Array:
+    """Inverse of a lower-triangular ``[b, b]`` matrix by recursive 2 x 2 blocking.
+
+    ``[[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]``: matrix products, with
+    triangular solves only on blocks of at most ``_BASE`` rows.
+    """
+    b = low_tri.shape[-1]
+    if b <= _BASE:
+        return jax.scipy.linalg.solve_triangular(
+            low_tri, jnp.eye(b, dtype=low_tri.dtype), lower=True
+        )
+    h = b // 2
+    ai, di = _tril_inv(low_tri[:h, :h]), _tril_inv(low_tri[h:, h:])
+    low = -jnp.matmul(di, jnp.matmul(low_tri[h:, :h], ai, precision=_HI), precision=_HI)
+    top = jnp.concatenate([ai, jnp.zeros((h, b - h), low_tri.dtype)], axis=1)
+    return jnp.concatenate([top, jnp.concatenate([low, di], axis=1)], axis=0)
+
+
+def _chol_inv(m: jax.Array) -> jax.Array:
+    """``L^{-1}`` for the Cholesky factor ``L`` of a symmetric positive definite ``[b, b]``.
+
+    Blocks larger than 64 are split (``L21 = B L11^{-T}``, Schur complement
+    ``C - L21 L21^T``), because XLA:CPU's Cholesky was measured ~1000x slower at 256 x 256
+    than at 128 x 128.
+    """
+    b = m.shape[-1]
+    if b <= 64:
+        return _tril_inv(jnp.linalg.cholesky(m))
+    h = b // 2
+    l11i = _chol_inv(m[:h, :h])
+    l21 = jnp.matmul(m[h:, :h], l11i.T, precision=_HI)
+    s = m[h:, h:] - jnp.matmul(l21, l21.T, precision=_HI)
+    l22i = _chol_inv(0.5 * (s + s.T))
+    low = -jnp.matmul(l22i, jnp.matmul(l21, l11i, precision=_HI), precision=_HI)
+    top = jnp.concatenate([l11i, jnp.zeros((h, b - h), m.dtype)], axis=1)
+    return jnp.concatenate([top, jnp.concatenate([low, l22i], axis=1)], axis=0)
+
+
 def _block_one(p: jax.Array, v: jax.Array, alpha: jax.Array) -> jax.Array:
     """Woodbury update of one ``[d, d]`` P by a block ``v [b, d]``.
 
     ``P <- P - P V^T (alpha I + V P V^T)^{-1} V P``, which equals ``b`` sequential rank-one
     steps in exact arithmetic. With ``M = alpha I + V P V^T = L L^T`` (Cholesky) and
     ``W = L^{-1} V P``, the update is the Gram product ``P - W^T W``. ``L^{-1}`` is the
-    inverse of a ``b x b`` triangle, so the only ``O(d)``-sized work is three matrix
-    products; a triangular solve against the ``[b, d]`` right-hand side (``cho_solve``) was
-    measured 2-3x slower on CPU. The caller symmetrises P once after all blocks.
+    inverse of a ``b x b`` triangle (:func:`_chol_inv`), so the only ``O(d)``-sized work is
+    three matrix products; ``cho_solve`` against the ``[b, d]`` right-hand side was
+    measured 3-6x slower on CPU. The caller symmetrises P once after all blocks.
     """
     b = v.shape[0]
     u = jnp.matmul(v, p, precision=_HI)  # [b, d] = V P
     m = jnp.matmul(u, v.T, precision=_HI)  # [b, b] = V P V^T
     m = 0.5 * (m + m.T) + alpha * jnp.eye(b, dtype=p.dtype)
-    chol = jnp.linalg.cholesky(m)
-    linv = jax.scipy.linalg.solve_triangular(chol, jnp.eye(b, dtype=p.dtype), lower=True)
-    w = jnp.matmul(linv, u, precision=_HI)  # [b, d] = L^-1 V P
+    w = jnp.matmul(_chol_inv(m), u, precision=_HI)  # [b, d] = L^-1 V P
     return p - jnp.matmul(w.T, w, precision=_HI)
 
 

@@ -435,6 +435,29 @@ def test_block_kernel_many_blocks_matches_closed_form_and_stays_symmetric():
     np.testing.assert_allclose(p, np.asarray(seq[0]), atol=2e-4 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("b", [5, 37, 100])  # base case, odd splits, the blocked Cholesky
+def test_blocked_cholesky_inverse_matches_float64(b):
+    from rgo_jax import _rls
+
+    rng = np.random.default_rng(b)
+    a = rng.normal(size=(b, b))
+    m = a @ a.T / b + 0.05 * np.eye(b)
+    linv = np.asarray(jax.jit(_rls._chol_inv)(jnp.asarray(m, jnp.float32)), np.float64)
+    ref = np.linalg.inv(np.linalg.cholesky(m))
+    assert np.all(np.triu(linv, 1) == 0)
+    np.testing.assert_allclose(linv, ref, atol=2e-3 * np.abs(ref).max())
+    np.testing.assert_allclose(linv @ m @ linv.T, np.eye(b), atol=2e-3)
+
+
+def test_large_block_size_matches_closed_form():
+    rng = np.random.default_rng(12)
+    d, n = 30, 300
+    v = (rng.normal(size=(n, d)) / np.sqrt(d)).astype(np.float32)
+    out, _ = rgo_jax.rls_block(jnp.eye(d)[None], jnp.asarray(v)[:, None], 0.1, block_size=150)
+    ref = 0.1 * np.linalg.inv(0.1 * np.eye(d) + v.astype(np.float64).T @ v)
+    np.testing.assert_allclose(out[0], ref, atol=1e-4 * np.abs(ref).max())
+
+
 def test_trace_normalisation_uses_the_diagonal_only_for_stacked_p():
     """The O(d) diagonal trace equals d / tr(P) per stacked matrix (float64 reference)."""
     rng = np.random.default_rng(5)

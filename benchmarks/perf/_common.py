@@ -141,6 +141,7 @@ class _Case:
 
     def call(self) -> None:
         out = self.compiled(*self.args)
+        self.last = out
         if self.donate:
             if len(out) != len(self.donate):
                 raise ValueError("a donating case must return one output per donated argument")
@@ -155,6 +156,7 @@ def time_cases(
     rounds: int = 15,
     min_sample_s: float = 0.005,
     max_total_s: float = 30.0,
+    outputs: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Times several functions side by side (see the module docstring for the protocol).
 
@@ -165,6 +167,7 @@ def time_cases(
       rounds: interleaved samples per case (fewer if ``max_total_s`` runs out, at least 3).
       min_sample_s: a sample repeats the call until it lasts about this long.
       max_total_s: wall-clock budget for the timed rounds of all cases together.
+      outputs: if given, filled with each case's last output (e.g. to check accuracy).
 
     Returns:
       name -> dict with ``median_s``, ``min_s``, ``q25_s``, ``q75_s``, ``samples``, ``inner``,
@@ -189,6 +192,8 @@ def time_cases(
             samples[name].append((time.perf_counter() - t0) / k)
     out = {}
     for name, c in built.items():
+        if outputs is not None:
+            outputs[name] = c.last
         s = np.asarray(samples[name])
         out[name] = {
             "median_s": float(np.median(s)),
