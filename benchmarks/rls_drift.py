@@ -55,6 +55,10 @@ def main() -> None:
     ap.add_argument("--per-task", type=int, default=1000)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            check=False).stdout.strip() or "unknown"
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, check=False).stdout.strip())
     images = data.load_dataset("mnist", args.data_dir).x_train
     vecs = curvature_like_vectors(images, args.tasks, args.per_task, seed=0)
     d = vecs.shape[-1]
@@ -93,14 +97,9 @@ def main() -> None:
                   f"(rel {last['max_rel_dev']:.2e})  min eig P32 {last['min_eig_p32']:.2e} "
                   f"(P64 {last['min_eig_p64']:.2e})  projection rel err "
                   f"{last['normalised_projection_rel_err']:.2e}")
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=False).stdout.strip()
-    except OSError:
-        commit = "unknown"
     record = {
         "command": "python benchmarks/rls_drift.py --data-dir ../shared/datasets",
-        "commit": commit,
+        "commit": commit + ("-dirty" if dirty else ""),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpus": __import__("os").cpu_count(), "jax": jax.__version__,
                     "backend": jax.default_backend()},
