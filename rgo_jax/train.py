@@ -37,7 +37,28 @@ _NEG = -1e9  # masked logits (the reference code's "large negative value")
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """One experiment. Defaults are the paper's MNIST protocol (Table 1)."""
+    """One experiment. Defaults are the paper's MNIST protocol (Table 1).
+
+    Attributes:
+      benchmark: a key of :data:`BENCHMARKS` (``permuted_mnist``, ``split_cifar100``...).
+      methods: method names (``rgo-bench --list``); each gets the same data, seeds, steps.
+      model, hidden, width: the network (``hidden`` for the MLP, ``width`` for ResNets).
+      num_tasks, steps_per_task, batch_size, learning_rate: the training budget (SGD).
+      alpha, consolidation_batches, rls_method: RGO's regulariser, the number of batches
+        of its consolidation pass, and the RLS kernel (``block`` or ``sequential``).
+      seeds: seeds of data order, permutations and initialisation.
+      data_dir: folder of the data sets (else ``$RGO_DATA_DIR``, then ``~/.cache/rgo_jax``).
+      max_train_per_task, max_test_per_task: optional subsampling for quick runs.
+      validation_fraction: evaluate on this held-out part of TRAIN instead of test (tuning).
+      first_task_identity: task 0 of permuted streams unpermuted (reference code).
+      fel_seed: seed of the FEL permutations.
+      head: ``masked`` (one shared head, logits outside the task masked) or ``multi``.
+      vmap_seeds, vmap_memory_gb: train seeds together under ``vmap`` while their training
+        data fit in this many GiB; sequentially otherwise.
+      eval_batch_size, chunk_steps: evaluation batch; steps per compiled chunk.
+      checkpoint, plots: write task-boundary checkpoints; draw PNG plots.
+      method_options: method hyperparameters (``ewc_lambda``, ``gpm_threshold``...).
+    """
 
     benchmark: str = "permuted_digits"
     methods: tuple[str, ...] = ("rgo", "sgd")
