@@ -244,6 +244,9 @@ def test_reduced_kernel_gradients_give_the_same_vectors_dense(mlp):
     # And both equal the core function applied batch by batch.
     third = rgo_jax.curvature_vectors(plain, params, xs[3], ys[3])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a[3], b[0], rtol=1e-5), out, third)
+    # lax.map over chunks of batches gives the same vectors.
+    chunked = jax.jit(lambda p: batched_curvature_vectors(plain, p, xs, ys, chunk=2))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), chunked, ref)
 
 
 def test_reduced_kernel_gradients_give_the_same_vectors_conv():
@@ -256,13 +259,10 @@ def test_reduced_kernel_gradients_give_the_same_vectors_conv():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), out, ref)
 
 
-def test_batched_curvature_vectors_chunked_equals_vmapped(mlp):
-    xs = jnp.asarray(mlp.rng.normal(size=(6, 4, 12)), jnp.float32)
-    ys = jnp.asarray(mlp.rng.integers(0, 5, size=(6, 4)), jnp.int32)
+def test_batched_curvature_vectors_errors(mlp):
+    xs = jnp.zeros((6, 4, 12), jnp.float32)
+    ys = jnp.zeros((6, 4), jnp.int32)
     fn = lambda p, x: nnx.merge(mlp.graph, p, mlp.rest)(x, 1)  # noqa: E731
-    whole = batched_curvature_vectors(fn, mlp.params, xs, ys)
-    chunked = batched_curvature_vectors(fn, mlp.params, xs, ys, chunk=2)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), chunked, whole)
     with pytest.raises(ValueError, match="not a multiple of chunk=4"):
         batched_curvature_vectors(fn, mlp.params, xs, ys, chunk=4)
     with pytest.raises(ValueError, match="same \\[num_batches, B\\] axes"):
@@ -311,29 +311,21 @@ def test_data_parallel_step_equals_single_device(dp_problem):
 
 
 @needs_4
-def test_sharded_curvature_vectors_and_consolidation_equal_single_device(dp_problem):
-    params, state, _, _, _, vectors, rng = dp_problem
+def test_sharded_curvature_vectors_equal_single_device(dp_problem):
+    params, _, _, _, _, vectors, rng = dp_problem
     xb = jnp.asarray(rng.normal(size=(4, 8, 12)), jnp.float32)  # 4 batches of 8
     yb = jnp.asarray(rng.integers(0, 5, size=(4, 8)), jnp.int32)
-    ref_vectors = vectors(params, xb, yb)
-    ref = rgo_jax.consolidate(state, ref_vectors, 0.1)
+    ref = vectors(params, xb, yb)
     mesh = sharding.data_mesh(jax.devices()[:4])
     rparams = sharding.replicate_state(params, mesh)
     # Batches spread over devices: each device computes one batch's vector.
     sv = vectors(rparams, *sharding.shard_batch((xb, yb), mesh))
     assert not sv["hidden"][0]["kernel"].sharding.is_fully_replicated
-    out = rgo_jax.consolidate(sharding.replicate_state(state, mesh), sv, 0.1)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-        rgo_jax.rgo_states(out)[0].p,
-        rgo_jax.rgo_states(ref)[0].p,
-    )
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), sv, ref)
     # Each batch's samples spread over devices: the batch-summed vector is reduced across them.
     by_sample = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
     sv2 = vectors(rparams, jax.device_put(xb, by_sample), jax.device_put(yb, by_sample))
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), sv2, ref_vectors
-    )
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), sv2, ref)
 
 
 @needs_4
@@ -376,6 +368,7 @@ def test_shard_batch_rejects_indivisible_batch():
 # ---------------------------------------------------------------- the GPU check script
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_small_on_cpu(tmp_path):
     out = tmp_path / "check.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
