@@ -260,6 +260,7 @@ def md_header(title: str, prov: dict[str, Any]) -> str:
             f"- load average at start: {', '.join(f'{x:.2f}' for x in m['loadavg_start'])}"
             f"; at end: {', '.join(f'{x:.2f}' for x in prov.get('loadavg_end', []))}",
             "",
+            "",
         ]
     )
 
