@@ -153,7 +153,7 @@ def use_reduced_kernel_gradients(model: Any, paths: Iterable[str] | None = None)
       >>> x = jnp.array([[1.0, 2.0]])
       >>> def f(model):
       ...     with use_reduced_kernel_gradients(model):
-      ...         return (model(x) * jnp.array([1.0, 2.0, 3.0])).sum()
+      ...         return (model(x) * jnp.array([[1.0, 2.0, 3.0]])).sum()
       >>> nnx.grad(f)(model)["kernel"][...].tolist()  # rows: x_i * mean(1, 2, 3)
       [[2.0, 2.0, 2.0], [4.0, 4.0, 4.0]]
     """
