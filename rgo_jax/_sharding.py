@@ -5,7 +5,9 @@ optimizer state replicated (or, for large P, P sharded by rows). A ``jax.jit``-e
 step written for one device then runs data-parallel unchanged: XLA's SPMD partitioner
 reduces the gradients (and the batch-summed curvature vectors) across devices where the
 loss sums over the sharded batch, and applies the replicated (or row-sharded) P locally.
-Nothing in the step needs to name a device or call a collective.
+Nothing in the step needs to name a device or call a collective. With row-sharded P the
+projected update comes out row-sharded too, and the parameters would follow it: pin the
+step's outputs with ``jax.jit(step, out_shardings=shardings_of((params, opt_state)))``.
 
 Examples:
   >>> import jax, jax.numpy as jnp
@@ -33,6 +35,7 @@ __all__ = [
     "replicate_state",
     "shard_batch",
     "shard_projection_rows",
+    "shardings_of",
 ]
 
 DATA_AXIS = "data"
@@ -139,3 +142,12 @@ def shard_projection_rows(
         return jax.device_put(s, replicated)
 
     return jax.tree.map(place, opt_state, is_leaf=lambda x: isinstance(x, _transform.RGOState))
+
+
+def shardings_of(tree: Any) -> Any:
+    """The sharding of every array of ``tree``: pass it as a jitted step's ``out_shardings``.
+
+    Keeps replicated parameters replicated and row-sharded P row-sharded across steps (XLA
+    would otherwise propagate P's row sharding to the updated parameters).
+    """
+    return jax.tree.map(lambda x: x.sharding, tree)

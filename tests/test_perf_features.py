@@ -342,11 +342,19 @@ def test_row_sharded_projection_step_and_consolidation(dp_problem):
     p13 = rgo_jax.rgo_states(sharding.shard_projection_rows(state, mesh, min_dim=9))[0].p
     assert p13["head"]["kernel"].sharding.is_fully_replicated  # 9 is not divisible by 4
     ref_params, _ = step(params, state, x, y)
-    out_params, _ = step(
-        sharding.replicate_state(params, mesh), sstate, *sharding.shard_batch((x, y), mesh)
-    )
+    rparams = sharding.replicate_state(params, mesh)
+    xs, ys = sharding.shard_batch((x, y), mesh)
+    out_params, _ = step(rparams, sstate, xs, ys)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), out_params, ref_params
+    )
+    # Pinned output shardings: params stay replicated, P stays row-sharded, same numbers.
+    pinned = jax.jit(step.__wrapped__, out_shardings=sharding.shardings_of((rparams, sstate)))
+    pp, ps = pinned(rparams, sstate, xs, ys)
+    assert pp["hidden"][0]["kernel"].sharding.is_fully_replicated
+    assert rgo_jax.rgo_states(ps)[0].p["hidden"][0]["kernel"].sharding.spec == rows
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), pp, ref_params
     )
     vecs = _random_vectors(rgo_jax.rgo_states(state)[0].p, rng, 30)
     ref = rgo_jax.rgo_states(rgo_jax.consolidate(state, vecs, 0.1))[0].p
