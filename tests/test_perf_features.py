@@ -242,7 +242,7 @@ def test_reduced_kernel_gradients_give_the_same_vectors_dense(mlp):
     assert out["hidden"][0]["kernel"].shape == (6, 12) and out["head"]["bias"].shape == (6, 5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), out, ref)
     # And both equal the core function applied batch by batch.
-    third = rgo_jax.curvature_vectors(plain, params, xs[3], ys[3])
+    third = jax.jit(rgo_jax.curvature_vectors, static_argnums=0)(plain, params, xs[3], ys[3])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a[3], b[0], rtol=1e-5), out, third)
     # lax.map over chunks of batches gives the same vectors.
     chunked = jax.jit(lambda p: batched_curvature_vectors(plain, p, xs, ys, chunk=2))(params)
