@@ -13,12 +13,22 @@ from rgo_jax import data as data
 from rgo_jax import layouts as layouts
 from rgo_jax import metrics as metrics
 from rgo_jax import models as models
+from rgo_jax import sharding as sharding
 from rgo_jax._curvature import curvature_vectors as curvature_vectors
+from rgo_jax._fast_curvature import batched_curvature_vectors as batched_curvature_vectors
+from rgo_jax._fast_curvature import use_reduced_kernel_gradients as use_reduced_kernel_gradients
 from rgo_jax._fel import FEL as FEL
 from rgo_jax._fel import FELKey as FELKey
 from rgo_jax._fel import LinenFEL as LinenFEL
 from rgo_jax._fel import fel_permutation as fel_permutation
 from rgo_jax._fel import permute_features as permute_features
+from rgo_jax._input_projection import input_projection_matrices as input_projection_matrices
+from rgo_jax._input_projection import projected_matmul as projected_matmul
+from rgo_jax._input_projection import rgo_input_projected as rgo_input_projected
+from rgo_jax._input_projection import (
+    scale_by_rgo_input_projected as scale_by_rgo_input_projected,
+)
+from rgo_jax._input_projection import use_input_projection as use_input_projection
 from rgo_jax._layout import MatrixLayout as MatrixLayout
 from rgo_jax._report import SCENARIO as SCENARIO
 from rgo_jax._report import format_matrix as format_matrix

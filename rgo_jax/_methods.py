@@ -118,9 +118,11 @@ def rgo_consolidation_vectors(
     )
 
 
-def _make_rgo(name: str, description: str, *, fel: bool, per_sample: bool, alpha=None) -> Method:
+def _make_rgo(
+    name: str, description: str, *, fel: bool, per_sample: bool, alpha=None, dtype=None
+) -> Method:
     def make_tx(cfg):
-        return _transform.rgo(cfg.learning_rate)
+        return _transform.rgo(cfg.learning_rate, dtype=dtype)
 
     def after_task(ctx: TaskContext, params, opt_state, extra):
         vecs = rgo_consolidation_vectors(
@@ -176,6 +178,15 @@ register(
         fel=True,
         per_sample=False,
         alpha=1.0,
+    )
+)
+register(
+    _make_rgo(
+        "rgo-bf16",
+        "RGO with FEL, P stored in bfloat16 (half the memory)",
+        fel=True,
+        per_sample=False,
+        dtype=jnp.bfloat16,
     )
 )
 register(Method("sgd", "SGD fine-tuning (lower bound)"))

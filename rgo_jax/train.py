@@ -518,7 +518,8 @@ def _run_group(cfg: Config, method: Method, seeds: tuple[int, ...], workdir: Pat
     if start >= T:  # finished earlier: report the restored results
         yield T - 1, lanes, random_init
         return
-    chunk_fn = jax.jit(jax.vmap(_make_chunk_fn(net, tx, method, cfg)))
+    # Params and optimizer state are donated: the step updates P-sized buffers in place.
+    chunk_fn = jax.jit(jax.vmap(_make_chunk_fn(net, tx, method, cfg)), donate_argnums=(0, 1))
     label = ",".join(map(str, seeds))
     progress = _Progress(
         T * cfg.steps_per_task, f"{method.name} s{label}", initial=start * cfg.steps_per_task
