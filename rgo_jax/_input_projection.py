@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rgo_jax import _layout, _transform
+from rgo_jax import _layout, _matrices, _transform
 
 __all__ = [
     "input_projection_matrices",
@@ -262,7 +262,7 @@ def input_projection_matrices(
     out = {}
     for path, p in jax.tree_util.tree_flatten_with_path(states[0].p)[0]:
         name = _layout.path_str(path)
-        if match(name) and not _transform._is_placeholder(p):
+        if match(name) and not _matrices.is_placeholder(p):
             if p.ndim != 2:
                 raise ValueError(
                     f"input_projection_matrices: P of '{name}' has shape {p.shape}; only a "

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rgo_jax import _layout, _rls
+from rgo_jax import _layout, _matrices, _rls
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -40,14 +40,6 @@ class RGOState(NamedTuple):
     """Tree like params: ``[*batch, d, d]`` per projected leaf, ``zeros((0, 0))`` otherwise."""
     count: jax.Array  # int32 [], consolidation vectors absorbed
     skipped: jax.Array  # int32 [], non-finite consolidation vectors skipped
-
-
-def _is_placeholder(p: jax.Array) -> bool:
-    return p.ndim == 2 and p.shape == (0, 0)
-
-
-def _resolve(tree, layout, project_biases):
-    return _layout.resolve_layouts(tree, layout, project_biases=project_biases)
 
 
 def scale_by_rgo(
@@ -106,47 +98,27 @@ def scale_by_rgo(
     dtype = jnp.float32 if dtype is None else dtype
 
     def init_fn(params):
-        info = _resolve(params, layout, project_biases)
+        specs = _matrices.layout_specs(params, layout, project_biases)
 
-        def make(path, leaf):
-            lay, shape = info[_layout.path_str(path)]
-            if lay is None:
-                return jnp.zeros((0, 0), dtype)
-            batch_shape, d, _ = lay.dims(shape)
-            return jnp.broadcast_to(jnp.eye(d, dtype=dtype), (*batch_shape, d, d))
+        def identity(spec):
+            return jnp.broadcast_to(
+                jnp.eye(spec.d, dtype=dtype), (*spec.batch_shape, spec.d, spec.d)
+            )
 
-        p = jax.tree_util.tree_map_with_path(make, params)
+        p = _matrices.init_matrices(params, specs, identity, dtype)
         # Two distinct buffers, so that the state can be donated to a jitted step.
         return RGOState(p=p, count=jnp.zeros([], jnp.int32), skipped=jnp.zeros([], jnp.int32))
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        info = _resolve(updates, layout, project_biases)
+        specs = _matrices.layout_specs(updates, layout, project_biases)
 
-        def project(path, g, p):
-            name = _layout.path_str(path)
-            lay, shape = info[name]
-            if lay is None or _is_placeholder(p):
-                if lay is not None:
-                    raise ValueError(
-                        f"RGO: parameter '{name}' has a layout but no P in the state; "
-                        "was the state made with another layout?"
-                    )
-                return g
-            batch_shape, d, _ = lay.dims(shape)
-            if p.shape != (*batch_shape, d, d):
-                raise ValueError(
-                    f"RGO: P for parameter '{name}' has shape {p.shape}, expected "
-                    f"{(*batch_shape, d, d)} for a gradient of shape {shape}."
-                )
-            pm = p.astype(g.dtype)
+        def project(p, g):
             # The trace from the diagonal: O(d) (jnp.trace masks and sums all d^2 entries).
-            scale = d / jnp.sum(jnp.diagonal(pm, axis1=-2, axis2=-1), axis=-1)
-            out = jnp.matmul(pm, lay.to_matrix(g)) * scale[..., None, None]
-            return lay.from_matrix(out, shape)
+            scale = p.shape[-1] / jnp.sum(jnp.diagonal(p, axis1=-2, axis2=-1), axis=-1)
+            return jnp.matmul(p, g) * scale[..., None, None]
 
-        updates = jax.tree_util.tree_map_with_path(project, updates, state.p)
-        return updates, state
+        return _matrices.project_tree("RGO", updates, state.p, specs, project), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -191,7 +163,7 @@ def _update_projection(state, vectors, alpha, method, block_size):
     flat, treedef = jax.tree_util.tree_flatten_with_path(state.p)
     entries = []  # (index, name, p)
     for i, (path, p) in enumerate(flat):
-        if _is_placeholder(p):
+        if _matrices.is_placeholder(p):
             continue
         name = _layout.path_str(path)
         if name not in table:

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 
 from rgo_jax import _layout
-from rgo_jax.baselines import _common
+from rgo_jax import _matrices as _common
 
 __all__ = ["GPMState", "gpm_update_bases", "scale_by_gpm"]
 

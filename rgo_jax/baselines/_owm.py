@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from rgo_jax import _layout, _rls
-from rgo_jax.baselines import _common
+from rgo_jax import _matrices as _common
 
 __all__ = ["OWMState", "owm_update", "scale_by_owm"]
 

@@ -1,11 +1,13 @@
-"""Shared plumbing of the input-space projection baselines (OWM, GPM).
+"""Per-leaf projection matrices: the plumbing shared by RGO, OWM and GPM.
 
-Both methods keep one ``[d, d]`` matrix per projected parameter, acting on the parameter's
-*input* side: dense kernels ``[in, out]`` over ``in``, HWIO conv kernels over
+Each method keeps one ``[*batch, d, d]`` matrix per projected parameter, acting on the
+parameter's *input* side: dense kernels ``[in, out]`` over ``in``, HWIO conv kernels over
 ``kh*kw*cin`` (the im2col patch dimension), exactly as :mod:`rgo_jax.layouts` describes.
 
-Biases are special: the "input" of a bias is the constant 1, so a projected 1-D leaf gets a
-``[1, 1]`` matrix acting on the bias viewed as a ``[1, n]`` matrix (its input dimension is 1).
+Biases differ between the methods. RGO (the reference code) gives a bias its own ``n x n``
+P: its spec carries the ``BIAS`` layout. For the input-space baselines (:func:`leaf_specs`)
+the "input" of a bias is the constant 1, so a projected 1-D leaf gets a ``[1, 1]`` matrix
+acting on the bias viewed as a ``[1, n]`` matrix (its input dimension is 1).
 """
 
 from __future__ import annotations
@@ -59,6 +61,20 @@ def leaf_specs(
             out[name] = None
         elif len(shape) == 1:
             out[name] = LeafSpec(None, shape, (), 1)
+        else:
+            batch_shape, d, _ = lay.dims(shape)
+            out[name] = LeafSpec(lay, shape, batch_shape, d)
+    return out
+
+
+def layout_specs(tree: Any, layout: _layout.LayoutSpec, project_biases: bool) -> dict:
+    """``path -> LeafSpec`` taking every layout as given (a bias gets its own ``n x n``)."""
+    out: dict[str, LeafSpec | None] = {}
+    for name, (lay, shape) in _layout.resolve_layouts(
+        tree, layout, project_biases=project_biases
+    ).items():
+        if lay is None:
+            out[name] = None
         else:
             batch_shape, d, _ = lay.dims(shape)
             out[name] = LeafSpec(lay, shape, batch_shape, d)
