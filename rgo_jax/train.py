@@ -146,41 +146,19 @@ def _dataset(name: str, cfg: Config) -> data.Dataset:
     return ds
 
 
-def _permuted(base):
+def _stream(builder, base: str, **options):
+    """A benchmark: ``builder`` (a :mod:`rgo_jax.data` stream) over the data set ``base``."""
+
     def build(cfg: Config, seed: int):
-        return data.permuted(
-            _dataset(base, cfg),
-            cfg.num_tasks,
-            seed,
-            first_task_identity=cfg.first_task_identity,
-            max_train_per_task=cfg.max_train_per_task,
-            max_test_per_task=cfg.max_test_per_task,
-        )
-
-    return build
-
-
-def _rotated(base):
-    def build(cfg: Config, seed: int):
-        return data.rotated(
+        if builder is data.permuted:
+            options["first_task_identity"] = cfg.first_task_identity
+        return builder(
             _dataset(base, cfg),
             cfg.num_tasks,
             seed,
             max_train_per_task=cfg.max_train_per_task,
             max_test_per_task=cfg.max_test_per_task,
-        )
-
-    return build
-
-
-def _split(base):
-    def build(cfg: Config, seed: int):
-        return data.class_split(
-            _dataset(base, cfg),
-            cfg.num_tasks,
-            seed,
-            max_train_per_task=cfg.max_train_per_task,
-            max_test_per_task=cfg.max_test_per_task,
+            **options,
         )
 
     return build
@@ -203,15 +181,15 @@ def _multi(cfg: Config, seed: int):
 
 
 BENCHMARKS = {
-    "permuted_digits": _permuted("digits"),
-    "split_digits": _split("digits"),
-    "permuted_mnist": _permuted("mnist"),
-    "rotated_mnist": _rotated("mnist"),
-    "split_mnist": _split("mnist"),
-    "permuted_fashion_mnist": _permuted("fashion_mnist"),
-    "split_cifar10": _split("cifar10"),
-    "split_cifar100": _split("cifar100"),
-    "split_miniimagenet": _split("miniimagenet"),
+    "permuted_digits": _stream(data.permuted, "digits"),
+    "split_digits": _stream(data.class_split, "digits"),
+    "permuted_mnist": _stream(data.permuted, "mnist"),
+    "rotated_mnist": _stream(data.rotated, "mnist"),
+    "split_mnist": _stream(data.class_split, "mnist"),
+    "permuted_fashion_mnist": _stream(data.permuted, "fashion_mnist"),
+    "split_cifar10": _stream(data.class_split, "cifar10"),
+    "split_cifar100": _stream(data.class_split, "cifar100"),
+    "split_miniimagenet": _stream(data.class_split, "miniimagenet"),
     "multi_dataset": _multi,
 }
 
