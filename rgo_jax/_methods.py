@@ -262,7 +262,11 @@ def _owm() -> Method:
     from rgo_jax import baselines  # noqa: PLC0415
 
     def make_tx(cfg):
-        return optax.chain(baselines.scale_by_owm(), optax.sgd(cfg.learning_rate))
+        # Biases projected too (input 1): the reference networks of OWM and GPM have none,
+        # and an unprotected bias drifts across tasks.
+        return optax.chain(
+            baselines.scale_by_owm(project_biases=True), optax.sgd(cfg.learning_rate)
+        )
 
     def step_kwargs(net, params, x, task, cfg, extra, step):
         return {"owm_inputs": net.inputs(params, x, task), "owm_alpha": _opt(cfg, "owm_alpha", 1.0)}
@@ -279,7 +283,9 @@ def _gpm() -> Method:
     from rgo_jax import baselines  # noqa: PLC0415
 
     def make_tx(cfg):
-        return optax.chain(baselines.scale_by_gpm(), optax.sgd(cfg.learning_rate))
+        return optax.chain(
+            baselines.scale_by_gpm(project_biases=True), optax.sgd(cfg.learning_rate)
+        )
 
     def after_task(ctx: TaskContext, params, opt_state, extra):
         n = min(len(ctx.x_train), _opt(ctx.config, "gpm_samples", 300))
