@@ -269,7 +269,10 @@ def _owm() -> Method:
         )
 
     def step_kwargs(net, params, x, task, cfg, extra, step):
-        return {"owm_inputs": net.inputs(params, x, task), "owm_alpha": _opt(cfg, "owm_alpha", 1.0)}
+        return {
+            "owm_inputs": net.inputs(params, x, task),
+            "owm_alpha": _opt(cfg, "owm_alpha", 10.0),
+        }
 
     return Method(
         "owm",
