@@ -444,8 +444,8 @@ def _resume_point(cfg: Config, lanes: list[_Lane]) -> int:
 def _run_group(cfg: Config, method: Method, seeds: tuple[int, ...], workdir: Path, log):
     """Trains ``seeds`` in lockstep, the training steps ``vmap``-ed over the seed axis.
 
-    Yields ``(t, lanes)`` after every task. Consolidation, evaluation and checkpoints are
-    per seed (one checkpoint directory per seed, as in a sequential run).
+    Yields ``(t, lanes, random_init)`` after every task. Consolidation, evaluation and
+    checkpoints are per seed (one checkpoint directory per seed, as in a sequential run).
     """
     lanes = [_Lane(cfg, method, seed, workdir) for seed in seeds]
     T = lanes[0].T
