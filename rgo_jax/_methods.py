@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rgo_jax import _transform
+from rgo_jax import _input_projection, _transform, models
 from rgo_jax._curvature import curvature_vectors
 
 __all__ = ["METHODS", "Method", "TaskContext", "get_method"]
@@ -35,6 +35,10 @@ class TaskContext:
     inputs_fn: Callable[[Any, jax.Array, Any], dict] | None  # (params, x, task) -> layer inputs
     rng: np.random.Generator
     config: Any
+    curvature_logits_fn: Callable[[Any, jax.Array, Any], jax.Array] | None = None
+    """``logits_fn`` whose kernel cotangents come pre-averaged over the output axes
+    (:func:`rgo_jax._fast_curvature.use_reduced_kernel_gradients`): for curvature vectors
+    only, which it gives exactly and much faster. ``None``: use ``logits_fn``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +51,8 @@ class Method:
       fresh_network_per_task: single-task learning (STL): a new network for every task.
       joint: train on the union of all tasks seen so far (multi-task upper bound).
       uses_memory: stores and replays past data (reported in results).
+      input_projectable: its optimizer is RGO, whose dense kernels can be projected on the
+        input side (``Config.input_projection``).
       description: one line for ``--help`` and the results.
       make_tx: ``cfg -> optax transformation``.
       init_extra: ``(params, cfg, stream) -> pytree`` of method state kept outside the
@@ -64,6 +70,7 @@ class Method:
     fresh_network_per_task: bool = False
     joint: bool = False
     uses_memory: bool = False
+    input_projectable: bool = False
     make_tx: Callable[[Any], optax.GradientTransformation] = lambda cfg: optax.sgd(
         cfg.learning_rate
     )
@@ -81,8 +88,7 @@ def _sample_batches(ctx: TaskContext, num_batches: int, batch_size: int):
 
 @functools.partial(jax.jit, static_argnames=("logits_fn", "per_sample"))
 def _vectors(logits_fn, params, xs, ys, mask, task, per_sample):
-    def one(batch):
-        x, y = batch
+    def one(x, y):
         return curvature_vectors(
             lambda p, xb: logits_fn(p, xb, task),
             params,
@@ -92,36 +98,52 @@ def _vectors(logits_fn, params, xs, ys, mask, task, per_sample):
             per_sample=per_sample,
         )
 
-    vecs = jax.lax.map(one, (xs, ys), batch_size=50)
+    vecs = jax.vmap(one)(xs, ys)
     # [num_batches, n_per_batch, *batch, d] -> [num_batches * n_per_batch, *batch, d]
     return jax.tree.map(lambda v: v.reshape(-1, *v.shape[2:]), vecs)
+
+
+_VECTOR_CHUNK = 50  # batches per vmapped call of the consolidation pass
 
 
 def rgo_consolidation_vectors(
     ctx: TaskContext, params: Any, *, per_sample: bool, num_batches: int, batch_size: int
 ) -> Any:
-    """The curvature vectors of one task's consolidation pass (a ``lax.map`` over batches).
+    """The curvature vectors of one task's consolidation pass, batches vmapped in chunks.
 
     ``num_batches`` batches of ``batch_size`` are drawn from the task's training data (the
     task's own FEL permutation); the softmax of the curvature weights is taken over the
-    task's classes (the masked head).
+    task's classes (the masked head). The chunks are a Python loop rather than a
+    ``lax.map``: XLA on CPU runs convolutions inside a loop several times slower.
     """
     xs, ys = _sample_batches(ctx, num_batches, batch_size)
-    return _vectors(
-        ctx.logits_fn,
-        params,
-        jnp.asarray(xs),
-        jnp.asarray(ys),
-        jnp.asarray(ctx.class_mask),
-        jnp.int32(ctx.task),
-        per_sample,
-    )
+    mask, task = jnp.asarray(ctx.class_mask), jnp.int32(ctx.task)
+    logits_fn = ctx.curvature_logits_fn or ctx.logits_fn
+    parts = [
+        _vectors(
+            logits_fn,
+            params,
+            jnp.asarray(xs[lo : lo + _VECTOR_CHUNK]),
+            jnp.asarray(ys[lo : lo + _VECTOR_CHUNK]),
+            mask,
+            task,
+            per_sample,
+        )
+        for lo in range(0, num_batches, _VECTOR_CHUNK)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    return jax.tree.map(lambda *v: jnp.concatenate(v), *parts)
 
 
 def _make_rgo(
     name: str, description: str, *, fel: bool, per_sample: bool, alpha=None, dtype=None
 ) -> Method:
     def make_tx(cfg):
+        if cfg.input_projection:
+            return _input_projection.rgo_input_projected(
+                cfg.learning_rate, models.LINEAR_KERNELS, dtype=dtype
+            )
         return _transform.rgo(cfg.learning_rate, dtype=dtype)
 
     def after_task(ctx: TaskContext, params, opt_state, extra):
@@ -136,7 +158,14 @@ def _make_rgo(
         opt_state = _transform.consolidate(opt_state, vecs, a, method=ctx.config.rls_method)
         return opt_state, extra
 
-    return Method(name, description, fel=fel, make_tx=make_tx, after_task=after_task)
+    return Method(
+        name,
+        description,
+        fel=fel,
+        input_projectable=True,
+        make_tx=make_tx,
+        after_task=after_task,
+    )
 
 
 METHODS: dict[str, Method] = {}

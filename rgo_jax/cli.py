@@ -60,6 +60,11 @@ _FLAGS = {
         "reference) or multi (disjoint output units per task)",
     ),
     "--chunk-steps": ("chunk_steps", int, "steps per compiled chunk (progress granularity)"),
+    "--scan-unroll": (
+        "scan_unroll",
+        int,
+        "steps unrolled in each compiled chunk (conv nets on CPU run faster unrolled)",
+    ),
 }
 
 
@@ -94,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
         "--no-vmap-seeds",
         action="store_true",
         help="run seeds one after another instead of vmapped together",
+    )
+    p.add_argument(
+        "--input-projection",
+        action="store_true",
+        help="RGO methods project dense-layer gradients on the input side, (P X^T) D: "
+        "the same update, much faster for wide layers and small batches",
     )
     p.add_argument("--no-plots", action="store_true", help="do not draw PNG plots")
     p.add_argument("--list", action="store_true", help="list benchmarks and methods, then exit")
@@ -145,6 +156,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         fields["checkpoint"] = False
     if args.no_vmap_seeds:
         fields["vmap_seeds"] = False
+    if args.input_projection:
+        fields["input_projection"] = True
     if args.no_plots:
         fields["plots"] = False
     for k in ("methods", "seeds", "hidden"):

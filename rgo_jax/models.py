@@ -51,6 +51,7 @@ from rgo_jax._models_util import (
 )
 
 __all__ = [
+    "LINEAR_KERNELS",
     "MODEL_NAMES",
     "MLP",
     "AlexNet",
@@ -62,6 +63,11 @@ __all__ = [
     "param_path_str",
     "reduced_resnet18",
 ]
+
+LINEAR_KERNELS = r"^(hidden/\d+|fc\d+|head)/kernel$"
+"""A regex matching exactly the ``nnx.Linear`` kernel paths of every model here (the MLP's
+``hidden/<i>``, AlexNet's ``fc1``/``fc2``, every ``head``): the layers whose RGO projection
+can run on the input side (:func:`rgo_jax.use_input_projection`)."""
 
 ModelOutput = jax.Array | tuple[jax.Array, dict[ParamPath, jax.Array]]
 

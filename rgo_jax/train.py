@@ -28,6 +28,8 @@ from flax import nnx
 
 from rgo_jax import _report, data, models
 from rgo_jax._checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
+from rgo_jax._fast_curvature import use_reduced_kernel_gradients
+from rgo_jax._input_projection import input_projection_matrices, use_input_projection
 from rgo_jax._methods import METHODS, Method, TaskContext, get_method
 
 __all__ = ["BENCHMARKS", "Config", "build_stream", "run"]
@@ -56,6 +58,15 @@ class Config:
       vmap_seeds, vmap_memory_gb: train seeds together under ``vmap`` while their training
         data fit in this many GiB; sequentially otherwise.
       eval_batch_size, chunk_steps: evaluation batch; steps per compiled chunk.
+      scan_unroll: training steps unrolled inside a chunk's ``lax.scan`` (``chunk_steps``
+        unrolls it fully). XLA on CPU runs convolutions inside a loop several times slower
+        than outside one (AlexNet step: 180 ms vs 29 ms on 2 cores), so the conv configs
+        unroll their (short) chunks; MLPs do not need it.
+      input_projection: the RGO methods project the dense layers' gradients on the input
+        side, ``(P X^T) D`` inside the backward pass (:func:`rgo_jax.projected_matmul`):
+        the same update as ``P (X^T D)``, far cheaper when the batch is smaller than the
+        layer's width (wide layers, batch 10). Conv kernels and biases are projected by the
+        optimizer as usual.
       checkpoint, plots: write task-boundary checkpoints; draw PNG plots.
       method_options: method hyperparameters (``ewc_lambda``, ``gpm_threshold``...).
     """
@@ -84,6 +95,8 @@ class Config:
     vmap_memory_gb: float = 4.0
     eval_batch_size: int = 1000
     chunk_steps: int = 100
+    scan_unroll: int = 1
+    input_projection: bool = False
     checkpoint: bool = True
     plots: bool = True
     method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -104,6 +117,7 @@ class Config:
             "consolidation_batches",
             "eval_batch_size",
             "chunk_steps",
+            "scan_unroll",
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -263,8 +277,19 @@ class _Net:
     def __init__(self, graphdef, rest):
         self.graphdef, self.rest = graphdef, rest
 
-    def logits(self, params, x, task):
-        return nnx.merge(self.graphdef, params, self.rest)(x, task)
+    def logits(self, params, x, task, projection=None):
+        """Logits; with ``projection`` (path -> P) those dense layers project their grads."""
+        model = nnx.merge(self.graphdef, params, self.rest)
+        if not projection:
+            return model(x, task)
+        with use_input_projection(model, projection):
+            return model(x, task)
+
+    def reduced_logits(self, params, x, task):
+        """Logits whose kernel cotangents are pre-averaged: for curvature vectors only."""
+        model = nnx.merge(self.graphdef, params, self.rest)
+        with use_reduced_kernel_gradients(model):
+            return model(x, task)
 
     def inputs(self, params, x, task):
         return nnx.merge(self.graphdef, params, self.rest)(x, task, return_inputs=True)[1]
@@ -278,8 +303,10 @@ def _masked_ce(logits, y, mask):
 def _make_chunk_fn(net: _Net, tx, method: Method, cfg: Config):
     """A ``lax.scan`` over a chunk of steps of one seed (vmapped and jitted by the caller)."""
 
-    def loss_fn(params, extra, x, y, mask, task):
-        loss = _masked_ce(net.logits(params, x, task), y, mask)
+    input_projected = cfg.input_projection and method.input_projectable
+
+    def loss_fn(params, extra, x, y, mask, task, projection):
+        loss = _masked_ce(net.logits(params, x, task, projection), y, mask)
         if method.penalty is not None:
             loss = loss + method.penalty(params, extra, cfg)
         return loss
@@ -290,17 +317,41 @@ def _make_chunk_fn(net: _Net, tx, method: Method, cfg: Config):
             step_idx, step = inputs
             x, y = xs[step_idx], ys[step_idx]
             mask, task = masks[step_idx], tasks[step_idx[0]]
-            loss, grads = jax.value_and_grad(loss_fn)(params, extra, x, y, mask, task)
+            projection = (
+                input_projection_matrices(opt_state, models.LINEAR_KERNELS)
+                if input_projected
+                else None
+            )
+            loss, grads = jax.value_and_grad(loss_fn)(params, extra, x, y, mask, task, projection)
             kwargs = {}
             if method.step_kwargs is not None:
                 kwargs = method.step_kwargs(net, params, x, task, cfg, extra, step)
             updates, opt_state = tx.update(grads, opt_state, params, **kwargs)
             return (optax.apply_updates(params, updates), opt_state), loss
 
-        (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), (idx, steps))
+        (params, opt_state), losses = jax.lax.scan(
+            body, (params, opt_state), (idx, steps), unroll=min(cfg.scan_unroll, len(steps))
+        )
         return params, opt_state, losses
 
     return chunk
+
+
+def _over_seeds(fn, num_seeds: int):
+    """``fn`` over a leading seed axis: ``vmap`` for several seeds, a plain call for one.
+
+    A vmapped convolution over per-seed kernels becomes a grouped convolution, which XLA
+    runs markedly slower on CPU (AlexNet: 48 ms vs 29 ms a step for one seed), so a group
+    of one seed drops the axis instead.
+    """
+    if num_seeds > 1:
+        return jax.vmap(fn)
+
+    def single(*args):
+        out = fn(*jax.tree.map(lambda a: a[0], args))
+        return jax.tree.map(lambda a: a[None], out)
+
+    return single
 
 
 def _accuracy_fn(net: _Net):
@@ -497,7 +548,9 @@ def _run_group(cfg: Config, method: Method, seeds: tuple[int, ...], workdir: Pat
         yield T - 1, lanes, random_init
         return
     # Params and optimizer state are donated: the step updates P-sized buffers in place.
-    chunk_fn = jax.jit(jax.vmap(_make_chunk_fn(net, tx, method, cfg)), donate_argnums=(0, 1))
+    chunk_fn = jax.jit(
+        _over_seeds(_make_chunk_fn(net, tx, method, cfg), len(seeds)), donate_argnums=(0, 1)
+    )
     label = ",".join(map(str, seeds))
     progress = _Progress(
         T * cfg.steps_per_task, f"{method.name} s{label}", initial=start * cfg.steps_per_task
@@ -535,6 +588,7 @@ def _run_group(cfg: Config, method: Method, seeds: tuple[int, ...], workdir: Pat
                     class_mask=ln.masks[t],
                     logits_fn=net.logits,
                     inputs_fn=net.inputs,
+                    curvature_logits_fn=net.reduced_logits,
                     rng=np.random.default_rng([ln.seed, t, 2]),
                     config=cfg,
                 )

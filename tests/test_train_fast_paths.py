@@ -1,0 +1,138 @@
+"""The harness's fast paths change how the numbers are computed, never the numbers.
+
+Input-side projection of dense layers, unrolled training chunks, un-vmapped single seeds
+and pre-averaged kernel cotangents for the consolidation pass are each compared with the
+plain computation on the same data, initialisation and steps.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rgo_jax import _methods, _transform, models, train
+
+BASE = dict(benchmark="permuted_digits", num_tasks=2, hidden=(64, 48), batch_size=10)
+
+
+def _after_first_task(cfg, method, net, params, state, stream):
+    """Consolidates task 0 so that P is far from the identity."""
+    x, y = stream.get_split(0, "train")
+    ctx = _methods.TaskContext(
+        task=0,
+        x_train=x,
+        y_train=y,
+        class_mask=stream.class_masks()[0],
+        logits_fn=net.logits,
+        inputs_fn=net.inputs,
+        rng=np.random.default_rng(0),
+        config=cfg,
+    )
+    vecs = _methods.rgo_consolidation_vectors(
+        ctx, params, per_sample=False, num_batches=40, batch_size=10
+    )
+    return _transform.consolidate(state, vecs, cfg.alpha)
+
+
+def _train_task_1(method_name, steps=30, **options):
+    cfg = train.Config(**BASE, methods=(method_name,), **options)
+    method = train.METHODS[method_name]
+    stream = train.build_stream(cfg, 0)
+    graphdef, params, rest = train._build(cfg, method, stream, 0)
+    net = train._Net(graphdef, rest)
+    tx = method.make_tx(cfg)
+    state = tx.init(params)
+    if method.after_task is not None:
+        state = _after_first_task(cfg, method, net, params, state, stream)
+    x, y = stream.get_split(1, "train")
+    n, c = len(y), stream.num_classes
+    masks = np.broadcast_to(stream.class_masks()[1], (n, c))
+    tasks = np.ones(n, np.int32)
+    idx = train._step_indices(n, steps, cfg.batch_size, 0, 1)
+    args = (x, y, masks, tasks, idx, np.arange(steps, dtype=np.int32))
+    chunk = train._make_chunk_fn(net, tx, method, cfg)
+    stacked = jax.tree.map(lambda a: jnp.asarray(a)[None], (params, state, ()) + args)
+    out = jax.jit(train._over_seeds(chunk, 1))(*stacked)
+    return jax.tree.map(lambda a: np.asarray(a[0]), out[0]), (chunk, stacked)
+
+
+def test_input_projection_and_unrolling_train_the_same_network():
+    plain, _ = _train_task_1("rgo")
+    fast, _ = _train_task_1("rgo", input_projection=True, scan_unroll=30)
+    sgd, _ = _train_task_1("sgd")
+    fast_leaves = dict(jax.tree_util.tree_leaves_with_path(fast))
+    for path, a in jax.tree_util.tree_leaves_with_path(plain):
+        np.testing.assert_allclose(fast_leaves[path], a, rtol=1e-4, atol=2e-6, err_msg=str(path))
+    # ...and the projection mattered: SGD from the same start ends elsewhere.
+    diff = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), plain, sgd)
+    assert max(jax.tree.leaves(diff)) > 1e-3
+
+
+def test_one_seed_without_vmap_matches_vmap():
+    single, (chunk, stacked) = _train_task_1("rgo", steps=10)
+    vmapped = jax.jit(jax.vmap(chunk))(*stacked)[0]
+    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(vmapped), strict=True):
+        np.testing.assert_allclose(a, np.asarray(b[0]), rtol=1e-5, atol=1e-6)
+
+
+def test_input_projection_applies_only_to_rgo_methods():
+    # SGD ignores the flag (its optimizer holds no P); RGO keeps its P state layout.
+    a, _ = _train_task_1("sgd", steps=10)
+    b, _ = _train_task_1("sgd", steps=10, input_projection=True)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize(
+    "name, shape", [("mlp", (8, 8, 1)), ("alexnet", (32, 32, 3)), ("reduced_resnet18", (8, 8, 3))]
+)
+def test_linear_kernels_regex_selects_exactly_the_dense_layers(name, shape):
+    kw = {"width": 4} if name == "reduced_resnet18" else {}
+    model = models.build_model(name, num_classes=5, input_shape=shape, **kw)
+    linear = {
+        "/".join(map(str, (*p, "kernel")))
+        for p, node in nnx.iter_graph(model)
+        if isinstance(node, nnx.Linear)
+    }
+    params = {models.param_path_str(k) for k, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    assert {p for p in params if re.search(models.LINEAR_KERNELS, p)} == linear
+    assert linear  # every model has at least its head
+
+
+@pytest.mark.parametrize("name, shape", [("mlp", (8, 8, 1)), ("alexnet", (32, 32, 3))])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_reduced_cotangents_give_the_same_curvature_vectors(name, shape, per_sample):
+    model = models.build_model(name, num_classes=6, input_shape=shape, seed=3)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = nnx.as_pure(params)
+    net = train._Net(graphdef, rest)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, *shape)).astype(np.float32)
+    y = rng.integers(0, 3, size=60).astype(np.int32)
+
+    def vectors(fast):
+        ctx = _methods.TaskContext(
+            task=2,
+            x_train=x,
+            y_train=y,
+            class_mask=np.arange(6) < 3,
+            logits_fn=net.logits,
+            inputs_fn=net.inputs,
+            rng=np.random.default_rng(1),
+            config=None,
+            curvature_logits_fn=net.reduced_logits if fast else None,
+        )
+        return _methods.rgo_consolidation_vectors(
+            ctx, params, per_sample=per_sample, num_batches=70, batch_size=4
+        )
+
+    full, fast = vectors(False), vectors(True)
+    leaves = jax.tree_util.tree_leaves_with_path(full)
+    assert leaves
+    for path, v in leaves:
+        w = dict(jax.tree_util.tree_leaves_with_path(fast))[path]
+        assert v.shape == w.shape and v.shape[0] == 70 * (4 if per_sample else 1)
+        np.testing.assert_allclose(w, v, rtol=2e-4, atol=1e-6, err_msg=str(path))
