@@ -27,7 +27,11 @@ _FLAGS = {
     "--benchmark": ("benchmark", str, f"task stream: {', '.join(sorted(BENCHMARKS))}"),
     "--methods": ("methods", "list", f"comma-separated methods: {', '.join(sorted(METHODS))}"),
     "--model": ("model", str, "network: mlp, alexnet, resnet18, reduced_resnet18"),
-    "--hidden": ("hidden", "intlist", "MLP hidden widths, e.g. 256,256"),
+    "--hidden": (
+        "hidden",
+        "intlist",
+        "MLP hidden widths (default 256,256) or AlexNet's fc widths (default 2048,2048)",
+    ),
     "--width": ("width", int, "ResNet width (64 = ResNet-18, 20 = reduced)"),
     "--tasks": ("num_tasks", int, "number of tasks"),
     "--steps": ("steps_per_task", int, "SGD steps per task (paper: 1000 MNIST, 2000 CIFAR)"),

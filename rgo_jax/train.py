@@ -44,7 +44,8 @@ class Config:
     Attributes:
       benchmark: a key of :data:`BENCHMARKS` (``permuted_mnist``, ``split_cifar100``...).
       methods: method names (``rgo-bench --list``); each gets the same data, seeds, steps.
-      model, hidden, width: the network (``hidden`` for the MLP, ``width`` for ResNets).
+      model, hidden, width: the network: ``hidden`` the MLP's hidden widths (default 256,
+        256) or AlexNet's ``fc1``/``fc2`` widths (default 2048, 2048); ``width`` for ResNets.
       num_tasks, steps_per_task, batch_size, learning_rate: the training budget (SGD).
       alpha, consolidation_batches, rls_method: RGO's regulariser, the number of batches
         of its consolidation pass, and the RLS kernel (``block`` or ``sequential``).
@@ -74,7 +75,7 @@ class Config:
     benchmark: str = "permuted_digits"
     methods: tuple[str, ...] = ("rgo", "sgd")
     model: str = "mlp"
-    hidden: tuple[int, ...] = (256, 256)
+    hidden: tuple[int, ...] | None = None
     width: int | None = None
     num_tasks: int = 20
     steps_per_task: int = 1000
@@ -252,7 +253,9 @@ def build_stream(cfg: Config, seed: int) -> data.TaskStream:
 
 def _build(cfg: Config, method: Method, stream: data.TaskStream, seed: int):
     kwargs: dict[str, Any] = {}
-    if cfg.model == "mlp":
+    if cfg.hidden is not None:
+        if cfg.model not in ("mlp", "alexnet"):
+            raise ValueError(f"hidden applies to the MLP and AlexNet, not to model {cfg.model!r}.")
         kwargs["hidden"] = tuple(cfg.hidden)
     elif cfg.width is not None:
         if cfg.model not in ("resnet18", "reduced_resnet18"):
