@@ -6,6 +6,7 @@ plain computation on the same data, initialisation and steps.
 """
 
 import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rgo_jax import _methods, _transform, models, train
+from rgo_jax import _methods, _transform, cli, models, train
 
 BASE = dict(benchmark="permuted_digits", num_tasks=2, hidden=(64, 48), batch_size=10)
 
@@ -136,3 +137,28 @@ def test_reduced_cotangents_give_the_same_curvature_vectors(name, shape, per_sam
         w = dict(jax.tree_util.tree_leaves_with_path(fast))[path]
         assert v.shape == w.shape and v.shape[0] == 70 * (4 if per_sample else 1)
         np.testing.assert_allclose(w, v, rtol=2e-4, atol=1e-6, err_msg=str(path))
+
+
+def test_cli_sets_the_fast_paths_and_alexnet_widths():
+    args = cli._parser().parse_args(
+        ["--input-projection", "--scan-unroll", "5", "--model", "alexnet", "--hidden", "32,16"]
+    )
+    cfg = cli.config_from_args(args)
+    assert cfg.input_projection and cfg.scan_unroll == 5
+    assert cfg.model == "alexnet" and cfg.hidden == (32, 16)
+    plain = cli.config_from_args(cli._parser().parse_args([]))
+    assert not plain.input_projection and plain.scan_unroll == 1
+
+
+def test_hidden_sets_alexnet_fc_widths_and_is_refused_for_resnets():
+    stream = types.SimpleNamespace(input_shape=(32, 32, 3), num_classes=10)
+    cfg = train.Config(model="alexnet", hidden=(32, 16))
+    _, params, _ = train._build(cfg, train.METHODS["sgd"], stream, 0)
+    assert params["fc1"]["kernel"].shape == (2 * 2 * 256, 32)
+    assert params["fc2"]["kernel"].shape == (32, 16)
+    _, default, _ = train._build(train.Config(model="alexnet"), train.METHODS["sgd"], stream, 0)
+    assert default["fc2"]["kernel"].shape == (2048, 2048)
+    with pytest.raises(ValueError, match="hidden applies to the MLP and AlexNet"):
+        train._build(
+            train.Config(model="reduced_resnet18", hidden=(8,)), train.METHODS["sgd"], stream, 0
+        )
