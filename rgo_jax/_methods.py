@@ -324,7 +324,13 @@ def _gpm() -> Method:
         idx = ctx.rng.choice(len(ctx.x_train), size=n, replace=False)
         reps = ctx.inputs_fn(params, jnp.asarray(ctx.x_train[idx]), ctx.task)
         reps = jax.tree.map(np.asarray, reps)
-        threshold = _opt(ctx.config, "gpm_threshold", 0.97)
+        # GPM's code raises the threshold by a fixed step per task on CIFAR / miniImageNet
+        # (0.97 + 0.003 t); the default step 0 keeps it fixed (its MNIST setting).
+        threshold = min(
+            1.0,
+            _opt(ctx.config, "gpm_threshold", 0.97)
+            + ctx.task * _opt(ctx.config, "gpm_threshold_step", 0.0),
+        )
         return baselines.gpm_update_bases(opt_state, reps, threshold), extra
 
     return Method(

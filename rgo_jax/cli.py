@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="method option, repeatable: ewc_lambda, ewc_gamma, ewc_samples, "
-        "owm_alpha, gpm_threshold, gpm_samples",
+        "owm_alpha, gpm_threshold, gpm_threshold_step (added per task), gpm_samples, agem_batch",
     )
     p.add_argument("--no-checkpoint", action="store_true", help="do not write checkpoints")
     p.add_argument(

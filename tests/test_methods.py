@@ -71,3 +71,22 @@ def test_agem_memory_holds_each_task():
     pool = x1.reshape(len(x1), -1)
     assert all((np.abs(pool - r).sum(1) == 0).any() for r in rows)
     assert not np.asarray(extra["x"][10:]).any()
+
+
+def test_gpm_threshold_rises_per_task_when_asked(monkeypatch, tmp_path):
+    from rgo_jax import baselines
+
+    seen = []
+    real = baselines.gpm_update_bases
+
+    def spy(state, reps, threshold):
+        seen.append(threshold)
+        return real(state, reps, threshold)
+
+    monkeypatch.setattr(baselines, "gpm_update_bases", spy)
+    opts = {"gpm_threshold": 0.9, "gpm_threshold_step": 0.06}
+    cfg = train.Config(
+        methods=("gpm",), checkpoint=False, **{**TINY, "num_tasks": 3}, method_options=opts
+    )
+    train.run(cfg, tmp_path, log=lambda *a: None)
+    np.testing.assert_allclose(seen, [0.9, 0.96, 1.0])  # capped at 1
