@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import types
 
@@ -49,6 +50,10 @@ def _config(name: str, **overrides) -> train.Config:
             fields[k] = tuple(fields[k])
     fields.update(overrides)
     return train.Config(**fields)
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def measure(name: str, chunk: int, rounds: int) -> dict:
@@ -81,6 +86,7 @@ def measure(name: str, chunk: int, rounds: int) -> dict:
         cases[f"{method_name}_chunk"] = (step, args, (0, 1))
         if method.after_task is not None:
             after[method_name] = (method, net, params, tx.init(params))
+    _log(f"{name}: timing the training steps (compiles first)")
     timed = C.time_cases(cases, rounds=rounds, max_total_s=60.0)
     out = {
         "config": cfg.to_dict(),
@@ -101,12 +107,14 @@ def measure(name: str, chunk: int, rounds: int) -> dict:
         rng=np.random.default_rng(1),
         config=cfg,
     )
+    _log(f"{name}: timing the consolidation pass")
     times = []
     for _ in range(2):  # the first call compiles
         t0 = time.perf_counter()
         jax.block_until_ready(method.after_task(ctx, params, state, ())[0])
         times.append(time.perf_counter() - t0)
     out["consolidation_s"], out["consolidation_first_call_s"] = times[1], times[0]
+    _log(f"{name}: timing the evaluation")
     correct = train._accuracy_fn(net)
     xb = jnp.asarray(rng.random((cfg.eval_batch_size, *shape), dtype=np.float32))
     yb = jnp.zeros(cfg.eval_batch_size, jnp.int32)
