@@ -97,7 +97,7 @@ def measure(
         "step_s": {k.split("_")[0]: v["median_s"] / chunk for k, v in timed.items()},
         "compile_s": {k.split("_")[0]: v["compile_s"] for k, v in timed.items()},
     }
-    method, net, params, state = after["rgo"]
+    _, net, params, _ = after["rgo"]
     ctx = TaskContext(
         task=0,
         x_train=x,
