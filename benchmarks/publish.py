@@ -2,7 +2,9 @@
 
 Only the small files are copied (config, raw matrices, summary, plots; never checkpoints),
 and ``PROVENANCE.md`` records the command, the commit the run started from, the machine and
-the wall time.
+the wall time. Several run directories of one protocol (e.g. seeds 0-2 and, later, seeds
+3-4) are merged into one report by :func:`rgo_jax.merge_run_reports`; give one ``--command``
+per run, in the same order.
 
     python benchmarks/publish.py runs/pmnist benchmarks/results/permuted_mnist \\
         --command "rgo-bench --config ..." --commit abc1234 --wall "27 min"
@@ -18,25 +20,34 @@ from pathlib import Path
 
 import jax
 
-from rgo_jax import write_text_atomic
+from rgo_jax import merge_run_reports, write_text_atomic
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run_dir")
+    ap.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     ap.add_argument("dest")
-    ap.add_argument("--command", required=True)
-    ap.add_argument("--commit", required=True)
+    ap.add_argument("--command", required=True, action="append", help="once per RUN_DIR")
+    ap.add_argument("--commit", required=True, action="append", help="once, or once per RUN_DIR")
     ap.add_argument("--wall", default="not recorded")
     ap.add_argument("--note", default="")
     args = ap.parse_args()
-    src, dest = Path(args.run_dir), Path(args.dest)
-    if not (src / "results.json").is_file():
-        raise SystemExit(f"{src} has no results.json: not a finished run directory.")
+    srcs, dest = [Path(d) for d in args.run_dirs], Path(args.dest)
+    for src in srcs:
+        if not (src / "results.json").is_file():
+            raise SystemExit(f"{src} has no results.json: not a finished run directory.")
+    if len(args.command) != len(srcs) or len(args.commit) not in (1, len(srcs)):
+        raise SystemExit(
+            f"{len(srcs)} run directories need {len(srcs)} --command and 1 or {len(srcs)} "
+            f"--commit, got {len(args.command)} and {len(args.commit)}."
+        )
     dest.mkdir(parents=True, exist_ok=True)
-    for f in sorted(src.iterdir()):
-        if f.is_file() and f.suffix in {".json", ".md", ".png"}:
-            shutil.copy2(f, dest / f.name)
+    if len(srcs) == 1:
+        for f in sorted(srcs[0].iterdir()):
+            if f.is_file() and f.suffix in {".json", ".md", ".png"}:
+                shutil.copy2(f, dest / f.name)
+    else:
+        merge_run_reports(srcs, dest)
     cpu = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -45,15 +56,23 @@ def main() -> None:
                 break
     except OSError:
         pass
+    commits = args.commit * len(srcs) if len(args.commit) == 1 else args.commit
+    if len(srcs) == 1:
+        runs = f"- command: `{args.command[0]}`\n- commit: `{commits[0]}`\n"
+    else:
+        runs = f"- merged from {len(srcs)} runs (`rgo_jax.merge_run_reports`), in this order:\n"
+        runs += "".join(
+            f"  - `{c}` at commit `{k}`\n" for c, k in zip(args.command, commits, strict=True)
+        )
     text = (
-        f"# Provenance\n\n- command: `{args.command}`\n- commit: `{args.commit}`\n"
+        f"# Provenance\n\n{runs}"
         f"- machine: {platform.platform()}, {cpu}, {os.cpu_count()} cores, "
         f"jax {jax.__version__} ({jax.default_backend()})\n- wall time: {args.wall}\n"
     )
     if args.note:
         text += f"- note: {args.note}\n"
     write_text_atomic(dest / "PROVENANCE.md", text)
-    print(f"published {src} -> {dest}")
+    print(f"published {', '.join(map(str, srcs))} -> {dest}")
 
 
 if __name__ == "__main__":

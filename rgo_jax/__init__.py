@@ -34,6 +34,7 @@ from rgo_jax._report import SCENARIO as SCENARIO
 from rgo_jax._report import format_matrix as format_matrix
 from rgo_jax._report import format_summary as format_summary
 from rgo_jax._report import markdown_table as markdown_table
+from rgo_jax._report import merge_run_reports as merge_run_reports
 from rgo_jax._report import plot_accuracy_matrix as plot_accuracy_matrix
 from rgo_jax._report import plot_accuracy_per_task as plot_accuracy_per_task
 from rgo_jax._report import summary_table as summary_table

@@ -818,3 +818,142 @@ def _summary_markdown(summaries, stems, task_names, ddof, bwt_divisor, plots) ->
     if plots:
         lines += ["", "![accuracy per task](accuracy_per_task.png)"]
     return "\n".join(lines) + "\n"
+
+
+# Configuration keys that differ between runs of one protocol without changing its numbers
+# (or, for ``methods`` / ``seeds`` / ``method_options``, that the merge combines).
+_MERGE_FREE_KEYS = frozenset(
+    {
+        "methods",
+        "seeds",
+        "method_options",
+        "data_dir",
+        "plots",
+        "checkpoint",
+        "vmap_seeds",
+        "vmap_memory_gb",
+        "chunk_steps",
+        "scan_unroll",
+        "eval_batch_size",
+        "input_projection",
+        "jax",
+        "backend",
+        "merged_from",
+        "seeds_per_method",
+    }
+)
+
+
+def _read_run(run_dir: str | os.PathLike) -> tuple[dict, dict]:
+    out = []
+    for name in ("config.json", "results.json"):
+        path = os.path.join(run_dir, name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                out.append(json.load(f))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: missing; not a run directory.") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err}).") from None
+    config, results = out
+    if not isinstance(results.get("methods"), Mapping) or "seeds" not in config:
+        raise ValueError(f"{run_dir}: results.json has no 'methods' or config.json no 'seeds'.")
+    return config, results
+
+
+def merge_run_reports(
+    run_dirs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    plots: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Merges finished runs of one protocol into one report (e.g. more seeds, more methods).
+
+    Each run directory is one written by :func:`write_run_report` from the benchmark harness
+    (``config.json`` with ``seeds``, ``results.json``). The runs must agree on every
+    configuration key that changes the numbers (all keys but the methods, the seeds, the
+    method options and the speed/output switches); method options may differ only in keys
+    that just one run sets. A (method, seed) pair may come from one run only. The merged
+    matrices are ordered by seed, and the merged ``config.json`` records the source runs
+    (directory names only) and the seeds of every method.
+
+    Returns:
+      ``{method: summary}``, as :func:`write_run_report`.
+    """
+    if not run_dirs:
+        raise ValueError("merge_run_reports needs at least one run directory.")
+    base: dict | None = None
+    base_dir = None
+    options: dict[str, Any] = {}
+    option_src: dict[str, str] = {}
+    per_method: dict[str, dict[int, tuple[Any, Any]]] = {}
+    conventions = None
+    for run_dir in run_dirs:
+        config, results = _read_run(run_dir)
+        conv = (results.get("bwt_divisor", "T-1"), results.get("std_ddof", 0))
+        protocol = {k: v for k, v in config.items() if k not in _MERGE_FREE_KEYS}
+        if base is None:
+            base, base_dir, conventions = config, run_dir, conv
+            base_protocol = protocol
+        else:
+            for k in sorted(set(base_protocol) | set(protocol)):
+                if base_protocol.get(k) != protocol.get(k):
+                    raise ValueError(
+                        f"{run_dir} and {base_dir} differ in {k!r} "
+                        f"({protocol.get(k)!r} vs {base_protocol.get(k)!r}): not one protocol."
+                    )
+            if conv != conventions:
+                raise ValueError(
+                    f"{run_dir} uses BWT divisor / std ddof {conv}, {base_dir} uses {conventions}."
+                )
+        for k, v in (config.get("method_options") or {}).items():
+            if k in options and options[k] != v:
+                raise ValueError(
+                    f"method option {k!r} is {v!r} in {run_dir} but {options[k]!r} in "
+                    f"{option_src[k]}."
+                )
+            options[k], option_src[k] = v, str(run_dir)
+        seeds = [int(s) for s in config["seeds"]]
+        for method, entry in results["methods"].items():
+            mats = entry.get("matrices") or []
+            if len(mats) != len(seeds):
+                raise ValueError(
+                    f"{run_dir}: method {method!r} has {len(mats)} matrices for the "
+                    f"{len(seeds)} seeds {seeds} (an unfinished run?)."
+                )
+            init = entry.get("random_init")
+            init_rows = np.asarray(init, dtype=np.float64) if init is not None else None
+            for i, seed in enumerate(seeds):
+                slot = per_method.setdefault(method, {})
+                if seed in slot:
+                    raise ValueError(
+                        f"method {method!r}, seed {seed} is in {run_dir} and in an earlier run."
+                    )
+                row = None
+                if init_rows is not None:
+                    row = init_rows[i] if init_rows.ndim == 2 else init_rows
+                slot[seed] = (mats[i], row)
+    matrices, random_init = {}, {}
+    for method, slot in per_method.items():
+        order = sorted(slot)
+        matrices[method] = [
+            np.array([[np.nan if v is None else v for v in r] for r in slot[s][0]]) for s in order
+        ]
+        rows = [slot[s][1] for s in order]
+        if all(r is not None for r in rows):
+            random_init[method] = np.stack(rows)
+    config = dict(base)
+    config["methods"] = list(per_method)
+    config["seeds"] = sorted({s for slot in per_method.values() for s in slot})
+    config["method_options"] = options
+    config["seeds_per_method"] = {m: sorted(slot) for m, slot in per_method.items()}
+    config["merged_from"] = [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+    return write_run_report(
+        out_dir,
+        config=config,
+        matrices=matrices,
+        random_init=random_init or None,
+        bwt_divisor=conventions[0],
+        ddof=conventions[1],
+        plots=plots,
+    )

@@ -352,3 +352,48 @@ def test_write_run_report_partial_runs_and_rewrites(tmp_path):
     with pytest.raises(ValueError, match=r"T_total >= 3"):
         report.write_run_report(run, config={}, matrices={"RGO": [R3]}, random_init=[0.1, 0.1])
     assert {n: (run / n).read_bytes() for n in os.listdir(run)} == before
+
+
+def test_merge_run_reports_orders_seeds_and_checks_inputs(tmp_path):
+    sgd = np.array([[0.9, NAN, NAN], [0.4, 0.95, NAN], [0.2, 0.3, 0.96]])
+    report.write_run_report(
+        tmp_path / "a",
+        config={"lr": 0.1, "seeds": [3], "method_options": {"k": 1}},
+        matrices={"RGO": [R3_LOW], "SGD": [sgd]},
+        random_init={"RGO": [[0.1, 0.2, 0.3]]},
+        plots=False,
+    )
+    report.write_run_report(
+        tmp_path / "b",
+        config={"lr": 0.1, "seeds": [1], "method_options": {"j": 2}, "chunk_steps": 5},
+        matrices={"RGO": [R3]},
+        random_init={"RGO": [[0.0, 0.1, 0.2]]},
+        plots=False,
+    )
+    out = report.merge_run_reports([tmp_path / "a", tmp_path / "b"], tmp_path / "m", plots=False)
+    # seed 1 (R3) before seed 3 (R3_LOW)
+    assert out["RGO"]["acc"]["per_seed"] == pytest.approx([2.47 / 3, 2.38 / 3], abs=1e-12)
+    # FWT = mean of R[j-1, j] - b_j, with R[0, 1] + R[1, 2] = 0.5 for both matrices; each
+    # seed keeps its own random-init row: seed 1 (0.5 - 0.3) / 2, seed 3 (0.5 - 0.5) / 2.
+    assert out["RGO"]["fwt"]["per_seed"] == pytest.approx([0.1, 0.0], abs=1e-12)
+    assert out["SGD"]["acc"]["mean"] == pytest.approx(1.46 / 3, abs=1e-12)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["method_options"] == {"k": 1, "j": 2}
+    assert cfg["seeds_per_method"] == {"RGO": [1, 3], "SGD": [3]}
+
+    report.write_run_report(
+        tmp_path / "c",
+        config={"lr": 0.1, "seeds": [5], "method_options": {"k": 2}},
+        matrices={"SGD": [sgd]},
+        plots=False,
+    )
+    with pytest.raises(ValueError, match="method option 'k' is 2"):
+        report.merge_run_reports([tmp_path / "a", tmp_path / "c"], tmp_path / "x")
+    report.write_run_report(
+        tmp_path / "d", config={"lr": 0.1, "seeds": [0, 1]}, matrices={"SGD": [sgd]}, plots=False
+    )
+    with pytest.raises(ValueError, match="1 matrices for the 2 seeds"):
+        report.merge_run_reports([tmp_path / "d"], tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="config.json: missing"):
+        report.merge_run_reports([tmp_path / "nope"], tmp_path / "x")
+    assert not (tmp_path / "x").exists()

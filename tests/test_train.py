@@ -193,3 +193,49 @@ def test_vmapped_seeds_match_sequential_seeds(tmp_path):
         (0,),
         (1,),
     ]
+
+
+def test_runs_split_by_seed_merge_into_the_joint_run(tmp_path):
+    from rgo_jax import merge_run_reports
+
+    base = {
+        **QUICK,
+        "num_tasks": 2,
+        "steps_per_task": 60,
+        "consolidation_batches": 20,
+        "hidden": (32,),
+        "checkpoint": False,
+        "vmap_seeds": False,
+    }
+    quiet = dict(log=lambda *a: None)
+    joint = train.run(
+        train.Config(**base, methods=("rgo", "sgd"), seeds=(0, 1)), tmp_path / "j", **quiet
+    )
+    # seed 1 first, seed 0 later, and the methods split too: the merge orders by seed.
+    train.run(train.Config(**base, methods=("rgo", "sgd"), seeds=(1,)), tmp_path / "a", **quiet)
+    train.run(train.Config(**base, methods=("sgd",), seeds=(0,)), tmp_path / "b", **quiet)
+    train.run(train.Config(**base, methods=("rgo",), seeds=(0,)), tmp_path / "c", **quiet)
+    merged = merge_run_reports(
+        [tmp_path / "a", tmp_path / "b", tmp_path / "c"], tmp_path / "m", plots=False
+    )
+    for name in ("rgo", "sgd"):
+        assert merged[name]["acc"]["per_seed"] == pytest.approx(
+            joint["summaries"][name]["acc"]["per_seed"], abs=1e-6
+        )
+        assert merged[name]["bwt"]["mean"] == pytest.approx(
+            joint["summaries"][name]["bwt"]["mean"], abs=1e-6
+        )
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["seeds"] == [0, 1] and cfg["merged_from"] == ["a", "b", "c"]
+    assert cfg["seeds_per_method"] == {"rgo": [0, 1], "sgd": [0, 1]}
+    # A run of another protocol, or the same seed twice, is refused.
+    train.run(
+        train.Config(**{**base, "steps_per_task": 30}, methods=("sgd",), seeds=(2,)),
+        tmp_path / "d",
+        **quiet,
+    )
+    with pytest.raises(ValueError, match="differ in 'steps_per_task'"):
+        merge_run_reports([tmp_path / "a", tmp_path / "d"], tmp_path / "x", plots=False)
+    with pytest.raises(ValueError, match="method 'sgd', seed 0"):
+        merge_run_reports([tmp_path / "b", tmp_path / "j"], tmp_path / "x", plots=False)
+    assert not (tmp_path / "x").exists()
