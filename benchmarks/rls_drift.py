@@ -55,10 +55,20 @@ def main() -> None:
     ap.add_argument("--per-task", type=int, default=1000)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            check=False).stdout.strip() or "unknown"
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, check=False).stdout.strip())
+    commit = (
+        subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        or "unknown"
+    )
+    dirty = bool(
+        subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+    )
     images = data.load_dataset("mnist", args.data_dir).x_train
     vecs = curvature_like_vectors(images, args.tasks, args.per_task, seed=0)
     d = vecs.shape[-1]
@@ -81,29 +91,39 @@ def main() -> None:
                 n32 = d / np.trace(p32) * p32
                 n64 = d / np.trace(p64) * p64
                 proj_err = np.linalg.norm(n32 @ g - n64 @ g) / np.linalg.norm(n64 @ g)
-                rows.append({
-                    "task": t,
-                    "max_abs_dev": float(np.max(np.abs(p32 - p64))),
-                    "max_rel_dev": float(np.max(np.abs(p32 - p64)) / np.max(np.abs(p64))),
-                    "min_eig_p32": float(np.linalg.eigvalsh(p32).min()),
-                    "min_eig_p64": float(np.linalg.eigvalsh(p64).min()),
-                    "asymmetry": float(np.max(np.abs(p32 - p32.T))),
-                    "normalised_projection_rel_err": float(proj_err),
-                })
+                rows.append(
+                    {
+                        "task": t,
+                        "max_abs_dev": float(np.max(np.abs(p32 - p64))),
+                        "max_rel_dev": float(np.max(np.abs(p32 - p64)) / np.max(np.abs(p64))),
+                        "min_eig_p32": float(np.linalg.eigvalsh(p32).min()),
+                        "min_eig_p64": float(np.linalg.eigvalsh(p64).min()),
+                        "asymmetry": float(np.max(np.abs(p32 - p32.T))),
+                        "normalised_projection_rel_err": float(proj_err),
+                    }
+                )
             key = f"alpha={alpha},{method}"
             results[key] = {"seconds": time.perf_counter() - t0, "per_task": rows}
             last = rows[-1]
-            print(f"{key:28s} max|P32-P64| {last['max_abs_dev']:.2e} "
-                  f"(rel {last['max_rel_dev']:.2e})  min eig P32 {last['min_eig_p32']:.2e} "
-                  f"(P64 {last['min_eig_p64']:.2e})  projection rel err "
-                  f"{last['normalised_projection_rel_err']:.2e}")
+            print(
+                f"{key:28s} max|P32-P64| {last['max_abs_dev']:.2e} "
+                f"(rel {last['max_rel_dev']:.2e})  min eig P32 {last['min_eig_p32']:.2e} "
+                f"(P64 {last['min_eig_p64']:.2e})  projection rel err "
+                f"{last['normalised_projection_rel_err']:.2e}"
+            )
     record = {
         "command": "python benchmarks/rls_drift.py --data-dir ../shared/datasets",
         "commit": commit + ("-dirty" if dirty else ""),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpus": __import__("os").cpu_count(), "jax": jax.__version__,
-                    "backend": jax.default_backend()},
-        "tasks": args.tasks, "updates_per_task": args.per_task, "width": d,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": __import__("os").cpu_count(),
+            "jax": jax.__version__,
+            "backend": jax.default_backend(),
+        },
+        "tasks": args.tasks,
+        "updates_per_task": args.per_task,
+        "width": d,
         "results": results,
     }
     if args.out:

@@ -47,8 +47,9 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(GRID))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            check=False).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
     base = train.Config(
         benchmark=args.benchmark,
         data_dir=args.data_dir,

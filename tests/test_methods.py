@@ -90,3 +90,41 @@ def test_gpm_threshold_rises_per_task_when_asked(monkeypatch, tmp_path):
     )
     train.run(cfg, tmp_path, log=lambda *a: None)
     np.testing.assert_allclose(seen, [0.9, 0.96, 1.0])  # capped at 1
+
+
+@pytest.mark.parametrize("name", sorted(n for n, m in METHODS.items() if m.after_task))
+def test_after_task_keeps_no_reference_to_the_task_data(name):
+    """JAX's caches must not keep a finished task's data alive (a leak of one training set
+    per task and seed: EWC once grew by 0.35 GB per task on permuted MNIST)."""
+    import gc
+    import weakref
+
+    from rgo_jax._methods import TaskContext
+
+    method = METHODS[name]
+    cfg = train.Config(**TINY)
+    stream = train.build_stream(cfg, 0)
+    graphdef, params, rest = train._build(cfg, method, stream, 0)
+    net = train._Net(graphdef, rest)
+    opt_state = method.make_tx(cfg).init(params)
+    extra = method.init_extra(params, cfg, stream)
+    refs = []
+    for t in range(2):
+        x, y = stream.get_split(t, "train")
+        x = np.array(x)  # our own copy: the stream's cache holds no reference to it
+        refs.append(weakref.ref(x))
+        ctx = TaskContext(
+            task=t,
+            x_train=x,
+            y_train=y,
+            class_mask=stream.class_mask(t),
+            logits_fn=net.logits,
+            inputs_fn=net.inputs,
+            curvature_logits_fn=net.reduced_logits,
+            rng=np.random.default_rng(t),
+            config=cfg,
+        )
+        opt_state, extra = method.after_task(ctx, params, opt_state, extra)
+        del ctx, x
+    gc.collect()
+    assert [r() is None for r in refs] == [True, True]
