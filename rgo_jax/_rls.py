@@ -64,20 +64,51 @@ def rls_sequential(
     return p, jnp.sum(bad, axis=0, dtype=jnp.int32)
 
 
-_BASE = 16  # XLA:CPU's triangular solve was measured fast up to 16 x 16, ~500x slower at 32
+_BASE = 16  # triangle and Cholesky blocks up to this size: loops of plain array ops
+
+
+def _cholesky_small(m: jax.Array) -> jax.Array:
+    """Lower Cholesky factor of a small SPD ``[b, b]`` (``b <= _BASE``), column by column.
+
+    Plain array ops rather than ``jnp.linalg.cholesky``: vmapped over layers that is one
+    batched LAPACK call, which splits its batch over XLA:CPU's intra-op thread pool and waits
+    for the pieces. Two such calls running at once (two size buckets of one consolidation)
+    can each hold a worker while waiting for pieces queued behind the other: on a 2-thread
+    pool the program deadlocks at 0 % CPU (seen with the ResNet-18 of the CIFAR-100
+    config). The pivot is clipped at a tiny positive value; ``m`` is ``alpha I + V P V^T``.
+    """
+    rows = jnp.arange(m.shape[-1])
+
+    def column(j, low):
+        # Columns >= j of ``low`` are still zero, so the full product subtracts exactly the
+        # contribution of the columns already factored.
+        c = m[:, j] - jnp.matmul(low, low[j], precision=_HI)
+        pivot = jnp.sqrt(jnp.maximum(c[j], jnp.finfo(m.dtype).tiny))
+        return low.at[:, j].set(jnp.where(rows == j, pivot, jnp.where(rows > j, c / pivot, 0.0)))
+
+    return jax.lax.fori_loop(0, m.shape[-1], column, jnp.zeros_like(m))
+
+
+def _tril_inv_small(low_tri: jax.Array) -> jax.Array:
+    """Inverse of a small lower-triangular ``[b, b]`` by forward substitution (no LAPACK)."""
+    eye = jnp.eye(low_tri.shape[-1], dtype=low_tri.dtype)
+
+    def row(i, inv):
+        # Rows >= i of ``inv`` are still zero and ``low_tri[i, i + 1:]`` is zero.
+        return inv.at[i].set((eye[i] - jnp.matmul(low_tri[i], inv, precision=_HI)) / low_tri[i, i])
+
+    return jax.lax.fori_loop(0, low_tri.shape[-1], row, jnp.zeros_like(low_tri))
 
 
 def _tril_inv(low_tri: jax.Array) -> jax.Array:
     """Inverse of a lower-triangular ``[b, b]`` matrix by recursive 2 x 2 blocking.
 
-    ``[[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]``: matrix products, with
-    triangular solves only on blocks of at most ``_BASE`` rows.
+    ``[[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]``: matrix products, down to
+    blocks of at most ``_BASE`` rows solved by :func:`_tril_inv_small`.
     """
     b = low_tri.shape[-1]
     if b <= _BASE:
-        return jax.scipy.linalg.solve_triangular(
-            low_tri, jnp.eye(b, dtype=low_tri.dtype), lower=True
-        )
+        return _tril_inv_small(low_tri)
     h = b // 2
     ai, di = _tril_inv(low_tri[:h, :h]), _tril_inv(low_tri[h:, h:])
     low = -jnp.matmul(di, jnp.matmul(low_tri[h:, :h], ai, precision=_HI), precision=_HI)
@@ -88,13 +119,14 @@ def _tril_inv(low_tri: jax.Array) -> jax.Array:
 def _chol_inv(m: jax.Array) -> jax.Array:
     """``L^{-1}`` for the Cholesky factor ``L`` of a symmetric positive definite ``[b, b]``.
 
-    Blocks larger than 64 are split (``L21 = B L11^{-T}``, Schur complement
-    ``C - L21 L21^T``), because XLA:CPU's Cholesky was measured ~1000x slower at 256 x 256
-    than at 128 x 128.
+    Recursive blocking (``L21 = B L11^{-T}``, Schur complement ``C - L21 L21^T``) down to
+    blocks of at most ``_BASE``, factored by :func:`_cholesky_small`: matrix products only,
+    no LAPACK call (see :func:`_cholesky_small` for the deadlock that avoids; XLA:CPU's
+    Cholesky was also measured ~1000x slower at 256 x 256 than at 128 x 128).
     """
     b = m.shape[-1]
-    if b <= 64:
-        return _tril_inv(jnp.linalg.cholesky(m))
+    if b <= _BASE:
+        return _tril_inv_small(_cholesky_small(m))
     h = b // 2
     l11i = _chol_inv(m[:h, :h])
     l21 = jnp.matmul(m[h:, :h], l11i.T, precision=_HI)

@@ -470,3 +470,29 @@ def test_trace_normalisation_uses_the_diagonal_only_for_stacked_p():
     for i in range(2):
         expected = 4 / np.trace(ps[i]) * ps[i] @ g[i]
         np.testing.assert_allclose(out["w"][i], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("b", [1, 7, 16])
+def test_small_cholesky_and_triangle_inverse_match_float64(b):
+    from rgo_jax import _rls
+
+    rng = np.random.default_rng(b)
+    a = rng.normal(size=(b, b))
+    m = a @ a.T / b + 0.05 * np.eye(b)
+    low = np.asarray(jax.jit(_rls._cholesky_small)(jnp.asarray(m, jnp.float32)), np.float64)
+    np.testing.assert_allclose(low, np.linalg.cholesky(m), atol=1e-5 * np.abs(m).max())
+    inv = np.asarray(jax.jit(_rls._tril_inv_small)(jnp.asarray(low, jnp.float32)), np.float64)
+    np.testing.assert_allclose(inv @ low, np.eye(b), atol=1e-4)
+    assert np.all(np.triu(inv, 1) == 0)
+
+
+def test_block_rls_calls_no_lapack_kernel():
+    """Batched LAPACK calls split their batch over XLA:CPU's thread pool and can deadlock
+    when two run at once (two size buckets of one consolidation on 2 cores); the block
+    kernel must be plain array ops."""
+    from rgo_jax import _rls
+
+    p = jnp.stack([jnp.eye(8)] * 3)
+    v = jnp.ones((130, 3, 8))
+    hlo = _rls.run_rls.lower(p, v, jnp.float32(0.1), method="block").as_text()
+    assert "custom_call" not in hlo, "block RLS lowers to a custom call (LAPACK?)"
