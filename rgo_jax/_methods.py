@@ -103,9 +103,6 @@ def _vectors(logits_fn, params, xs, ys, mask, task, per_sample):
     return jax.tree.map(lambda v: v.reshape(-1, *v.shape[2:]), vecs)
 
 
-_VECTOR_CHUNK = 50  # batches per vmapped call of the consolidation pass
-
-
 def rgo_consolidation_vectors(
     ctx: TaskContext, params: Any, *, per_sample: bool, num_batches: int, batch_size: int
 ) -> Any:
@@ -117,19 +114,20 @@ def rgo_consolidation_vectors(
     ``lax.map``: XLA on CPU runs convolutions inside a loop several times slower.
     """
     xs, ys = _sample_batches(ctx, num_batches, batch_size)
+    chunk = ctx.config.vector_chunk
     mask, task = jnp.asarray(ctx.class_mask), jnp.int32(ctx.task)
     logits_fn = ctx.curvature_logits_fn or ctx.logits_fn
     parts = [
         _vectors(
             logits_fn,
             params,
-            jnp.asarray(xs[lo : lo + _VECTOR_CHUNK]),
-            jnp.asarray(ys[lo : lo + _VECTOR_CHUNK]),
+            jnp.asarray(xs[lo : lo + chunk]),
+            jnp.asarray(ys[lo : lo + chunk]),
             mask,
             task,
             per_sample,
         )
-        for lo in range(0, num_batches, _VECTOR_CHUNK)
+        for lo in range(0, num_batches, chunk)
     ]
     if len(parts) == 1:
         return parts[0]

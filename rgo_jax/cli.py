@@ -69,6 +69,11 @@ _FLAGS = {
         int,
         "steps unrolled in each compiled chunk (conv nets on CPU run faster unrolled)",
     ),
+    "--vector-chunk": (
+        "vector_chunk",
+        int,
+        "consolidation batches per vmapped call (lower it if the consolidation runs out of memory)",
+    ),
 }
 
 

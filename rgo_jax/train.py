@@ -63,6 +63,9 @@ class Config:
         unrolls it fully). XLA on CPU runs convolutions inside a loop several times slower
         than outside one (AlexNet step: 180 ms vs 29 ms on 2 cores), so the conv configs
         unroll their (short) chunks; MLPs do not need it.
+      vector_chunk: consolidation batches per vmapped call when RGO computes its curvature
+        vectors (memory: this many batches' activations at once). It does not change the
+        numbers, so it is left out of the run's fingerprint; lower it for large inputs.
       input_projection: the RGO methods project the dense layers' gradients on the input
         side, ``(P X^T) D`` inside the backward pass (:func:`rgo_jax.projected_matmul`):
         the same update as ``P (X^T D)``, far cheaper when the batch is smaller than the
@@ -97,6 +100,7 @@ class Config:
     eval_batch_size: int = 1000
     chunk_steps: int = 100
     scan_unroll: int = 1
+    vector_chunk: int = 50
     input_projection: bool = False
     checkpoint: bool = True
     plots: bool = True
@@ -119,6 +123,7 @@ class Config:
             "eval_batch_size",
             "chunk_steps",
             "scan_unroll",
+            "vector_chunk",
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -144,7 +149,7 @@ class Config:
     def fingerprint(self) -> str:
         """A hash of everything that changes the numbers (not plots/checkpoint flags)."""
         d = self.to_dict()
-        for k in ("plots", "checkpoint", "data_dir", "seeds", "methods"):
+        for k in ("plots", "checkpoint", "data_dir", "seeds", "methods", "vector_chunk"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -5,6 +5,7 @@ and pre-averaged kernel cotangents for the consolidation pass are each compared 
 plain computation on the same data, initialisation and steps.
 """
 
+import pathlib
 import re
 import types
 
@@ -123,7 +124,8 @@ def test_reduced_cotangents_give_the_same_curvature_vectors(name, shape, per_sam
             logits_fn=net.logits,
             inputs_fn=net.inputs,
             rng=np.random.default_rng(1),
-            config=None,
+            # uneven chunks (30 + 30 + 10 batches) for the fast path, one chunk for the plain
+            config=train.Config(vector_chunk=30 if fast else 70),
             curvature_logits_fn=net.reduced_logits if fast else None,
         )
         return _methods.rgo_consolidation_vectors(
@@ -148,6 +150,9 @@ def test_cli_sets_the_fast_paths_and_alexnet_widths():
     assert cfg.model == "alexnet" and cfg.hidden == (32, 16)
     plain = cli.config_from_args(cli._parser().parse_args([]))
     assert not plain.input_projection and plain.scan_unroll == 1
+    chunked = cli.config_from_args(cli._parser().parse_args(["--vector-chunk", "5"]))
+    assert chunked.vector_chunk == 5 and plain.vector_chunk == 50
+    assert chunked.fingerprint() == plain.fingerprint()  # does not change the numbers
 
 
 def test_hidden_sets_alexnet_fc_widths_and_is_refused_for_resnets():
@@ -162,3 +167,14 @@ def test_hidden_sets_alexnet_fc_widths_and_is_refused_for_resnets():
         train._build(
             train.Config(model="reduced_resnet18", hidden=(8,)), train.METHODS["sgd"], stream, 0
         )
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((pathlib.Path(__file__).parents[1] / "benchmarks" / "configs").glob("*.json")),
+    ids=lambda p: p.stem,
+)
+def test_every_benchmark_config_is_a_valid_configuration(path):
+    cfg = cli.config_from_args(cli._parser().parse_args(["--config", str(path)]))
+    assert cfg.benchmark == path.stem  # each config is named after its benchmark
+    assert cfg.methods and cfg.seeds

@@ -17,7 +17,8 @@ and extrapolates to the whole run: ``seeds * (tasks * steps * step + tasks * con
 
     python benchmarks/perf/cost_estimate.py            # both configs, CPU or whatever JAX sees
 
-Writes ``benchmarks/results/perf/cost_estimate_<backend>.json`` and ``.md``.
+Writes ``benchmarks/results/perf/cost_estimate_<backend>.json`` and ``.md``
+(``--out-stem`` renames them).
 """
 
 from __future__ import annotations
@@ -191,6 +192,11 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=2, help="unrolled steps per timed call")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument(
+        "--out-stem",
+        default=None,
+        help="output file names without suffix (default cost_estimate_<backend>)",
+    )
+    ap.add_argument(
         "--no-consolidation",
         action="store_true",
         help="skip timing RGO's consolidation pass (then left out of the run estimate)",
@@ -200,6 +206,7 @@ def main() -> None:
     backend = jax.default_backend()
     C.RESULTS.mkdir(parents=True, exist_ok=True)
     results = {}
+    stem = args.out_stem or f"cost_estimate_{backend}"
     for name in args.configs.split(","):
         if name not in CONFIGS:
             raise SystemExit(f"unknown config {name!r}; valid: {', '.join(CONFIGS)}")
@@ -207,11 +214,11 @@ def main() -> None:
             name, args.chunk, args.rounds, consolidation=not args.no_consolidation
         )
         # Written after every config, so a long second config does not lose the first.
-        (C.RESULTS / f"cost_estimate_{backend}.json").write_text(
+        (C.RESULTS / f"{stem}.json").write_text(
             json.dumps({"provenance": prov, "results": results}, indent=1)
         )
         md = _markdown(results, prov)
-        (C.RESULTS / f"cost_estimate_{backend}.md").write_text(md)
+        (C.RESULTS / f"{stem}.md").write_text(md)
         print(md, flush=True)
 
 
