@@ -834,6 +834,7 @@ _MERGE_FREE_KEYS = frozenset(
         "vmap_memory_gb",
         "chunk_steps",
         "scan_unroll",
+        "vector_chunk",
         "eval_batch_size",
         "input_projection",
         "jax",
