@@ -573,7 +573,11 @@ def _run_group(cfg: Config, method: Method, seeds: tuple[int, ...], workdir: Pat
                 for a, ln in zip(arrays, lanes, strict=True)
             ]
         )
-        dx, dy, dm, dt = (jnp.asarray(np.stack(col)) for col in zip(*arrays, strict=True))
+        # One seed: a view, not a stacked copy (joint training's data is GBs).
+        dx, dy, dm, dt = (
+            jnp.asarray(np.stack(col) if len(col) > 1 else col[0][None])
+            for col in zip(*arrays, strict=True)
+        )
         for lo in range(0, cfg.steps_per_task, cfg.chunk_steps):
             sl = jnp.asarray(idx[:, lo : lo + cfg.chunk_steps])
             steps = jnp.broadcast_to(
