@@ -21,6 +21,7 @@ from pathlib import Path
 import jax
 
 from rgo_jax import merge_run_reports, write_text_atomic
+from rgo_jax.train import MERGE_FREE_KEYS
 
 
 def main() -> None:
@@ -47,7 +48,7 @@ def main() -> None:
             if f.is_file() and f.suffix in {".json", ".md", ".png"}:
                 shutil.copy2(f, dest / f.name)
     else:
-        merge_run_reports(srcs, dest)
+        merge_run_reports(srcs, dest, free_keys=MERGE_FREE_KEYS)
     cpu = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -19,7 +19,7 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -820,28 +820,11 @@ def _summary_markdown(summaries, stems, task_names, ddof, bwt_divisor, plots) ->
     return "\n".join(lines) + "\n"
 
 
-# Configuration keys that differ between runs of one protocol without changing its numbers
-# (or, for ``methods`` / ``seeds`` / ``method_options``, that the merge combines).
-_MERGE_FREE_KEYS = frozenset(
-    {
-        "methods",
-        "seeds",
-        "method_options",
-        "data_dir",
-        "plots",
-        "checkpoint",
-        "vmap_seeds",
-        "vmap_memory_gb",
-        "chunk_steps",
-        "scan_unroll",
-        "vector_chunk",
-        "eval_batch_size",
-        "input_projection",
-        "jax",
-        "backend",
-        "merged_from",
-        "seeds_per_method",
-    }
+# Keys the merge itself accounts for: what it combines (methods, seeds, method options), what
+# an earlier merge added, and the software that ran. The harness names its own speed and
+# output switches through ``free_keys``.
+_MERGE_OWN_KEYS = frozenset(
+    {"methods", "seeds", "method_options", "jax", "backend", "merged_from", "seeds_per_method"}
 )
 
 
@@ -866,23 +849,38 @@ def merge_run_reports(
     run_dirs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
     *,
+    free_keys: Iterable[str] = (),
     plots: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Merges finished runs of one protocol into one report (e.g. more seeds, more methods).
 
     Each run directory is one written by :func:`write_run_report` from the benchmark harness
     (``config.json`` with ``seeds``, ``results.json``). The runs must agree on every
-    configuration key that changes the numbers (all keys but the methods, the seeds, the
-    method options and the speed/output switches); method options may differ only in keys
-    that just one run sets. A (method, seed) pair may come from one run only. The merged
-    matrices are ordered by seed, and the merged ``config.json`` records the source runs
-    (directory names only) and the seeds of every method.
+    configuration key but the methods, the seeds, the method options, the software versions
+    and ``free_keys``; method options may differ only in keys that just one run sets. A
+    (method, seed) pair may come from one run only. The merged matrices are ordered by seed,
+    and the merged ``config.json`` records the source runs (directory names only) and the
+    seeds of every method.
+
+    Args:
+      run_dirs: the run directories, in any order.
+      out_dir: where the merged report is written.
+      free_keys: further configuration keys the runs may differ in: switches of the harness
+        that do not change the protocol (for the benchmark harness,
+        :data:`rgo_jax.train.MERGE_FREE_KEYS`). The merged ``config.json`` keeps the first
+        run's values of these.
+      plots: draw the PNG plots.
 
     Returns:
       ``{method: summary}``, as :func:`write_run_report`.
     """
     if not run_dirs:
         raise ValueError("merge_run_reports needs at least one run directory.")
+    if isinstance(free_keys, str):
+        raise TypeError(
+            f"free_keys must be a collection of key names, not the string {free_keys!r}."
+        )
+    free = _MERGE_OWN_KEYS | set(free_keys)
     base: dict | None = None
     base_dir = None
     options: dict[str, Any] = {}
@@ -892,7 +890,7 @@ def merge_run_reports(
     for run_dir in run_dirs:
         config, results = _read_run(run_dir)
         conv = (results.get("bwt_divisor", "T-1"), results.get("std_ddof", 0))
-        protocol = {k: v for k, v in config.items() if k not in _MERGE_FREE_KEYS}
+        protocol = {k: v for k, v in config.items() if k not in free}
         if base is None:
             base, base_dir, conventions = config, run_dir, conv
             base_protocol = protocol

@@ -32,7 +32,22 @@ from rgo_jax._fast_curvature import use_reduced_kernel_gradients
 from rgo_jax._input_projection import input_projection_matrices, use_input_projection
 from rgo_jax._methods import METHODS, Method, TaskContext, get_method
 
-__all__ = ["BENCHMARKS", "Config", "build_stream", "run"]
+__all__ = ["BENCHMARKS", "MERGE_FREE_KEYS", "OUTPUT_KEYS", "Config", "build_stream", "run"]
+
+#: :class:`Config` keys that never change a run's numbers (what runs, where, what is
+#: written, memory chunking); left out of the checkpoint fingerprint.
+OUTPUT_KEYS = ("methods", "seeds", "data_dir", "plots", "checkpoint", "vector_chunk")
+#: Keys that change how a protocol is executed, and so its float rounding, not the protocol:
+#: a run resumes only under the same values, but runs that differ in them (and in
+#: :data:`OUTPUT_KEYS`) merge into one report (:func:`rgo_jax.merge_run_reports`).
+MERGE_FREE_KEYS = OUTPUT_KEYS + (
+    "vmap_seeds",
+    "vmap_memory_gb",
+    "chunk_steps",
+    "scan_unroll",
+    "eval_batch_size",
+    "input_projection",
+)
 
 _NEG = -1e9  # masked logits (the reference code's "large negative value")
 
@@ -147,9 +162,9 @@ class Config:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """A hash of everything that changes the numbers (not plots/checkpoint flags)."""
+        """A hash of every key that changes the numbers (all but :data:`OUTPUT_KEYS`)."""
         d = self.to_dict()
-        for k in ("plots", "checkpoint", "data_dir", "seeds", "methods", "vector_chunk"):
+        for k in OUTPUT_KEYS:
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -370,7 +370,15 @@ def test_merge_run_reports_orders_seeds_and_checks_inputs(tmp_path):
         random_init={"RGO": [[0.0, 0.1, 0.2]]},
         plots=False,
     )
-    out = report.merge_run_reports([tmp_path / "a", tmp_path / "b"], tmp_path / "m", plots=False)
+    with pytest.raises(ValueError, match="differ in 'chunk_steps'"):
+        report.merge_run_reports([tmp_path / "a", tmp_path / "b"], tmp_path / "m", plots=False)
+    with pytest.raises(TypeError, match="not the string"):
+        report.merge_run_reports([tmp_path / "a"], tmp_path / "m", free_keys="chunk_steps")
+    assert not (tmp_path / "m").exists()
+    # The caller names the keys that do not change the protocol.
+    out = report.merge_run_reports(
+        [tmp_path / "a", tmp_path / "b"], tmp_path / "m", free_keys=("chunk_steps",), plots=False
+    )
     # seed 1 (R3) before seed 3 (R3_LOW)
     assert out["RGO"]["acc"]["per_seed"] == pytest.approx([2.47 / 3, 2.38 / 3], abs=1e-12)
     # FWT = mean of R[j-1, j] - b_j, with R[0, 1] + R[1, 2] = 0.5 for both matrices; each

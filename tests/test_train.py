@@ -1,5 +1,6 @@
 """The harness end to end on the bundled digits: RGO keeps old tasks, runs resume."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -214,10 +215,16 @@ def test_runs_split_by_seed_merge_into_the_joint_run(tmp_path):
     # seed 1 first, seed 0 later, and the methods split too: the merge orders by seed.
     train.run(train.Config(**base, methods=("rgo", "sgd"), seeds=(1,)), tmp_path / "a", **quiet)
     train.run(train.Config(**base, methods=("sgd",), seeds=(0,)), tmp_path / "b", **quiet)
-    train.run(train.Config(**base, methods=("rgo",), seeds=(0,)), tmp_path / "c", **quiet)
-    merged = merge_run_reports(
-        [tmp_path / "a", tmp_path / "b", tmp_path / "c"], tmp_path / "m", plots=False
+    # A harness switch that does not change the protocol (evaluation batch) may differ.
+    train.run(
+        train.Config(**{**base, "eval_batch_size": 77}, methods=("rgo",), seeds=(0,)),
+        tmp_path / "c",
+        **quiet,
     )
+    parts = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+    with pytest.raises(ValueError, match="differ in 'eval_batch_size'"):
+        merge_run_reports(parts, tmp_path / "m", plots=False)
+    merged = merge_run_reports(parts, tmp_path / "m", free_keys=train.MERGE_FREE_KEYS, plots=False)
     for name in ("rgo", "sgd"):
         assert merged[name]["acc"]["per_seed"] == pytest.approx(
             joint["summaries"][name]["acc"]["per_seed"], abs=1e-6
@@ -235,7 +242,23 @@ def test_runs_split_by_seed_merge_into_the_joint_run(tmp_path):
         **quiet,
     )
     with pytest.raises(ValueError, match="differ in 'steps_per_task'"):
-        merge_run_reports([tmp_path / "a", tmp_path / "d"], tmp_path / "x", plots=False)
+        merge_run_reports(
+            [tmp_path / "a", tmp_path / "d"],
+            tmp_path / "x",
+            free_keys=train.MERGE_FREE_KEYS,
+            plots=False,
+        )
     with pytest.raises(ValueError, match="method 'sgd', seed 0"):
         merge_run_reports([tmp_path / "b", tmp_path / "j"], tmp_path / "x", plots=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_key_lists_name_config_fields():
+    fields = {f.name for f in dataclasses.fields(train.Config)}
+    assert set(train.MERGE_FREE_KEYS) <= fields
+    assert set(train.OUTPUT_KEYS) <= set(train.MERGE_FREE_KEYS)
+    # An output key leaves the fingerprint unchanged; a protocol key changes it.
+    cfg = train.Config()
+    assert dataclasses.replace(cfg, seeds=(5,), plots=False).fingerprint() == cfg.fingerprint()
+    assert dataclasses.replace(cfg, chunk_steps=7).fingerprint() != cfg.fingerprint()
+    assert dataclasses.replace(cfg, learning_rate=0.2).fingerprint() != cfg.fingerprint()
