@@ -31,7 +31,7 @@ GRID = {
     "sgd": ("learning_rate", [0.03, 0.1, 0.3]),
     "ewc": ("ewc_lambda", [1.0, 10.0, 100.0, 1000.0]),
     "online-ewc": ("ewc_lambda", [1.0, 10.0, 100.0, 1000.0]),
-    "owm": ("owm_alpha", [0.01, 0.1, 1.0, 10.0]),
+    "owm": ("owm_alpha", [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0]),
     "gpm": ("gpm_threshold", [0.9, 0.95, 0.97, 0.99]),
     "agem": ("agem_batch", [16.0, 64.0, 256.0]),
 }
@@ -45,11 +45,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--validation-fraction", type=float, default=0.1)
     ap.add_argument("--methods", default=",".join(GRID))
+    ap.add_argument(
+        "--values",
+        default=None,
+        help="comma-separated values to search instead of the grid (one method only)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in GRID]
+    if unknown:
+        ap.error(f"no search grid for {', '.join(unknown)}; known: {', '.join(GRID)}")
+    if args.values is not None and len(methods) != 1:
+        ap.error("--values needs exactly one method in --methods")
     base = train.Config(
         benchmark=args.benchmark,
         data_dir=args.data_dir,
@@ -61,8 +69,10 @@ def main() -> None:
         seeds=(0,),
     )
     search, chosen = {}, {}
-    for method in args.methods.split(","):
+    for method in methods:
         field, values = GRID[method]
+        if args.values is not None:
+            values = [float(v) for v in args.values.split(",")]
         rows = []
         for value in values:
             if field in {f.name for f in dataclasses.fields(train.Config)}:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -245,8 +245,42 @@ def get_method(name: str) -> Method:
 # --------------------------------------------------------------------------------------------
 
 
-def _opt(cfg, key, default):
-    return cfg.method_options.get(key, default)
+#: Every method option the harness reads (``Config.method_options``, ``--option``) and its
+#: default; for a string option, a tuple of the allowed values, the first the default.
+METHOD_OPTIONS: dict[str, Any] = {
+    "ewc_lambda": 10.0,
+    "ewc_gamma": 1.0,
+    "ewc_samples": 500,
+    "ewc_fisher": ("exact", "sampled", "empirical"),
+    "owm_alpha": 10.0,
+    "gpm_threshold": 0.97,
+    "gpm_threshold_step": 0.0,
+    "gpm_samples": 300,
+    "agem_per_task": 250,
+    "agem_batch": 64,
+}
+
+
+def check_method_options(options: Mapping[str, Any]) -> None:
+    """Raises ``ValueError`` naming any unknown option or a value of the wrong kind."""
+    for key, value in options.items():
+        if key not in METHOD_OPTIONS:
+            raise ValueError(
+                f"Unknown method option {key!r}; valid: {', '.join(sorted(METHOD_OPTIONS))}."
+            )
+        allowed = METHOD_OPTIONS[key]
+        if isinstance(allowed, tuple):
+            if value not in allowed:
+                raise ValueError(
+                    f"Method option {key!r} must be one of {', '.join(allowed)}; got {value!r}."
+                )
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"Method option {key!r} must be a number; got {value!r}.")
+
+
+def _opt(cfg, key):
+    default = METHOD_OPTIONS[key]
+    return cfg.method_options.get(key, default[0] if isinstance(default, tuple) else default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,20 +308,25 @@ def _ewc(name: str, online: bool) -> Method:
         return state._replace(num_tasks=jnp.zeros_like(state.num_tasks))
 
     def penalty(params, extra, cfg):
-        return extra.penalty(params, _opt(cfg, "ewc_lambda", 10.0))
+        return extra.penalty(params, _opt(cfg, "ewc_lambda"))
 
     def after_task(ctx: TaskContext, params, opt_state, extra):
-        n = min(len(ctx.x_train), _opt(ctx.config, "ewc_samples", 500))
+        n = min(len(ctx.x_train), int(_opt(ctx.config, "ewc_samples")))
         idx = ctx.rng.choice(len(ctx.x_train), size=n, replace=False)
+        kind = _opt(ctx.config, "ewc_fisher")
         fisher = baselines.diagonal_fisher(
             _AtTask(ctx.logits_fn, int(ctx.task)),
             params,
             jnp.asarray(ctx.x_train[idx]),
             jnp.asarray(ctx.y_train[idx]),
             class_mask=jnp.asarray(ctx.class_mask),
+            empirical=kind == "empirical",
+            # one label per example drawn from the model: a backward pass per example
+            # instead of one per example and class (the exact expectation)
+            rng=jax.random.key(int(ctx.rng.integers(2**31))) if kind == "sampled" else None,
         )
         extra = baselines.ewc_accumulate(
-            extra, params, fisher, online=online, gamma=_opt(ctx.config, "ewc_gamma", 1.0)
+            extra, params, fisher, online=online, gamma=_opt(ctx.config, "ewc_gamma")
         )
         return opt_state, extra
 
@@ -314,7 +353,7 @@ def _owm() -> Method:
     def step_kwargs(net, params, x, task, cfg, extra, step):
         return {
             "owm_inputs": net.inputs(params, x, task),
-            "owm_alpha": _opt(cfg, "owm_alpha", 10.0),
+            "owm_alpha": _opt(cfg, "owm_alpha"),
         }
 
     return Method(
@@ -334,7 +373,7 @@ def _gpm() -> Method:
         )
 
     def after_task(ctx: TaskContext, params, opt_state, extra):
-        n = min(len(ctx.x_train), _opt(ctx.config, "gpm_samples", 300))
+        n = min(len(ctx.x_train), int(_opt(ctx.config, "gpm_samples")))
         idx = ctx.rng.choice(len(ctx.x_train), size=n, replace=False)
         reps = ctx.inputs_fn(params, jnp.asarray(ctx.x_train[idx]), ctx.task)
         reps = jax.tree.map(np.asarray, reps)
@@ -342,8 +381,7 @@ def _gpm() -> Method:
         # (0.97 + 0.003 t); the default step 0 keeps it fixed (its MNIST setting).
         threshold = min(
             1.0,
-            _opt(ctx.config, "gpm_threshold", 0.97)
-            + ctx.task * _opt(ctx.config, "gpm_threshold_step", 0.0),
+            _opt(ctx.config, "gpm_threshold") + ctx.task * _opt(ctx.config, "gpm_threshold_step"),
         )
         return baselines.gpm_update_bases(opt_state, reps, threshold), extra
 
@@ -374,7 +412,7 @@ def _agem() -> Method:
         return optax.chain(baselines.agem(), optax.sgd(cfg.learning_rate))
 
     def init_extra(params, cfg, stream):
-        per_task = int(_opt(cfg, "agem_per_task", 250))
+        per_task = int(_opt(cfg, "agem_per_task"))
         cap = per_task * cfg.num_tasks
         return {
             "x": jnp.zeros((cap, *stream.input_shape), jnp.float32),
@@ -385,7 +423,7 @@ def _agem() -> Method:
 
     def step_kwargs(net, params, x, task, cfg, extra, step):
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(17), task), step)
-        size = int(_opt(cfg, "agem_batch", 64))
+        size = int(_opt(cfg, "agem_batch"))
         idx = jax.random.randint(key, (size,), 0, jnp.maximum(extra["n"], 1))
 
         def mem_loss(p):
@@ -398,7 +436,7 @@ def _agem() -> Method:
         return {"ref_grads": ref}
 
     def after_task(ctx: TaskContext, params, opt_state, extra):
-        per_task = int(_opt(ctx.config, "agem_per_task", 250))
+        per_task = int(_opt(ctx.config, "agem_per_task"))
         n = min(per_task, len(ctx.x_train))
         pick = ctx.rng.choice(len(ctx.x_train), size=n, replace=False)
         lo = int(extra["n"])

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from rgo_jax._methods import METHODS
+from rgo_jax._methods import METHOD_OPTIONS, METHODS
 from rgo_jax.train import BENCHMARKS, Config, run
 
 DEMO = {
@@ -100,8 +100,11 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="method option, repeatable: ewc_lambda, ewc_gamma, ewc_samples, "
-        "owm_alpha, gpm_threshold, gpm_threshold_step (added per task), gpm_samples, agem_batch",
+        help="method option, repeatable: "
+        + ", ".join(
+            f"{k} ({'|'.join(v)})" if isinstance(v, tuple) else f"{k} (default {v:g})"
+            for k, v in METHOD_OPTIONS.items()
+        ),
     )
     p.add_argument("--no-checkpoint", action="store_true", help="do not write checkpoints")
     p.add_argument(
@@ -159,7 +162,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"rgo-bench: --option {item!r} must be KEY=VALUE.")
-        options[key] = _convert(value, float, "--option " + key)
+        try:
+            options[key] = float(value)
+        except ValueError:
+            options[key] = value  # a string option (e.g. ewc_fisher=sampled)
     fields["method_options"] = options
     if args.no_checkpoint:
         fields["checkpoint"] = False

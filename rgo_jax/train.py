@@ -30,7 +30,13 @@ from rgo_jax import _report, data, models
 from rgo_jax._checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
 from rgo_jax._fast_curvature import use_reduced_kernel_gradients
 from rgo_jax._input_projection import input_projection_matrices, use_input_projection
-from rgo_jax._methods import METHODS, Method, TaskContext, get_method
+from rgo_jax._methods import (
+    METHODS,
+    Method,
+    TaskContext,
+    check_method_options,
+    get_method,
+)
 
 __all__ = ["BENCHMARKS", "MERGE_FREE_KEYS", "OUTPUT_KEYS", "Config", "build_stream", "run"]
 
@@ -128,6 +134,7 @@ class Config:
             )
         for m in self.methods:
             get_method(m)
+        check_method_options(self.method_options)
         if not self.methods:
             raise ValueError("methods is empty: name at least one (e.g. rgo,sgd).")
         for name in (

@@ -1,5 +1,6 @@
 """Every registered method runs through the harness; method-specific state behaves."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -128,3 +129,42 @@ def test_after_task_keeps_no_reference_to_the_task_data(name):
         del ctx, x
     gc.collect()
     assert [r() is None for r in refs] == [True, True]
+
+
+def _ewc_fisher(kind: str, samples: int):
+    """The Fisher that the harness's EWC stores after task 0 of the digits, by ``kind``."""
+    from rgo_jax._methods import TaskContext
+
+    method = METHODS["ewc"]
+    cfg = train.Config(**TINY, method_options={"ewc_fisher": kind, "ewc_samples": samples})
+    stream = train.build_stream(cfg, 0)
+    graphdef, params, rest = train._build(cfg, method, stream, 0)
+    net = train._Net(graphdef, rest)
+    extra = method.init_extra(params, cfg, stream)
+    x, y = stream.get_split(0, "train")
+    ctx = TaskContext(
+        task=0,
+        x_train=x,
+        y_train=y,
+        class_mask=stream.class_mask(0),
+        logits_fn=net.logits,
+        inputs_fn=net.inputs,
+        rng=np.random.default_rng(0),
+        config=cfg,
+    )
+    _, extra = method.after_task(ctx, params, method.make_tx(cfg).init(params), extra)
+    return np.concatenate([np.ravel(v) for v in jax.tree.leaves(extra.fisher)])
+
+
+def test_ewc_fisher_option_picks_the_estimator():
+    """exact: the expectation over the model's classes; sampled: one label per example from
+    the model, unbiased for it; empirical: the true labels (a different quantity)."""
+    exact = _ewc_fisher("exact", 400)
+    sampled = _ewc_fisher("sampled", 400)
+    empirical = _ewc_fisher("empirical", 400)
+    assert not np.allclose(sampled, exact)
+    # the sampled estimator averages to the exact one: total mass within 15 %
+    assert sampled.sum() == pytest.approx(exact.sum(), rel=0.15)
+    assert np.corrcoef(sampled, exact)[0, 1] > 0.9
+    # at random init the model is far from the labels: the empirical Fisher differs
+    assert not np.allclose(empirical, exact, rtol=0.1)

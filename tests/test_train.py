@@ -106,6 +106,10 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path):
         (["--methods", "rgo,adamw"], "Unknown method 'adamw'"),
         (["--tasks", "x"], "--tasks 'x' is not a valid value"),
         (["--config", "missing.json"], "does not exist"),
+        (["--option", "ewc_lamda=3"], "Unknown method option 'ewc_lamda'"),
+        (["--option", "ewc_fisher=sample"], "'ewc_fisher' must be one of exact, sampled"),
+        (["--option", "ewc_fisher=2"], "'ewc_fisher' must be one of"),
+        (["--option", "owm_alpha=big"], "'owm_alpha' must be a number"),
     ],
 )
 def test_bad_configuration_fails_at_once(argv, message, capsys):
