@@ -4,7 +4,8 @@ Only the small files are copied (config, raw matrices, summary, plots; never che
 and ``PROVENANCE.md`` records the command, the commit the run started from, the machine and
 the wall time. Several run directories of one protocol (e.g. seeds 0-2 and, later, seeds
 3-4) are merged into one report by :func:`rgo_jax.merge_run_reports`; give one ``--command``
-per run, in the same order.
+per run, in the same order. ``--exclude RUN_DIR:METHOD`` leaves one method of one run out of
+the merge (a method rerun later, e.g. with a hyperparameter found on a wider search).
 
     python benchmarks/publish.py runs/pmnist benchmarks/results/permuted_mnist \\
         --command "rgo-bench --config ..." --commit abc1234 --wall "27 min"
@@ -32,6 +33,13 @@ def main() -> None:
     ap.add_argument("--commit", required=True, action="append", help="once, or once per RUN_DIR")
     ap.add_argument("--wall", default="not recorded")
     ap.add_argument("--note", default="")
+    ap.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="RUN_DIR:METHOD",
+        help="leave METHOD of RUN_DIR out of the merge (repeatable)",
+    )
     args = ap.parse_args()
     srcs, dest = [Path(d) for d in args.run_dirs], Path(args.dest)
     for src in srcs:
@@ -42,13 +50,22 @@ def main() -> None:
             f"{len(srcs)} run directories need {len(srcs)} --command and 1 or {len(srcs)} "
             f"--commit, got {len(args.command)} and {len(args.commit)}."
         )
-    dest.mkdir(parents=True, exist_ok=True)
-    if len(srcs) == 1:
+    exclude = []
+    for item in args.exclude:
+        run_dir, sep, method = item.rpartition(":")
+        if not sep or not run_dir or not method:
+            raise SystemExit(f"--exclude {item!r} must be RUN_DIR:METHOD.")
+        exclude.append((run_dir, method))
+    if len(srcs) == 1 and not exclude:
+        dest.mkdir(parents=True, exist_ok=True)
         for f in sorted(srcs[0].iterdir()):
             if f.is_file() and f.suffix in {".json", ".md", ".png"}:
                 shutil.copy2(f, dest / f.name)
     else:
-        merge_run_reports(srcs, dest, free_keys=MERGE_FREE_KEYS)
+        try:
+            merge_run_reports(srcs, dest, free_keys=MERGE_FREE_KEYS, exclude=exclude)
+        except (ValueError, FileNotFoundError) as err:
+            raise SystemExit(f"publish: not merged: {err}") from None
     cpu = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -58,13 +75,14 @@ def main() -> None:
     except OSError:
         pass
     commits = args.commit * len(srcs) if len(args.commit) == 1 else args.commit
-    if len(srcs) == 1:
+    if len(srcs) == 1 and not exclude:
         runs = f"- command: `{args.command[0]}`\n- commit: `{commits[0]}`\n"
     else:
         runs = f"- merged from {len(srcs)} runs (`rgo_jax.merge_run_reports`), in this order:\n"
         runs += "".join(
             f"  - `{c}` at commit `{k}`\n" for c, k in zip(args.command, commits, strict=True)
         )
+        runs += "".join(f"  - left out: `{m}` of `{Path(d).name}`\n" for d, m in exclude)
     text = (
         f"# Provenance\n\n{runs}"
         f"- machine: {platform.platform()}, {cpu}, {os.cpu_count()} cores, "

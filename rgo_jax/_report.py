@@ -824,7 +824,17 @@ def _summary_markdown(summaries, stems, task_names, ddof, bwt_divisor, plots) ->
 # an earlier merge added, and the software that ran. The harness names its own speed and
 # output switches through ``free_keys``.
 _MERGE_OWN_KEYS = frozenset(
-    {"methods", "seeds", "method_options", "jax", "backend", "merged_from", "seeds_per_method"}
+    {
+        "methods",
+        "seeds",
+        "method_options",
+        "method_options_per_method",
+        "jax",
+        "backend",
+        "merged_from",
+        "merged_excluded",
+        "seeds_per_method",
+    }
 )
 
 
@@ -850,6 +860,7 @@ def merge_run_reports(
     out_dir: str | os.PathLike,
     *,
     free_keys: Iterable[str] = (),
+    exclude: Iterable[tuple[str | os.PathLike, str]] = (),
     plots: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Merges finished runs of one protocol into one report (e.g. more seeds, more methods).
@@ -857,10 +868,11 @@ def merge_run_reports(
     Each run directory is one written by :func:`write_run_report` from the benchmark harness
     (``config.json`` with ``seeds``, ``results.json``). The runs must agree on every
     configuration key but the methods, the seeds, the method options, the software versions
-    and ``free_keys``; method options may differ only in keys that just one run sets. A
-    (method, seed) pair may come from one run only. The merged matrices are ordered by seed,
-    and the merged ``config.json`` records the source runs (directory names only) and the
-    seeds of every method.
+    and ``free_keys``. The runs that give one method must agree on every method option they
+    both set; runs of different methods may differ (the merged ``config.json`` keeps each
+    method's options in ``method_options_per_method``). A (method, seed) pair may come from
+    one run only. The merged matrices are ordered by seed, and the merged ``config.json``
+    records the source runs (directory names only) and the seeds of every method.
 
     Args:
       run_dirs: the run directories, in any order.
@@ -869,6 +881,8 @@ def merge_run_reports(
         that do not change the protocol (for the benchmark harness,
         :data:`rgo_jax.train.MERGE_FREE_KEYS`). The merged ``config.json`` keeps the first
         run's values of these.
+      exclude: ``(run_dir, method)`` pairs left out of the merge: a method of a run that a
+        later run supersedes (e.g. rerun with another hyperparameter).
       plots: draw the PNG plots.
 
     Returns:
@@ -883,12 +897,27 @@ def merge_run_reports(
     free = _MERGE_OWN_KEYS | set(free_keys)
     base: dict | None = None
     base_dir = None
-    options: dict[str, Any] = {}
-    option_src: dict[str, str] = {}
+    # Method options are checked per method: the runs that give one method must agree on
+    # every option they both set (runs of other methods may use other values).
+    options: dict[str, dict[str, Any]] = {}
+    option_src: dict[str, dict[str, str]] = {}
     per_method: dict[str, dict[int, tuple[Any, Any]]] = {}
     conventions = None
-    for run_dir in run_dirs:
+    keys = [os.path.normpath(d) for d in run_dirs]
+    skip: dict[str, set[str]] = {}
+    for run_dir, method in exclude:
+        key = os.path.normpath(run_dir)
+        if key not in keys:
+            raise ValueError(f"exclude names {run_dir}, which is not one of the runs merged.")
+        skip.setdefault(key, set()).add(method)
+    for run_dir, key in zip(run_dirs, keys, strict=True):
         config, results = _read_run(run_dir)
+        unknown = skip.get(key, set()) - set(results["methods"])
+        if unknown:
+            raise ValueError(
+                f"exclude names method(s) {sorted(unknown)} that {run_dir} does not have "
+                f"(it has {sorted(results['methods'])})."
+            )
         conv = (results.get("bwt_divisor", "T-1"), results.get("std_ddof", 0))
         protocol = {k: v for k, v in config.items() if k not in free}
         if base is None:
@@ -905,15 +934,21 @@ def merge_run_reports(
                 raise ValueError(
                     f"{run_dir} uses BWT divisor / std ddof {conv}, {base_dir} uses {conventions}."
                 )
-        for k, v in (config.get("method_options") or {}).items():
-            if k in options and options[k] != v:
-                raise ValueError(
-                    f"method option {k!r} is {v!r} in {run_dir} but {options[k]!r} in "
-                    f"{option_src[k]}."
-                )
-            options[k], option_src[k] = v, str(run_dir)
         seeds = [int(s) for s in config["seeds"]]
         for method, entry in results["methods"].items():
+            if method in skip.get(key, ()):
+                continue
+            run_options = (config.get("method_options_per_method") or {}).get(
+                method, config.get("method_options") or {}
+            )
+            opts, srcs = options.setdefault(method, {}), option_src.setdefault(method, {})
+            for k, v in run_options.items():
+                if k in opts and opts[k] != v:
+                    raise ValueError(
+                        f"method option {k!r} is {v!r} in {run_dir} but {opts[k]!r} in "
+                        f"{srcs[k]}, and both give method {method!r}."
+                    )
+                opts[k], srcs[k] = v, str(run_dir)
             mats = entry.get("matrices") or []
             if len(mats) != len(seeds):
                 raise ValueError(
@@ -944,9 +979,20 @@ def merge_run_reports(
     config = dict(base)
     config["methods"] = list(per_method)
     config["seeds"] = sorted({s for slot in per_method.values() for s in slot})
-    config["method_options"] = options
+    # Top level: the options on which every method agrees; per method: all of its own.
+    shared: dict[str, Any] = {}
+    clash: set[str] = set()
+    for opts in options.values():
+        for k, v in opts.items():
+            if k in shared and shared[k] != v:
+                clash.add(k)
+            shared.setdefault(k, v)
+    config["method_options"] = {k: v for k, v in shared.items() if k not in clash}
+    config["method_options_per_method"] = options
     config["seeds_per_method"] = {m: sorted(slot) for m, slot in per_method.items()}
-    config["merged_from"] = [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+    config["merged_from"] = [os.path.basename(k) for k in keys]
+    if skip:
+        config["merged_excluded"] = {os.path.basename(k): sorted(m) for k, m in skip.items()}
     return write_run_report(
         out_dir,
         config=config,

@@ -5,6 +5,7 @@ import math
 import os
 import re
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -404,4 +405,75 @@ def test_merge_run_reports_orders_seeds_and_checks_inputs(tmp_path):
         report.merge_run_reports([tmp_path / "d"], tmp_path / "x")
     with pytest.raises(FileNotFoundError, match="config.json: missing"):
         report.merge_run_reports([tmp_path / "nope"], tmp_path / "x")
+
+    # SGD rerun with another option value supersedes run a's SGD: excluded, it merges.
+    sgd_e = np.array([[0.9, NAN, NAN], [0.8, 0.95, NAN], [0.7, 0.8, 0.96]])
+    report.write_run_report(
+        tmp_path / "e",
+        config={"lr": 0.1, "seeds": [3], "method_options": {"k": 2}},
+        matrices={"SGD": [sgd_e]},
+        plots=False,
+    )
+    with pytest.raises(ValueError, match="'k' is 2 .* both give method 'SGD'"):
+        report.merge_run_reports([tmp_path / "a", tmp_path / "e"], tmp_path / "x")
+    with pytest.raises(ValueError, match=r"method\(s\) \['OWM'\] that .* does not have"):
+        report.merge_run_reports(
+            [tmp_path / "a"], tmp_path / "x", exclude=[(tmp_path / "a", "OWM")]
+        )
+    with pytest.raises(ValueError, match="not one of the runs merged"):
+        report.merge_run_reports(
+            [tmp_path / "a"], tmp_path / "x", exclude=[(tmp_path / "z", "SGD")]
+        )
     assert not (tmp_path / "x").exists()
+    out = report.merge_run_reports(
+        [tmp_path / "a", tmp_path / "e"],
+        tmp_path / "m2",
+        exclude=[(str(tmp_path / "a") + "/", "SGD")],
+        plots=False,
+    )
+    assert out["SGD"]["acc"]["per_seed"] == pytest.approx([2.46 / 3], abs=1e-12)
+    assert out["RGO"]["acc"]["per_seed"] == pytest.approx([2.38 / 3], abs=1e-12)
+    cfg = json.loads((tmp_path / "m2" / "config.json").read_text())
+    assert cfg["method_options"] == {}  # 'k' differs between the methods: per method only
+    assert cfg["method_options_per_method"] == {"RGO": {"k": 1}, "SGD": {"k": 2}}
+    assert cfg["merged_excluded"] == {"a": ["SGD"]}
+    # a merged report merges again, each method keeping its own options
+    again = report.merge_run_reports(
+        [tmp_path / "m2", tmp_path / "b"], tmp_path / "m3", free_keys=("chunk_steps",), plots=False
+    )
+    assert again["RGO"]["acc"]["per_seed"] == pytest.approx([2.47 / 3, 2.38 / 3], abs=1e-12)
+    cfg = json.loads((tmp_path / "m3" / "config.json").read_text())
+    assert cfg["method_options_per_method"] == {"RGO": {"k": 1, "j": 2}, "SGD": {"k": 2}}
+    assert not (tmp_path / "x").exists()
+
+
+def test_publish_merges_and_records_what_it_left_out(tmp_path):
+    import subprocess
+    import sys
+
+    sgd = np.array([[0.9, NAN, NAN], [0.4, 0.95, NAN], [0.2, 0.3, 0.96]])
+    for name, seed, opts, mats in (
+        ("a", 0, {"k": 1}, {"RGO": [R3], "SGD": [sgd]}),
+        ("b", 0, {"k": 2}, {"SGD": [sgd * 0.9]}),
+    ):
+        report.write_run_report(
+            tmp_path / name,
+            config={"seeds": [seed], "method_options": opts},
+            matrices=mats,
+            plots=False,
+        )
+    script = Path(__file__).parents[1] / "benchmarks" / "publish.py"
+    argv = [sys.executable, str(script), str(tmp_path / "a"), str(tmp_path / "b")]
+    argv += [str(tmp_path / "out"), "--command", "cmd a", "--command", "cmd b", "--commit", "c1"]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert done.returncode != 0 and "both give method 'SGD'" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+    done = subprocess.run(
+        [*argv, "--exclude", f"{tmp_path / 'a'}:SGD"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["seeds_per_method"] == {"RGO": [0], "SGD": [0]}
+    assert cfg["method_options_per_method"] == {"RGO": {"k": 1}, "SGD": {"k": 2}}
+    provenance = (tmp_path / "out" / "PROVENANCE.md").read_text()
+    assert "`cmd b` at commit `c1`" in provenance and "left out: `SGD` of `a`" in provenance
