@@ -445,16 +445,26 @@ class _Progress:
 
 def _task_arrays(stream, t, cfg: Config, method: Method):
     """Training inputs, labels, per-sample masks and per-sample task ids for task ``t``."""
-    tasks = range(t + 1) if method.joint else [t]
-    xs, ys, ms, ts = [], [], [], []
     masks = stream.class_masks()
-    for k in tasks:
-        x, y = stream.get_split(k, "train")
-        xs.append(x)
-        ys.append(y)
-        ms.append(np.broadcast_to(masks[k], (len(y), stream.num_classes)))
-        ts.append(np.full(len(y), k, np.int32))
-    return np.concatenate(xs), np.concatenate(ys), np.concatenate(ms), np.concatenate(ts)
+    if not method.joint:
+        x, y = stream.get_split(t, "train")
+        m = np.broadcast_to(masks[t], (len(y), stream.num_classes))
+        return x, y, m, np.full(len(y), t, np.int32)
+    # Joint training: every task so far. Each task is moved into one buffer and dropped at
+    # once (``np.empty`` pages are committed as they are written), so the data is held about
+    # once, not twice as a list of tasks and their concatenation.
+    xs, ys = map(list, zip(*(stream.get_split(k, "train") for k in range(t + 1)), strict=True))
+    sizes = [len(yk) for yk in ys]
+    x = np.empty((sum(sizes), *xs[0].shape[1:]), xs[0].dtype)
+    y = np.concatenate(ys)
+    m = np.repeat(np.asarray(masks[: t + 1]), sizes, axis=0)
+    ids = np.repeat(np.arange(t + 1, dtype=np.int32), sizes)
+    lo = 0
+    for k, n in enumerate(sizes):
+        x[lo : lo + n] = xs[k]
+        xs[k] = None
+        lo += n
+    return x, y, m, ids
 
 
 def _step_indices(n: int, steps: int, batch: int, seed: int, t: int) -> np.ndarray:

@@ -266,3 +266,25 @@ def test_key_lists_name_config_fields():
     assert dataclasses.replace(cfg, seeds=(5,), plots=False).fingerprint() == cfg.fingerprint()
     assert dataclasses.replace(cfg, chunk_steps=7).fingerprint() != cfg.fingerprint()
     assert dataclasses.replace(cfg, learning_rate=0.2).fingerprint() != cfg.fingerprint()
+
+
+def test_joint_training_data_is_every_task_so_far():
+    """Joint training sees the concatenation of tasks 0..t (tasks of different sizes), with
+    each task's class mask and id; other methods see task t alone."""
+    from rgo_jax._methods import METHODS
+
+    cfg = train.Config(benchmark="split_digits", num_tasks=3)
+    stream = train.build_stream(cfg, 0)
+    masks = stream.class_masks()
+    splits = [stream.get_split(k, "train") for k in range(3)]
+    assert len({len(y) for _, y in splits}) > 1
+    for name in ("joint", "sgd"):
+        for t in range(3):
+            tasks = range(t + 1) if METHODS[name].joint else [t]
+            x, y, m, ids = train._task_arrays(stream, t, cfg, METHODS[name])
+            np.testing.assert_array_equal(x, np.concatenate([splits[k][0] for k in tasks]))
+            np.testing.assert_array_equal(y, np.concatenate([splits[k][1] for k in tasks]))
+            sizes = [len(splits[k][1]) for k in tasks]
+            np.testing.assert_array_equal(m, np.repeat(masks[list(tasks)], sizes, axis=0))
+            np.testing.assert_array_equal(ids, np.repeat(list(tasks), sizes))
+            assert ids.dtype == np.int32 and m.dtype == bool
