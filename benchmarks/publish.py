@@ -14,6 +14,7 @@ the merge (a method rerun later, e.g. with a hyperparameter found on a wider sea
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import jax
 
-from rgo_jax import merge_run_reports, write_text_atomic
+from rgo_jax import merge_run_reports, write_json_atomic, write_text_atomic
 from rgo_jax.train import MERGE_FREE_KEYS
 
 
@@ -66,6 +67,13 @@ def main() -> None:
             merge_run_reports(srcs, dest, free_keys=MERGE_FREE_KEYS, exclude=exclude)
         except (ValueError, FileNotFoundError) as err:
             raise SystemExit(f"publish: not merged: {err}") from None
+    # The data directory is a path of the machine that ran: recorded as the commands'
+    # placeholder, not as that path.
+    config_path = dest / "config.json"
+    config = json.loads(config_path.read_text())
+    if config.get("data_dir") and os.path.isabs(config["data_dir"]):
+        config["data_dir"] = "DATA"
+        write_json_atomic(config_path, config)
     cpu = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -458,7 +458,7 @@ def test_publish_merges_and_records_what_it_left_out(tmp_path):
     ):
         report.write_run_report(
             tmp_path / name,
-            config={"seeds": [seed], "method_options": opts},
+            config={"seeds": [seed], "method_options": opts, "data_dir": str(tmp_path)},
             matrices=mats,
             plots=False,
         )
@@ -475,5 +475,6 @@ def test_publish_merges_and_records_what_it_left_out(tmp_path):
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["seeds_per_method"] == {"RGO": [0], "SGD": [0]}
     assert cfg["method_options_per_method"] == {"RGO": {"k": 1}, "SGD": {"k": 2}}
+    assert cfg["data_dir"] == "DATA"  # not the path of the machine that ran
     provenance = (tmp_path / "out" / "PROVENANCE.md").read_text()
     assert "`cmd b` at commit `c1`" in provenance and "left out: `SGD` of `a`" in provenance
