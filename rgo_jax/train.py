@@ -624,11 +624,10 @@ def _run_group(cfg: Config, method: Method, seeds: tuple[int, ...], workdir: Pat
         for i, ln in enumerate(lanes):
             p_i, o_i, e_i = _unstack(params, i), _unstack(opt_state, i), _unstack(extra, i)
             if method.after_task is not None:
-                x, y = arrays[i][0], arrays[i][1]
                 ctx = TaskContext(
                     task=t,
-                    x_train=x,
-                    y_train=y,
+                    x_train=arrays[i][0],
+                    y_train=arrays[i][1],
                     class_mask=ln.masks[t],
                     logits_fn=net.logits,
                     inputs_fn=net.inputs,
@@ -637,6 +636,7 @@ def _run_group(cfg: Config, method: Method, seeds: tuple[int, ...], workdir: Pat
                     config=cfg,
                 )
                 o_i, e_i = method.after_task(ctx, p_i, o_i, e_i)
+                del ctx
             new_opt.append(o_i)
             new_extra.append(e_i)
             if method.fresh_network_per_task:
@@ -663,6 +663,9 @@ def _run_group(cfg: Config, method: Method, seeds: tuple[int, ...], workdir: Pat
                         },
                     },
                 )
+        # Drop this task's training data before the next task's is built (joint training:
+        # otherwise both tasks' GBs are held at once).
+        del arrays
         opt_state, extra = _stack(new_opt), _stack(new_extra)
         yield t, lanes, random_init
     progress.close()
