@@ -605,9 +605,10 @@ def _run_group(cfg: Config, method: Method, seeds: tuple[int, ...], workdir: Pat
                 for a, ln in zip(arrays, lanes, strict=True)
             ]
         )
-        # One seed: a view, not a stacked copy (joint training's data is GBs).
+        # One seed: a view, not a stacked copy (joint training's data is GBs); device_put
+        # copies once, where jnp.asarray holds a second transient copy on CPU.
         dx, dy, dm, dt = (
-            jnp.asarray(np.stack(col) if len(col) > 1 else col[0][None])
+            jax.device_put(np.stack(col) if len(col) > 1 else col[0][None])
             for col in zip(*arrays, strict=True)
         )
         for lo in range(0, cfg.steps_per_task, cfg.chunk_steps):
