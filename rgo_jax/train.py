@@ -342,11 +342,13 @@ def _make_chunk_fn(net: _Net, tx, method: Method, cfg: Config):
         return loss
 
     def chunk(params, opt_state, extra, xs, ys, masks, tasks, idx, steps):
+        # The chunk's batches are gathered before the loop: a scan body that indexes the
+        # whole training set makes XLA copy it into the loop's state (GBs in joint training).
+        batches = (xs[idx], ys[idx], masks[idx], tasks[idx[:, 0]])
+
         def body(carry, inputs):
             params, opt_state = carry
-            step_idx, step = inputs
-            x, y = xs[step_idx], ys[step_idx]
-            mask, task = masks[step_idx], tasks[step_idx[0]]
+            (x, y, mask, task), step = inputs
             projection = (
                 input_projection_matrices(opt_state, models.LINEAR_KERNELS)
                 if input_projected
@@ -360,7 +362,7 @@ def _make_chunk_fn(net: _Net, tx, method: Method, cfg: Config):
             return (optax.apply_updates(params, updates), opt_state), loss
 
         (params, opt_state), losses = jax.lax.scan(
-            body, (params, opt_state), (idx, steps), unroll=min(cfg.scan_unroll, len(steps))
+            body, (params, opt_state), (batches, steps), unroll=min(cfg.scan_unroll, len(steps))
         )
         return params, opt_state, losses
 
