@@ -288,4 +288,3 @@ def test_joint_training_data_is_every_task_so_far():
             np.testing.assert_array_equal(m, np.repeat(masks[list(tasks)], sizes, axis=0))
             np.testing.assert_array_equal(ids, np.repeat(list(tasks), sizes))
             assert ids.dtype == np.int32 and m.dtype == bool
-
