@@ -57,7 +57,8 @@ def main() -> None:
         if not sep or not run_dir or not method:
             raise SystemExit(f"--exclude {item!r} must be RUN_DIR:METHOD.")
         exclude.append((run_dir, method))
-    if len(srcs) == 1 and not exclude:
+    merged = len(srcs) > 1 or bool(exclude)
+    if not merged:
         dest.mkdir(parents=True, exist_ok=True)
         for f in sorted(srcs[0].iterdir()):
             if f.is_file() and f.suffix in {".json", ".md", ".png"}:
@@ -83,7 +84,7 @@ def main() -> None:
     except OSError:
         pass
     commits = args.commit * len(srcs) if len(args.commit) == 1 else args.commit
-    if len(srcs) == 1 and not exclude:
+    if not merged:
         runs = f"- command: `{args.command[0]}`\n- commit: `{commits[0]}`\n"
     else:
         runs = f"- merged from {len(srcs)} runs (`rgo_jax.merge_run_reports`), in this order:\n"

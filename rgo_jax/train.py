@@ -456,16 +456,16 @@ def _task_arrays(stream, t, cfg: Config, method: Method):
     # Joint training: every task so far. Each task is moved into one buffer and dropped at
     # once (``np.empty`` pages are committed as they are written), so the data is held about
     # once, not twice as a list of tasks and their concatenation.
-    xs, ys = map(list, zip(*(stream.get_split(k, "train") for k in range(t + 1)), strict=True))
-    sizes = [len(yk) for yk in ys]
-    x = np.empty((sum(sizes), *xs[0].shape[1:]), xs[0].dtype)
-    y = np.concatenate(ys)
-    m = np.repeat(np.asarray(masks[: t + 1]), sizes, axis=0)
+    parts = [stream.get_split(k, "train") for k in range(t + 1)]
+    sizes = [len(yk) for _, yk in parts]
+    x = np.empty((sum(sizes), *parts[0][0].shape[1:]), parts[0][0].dtype)
+    y = np.concatenate([yk for _, yk in parts])
+    m = np.repeat(masks[: t + 1], sizes, axis=0)
     ids = np.repeat(np.arange(t + 1, dtype=np.int32), sizes)
     lo = 0
     for k, n in enumerate(sizes):
-        x[lo : lo + n] = xs[k]
-        xs[k] = None
+        x[lo : lo + n] = parts[k][0]
+        parts[k] = None
         lo += n
     return x, y, m, ids
 
