@@ -87,6 +87,36 @@ def test_true_fisher_of_linear_softmax_by_hand():
     np.testing.assert_allclose(f["b"], want_b, rtol=1e-5, atol=1e-7)
 
 
+class _Unhashable:
+    """A logits function that cannot be a static jit argument."""
+
+    __hash__ = None
+
+    def __call__(self, p, x):
+        return _linear(p, x)
+
+
+@pytest.mark.parametrize("kind", ["exact", "sampled"])
+def test_fisher_same_for_any_unroll_and_unhashable_logits_fn(kind):
+    # Unrolling the scan over chunks (the fast path for conv nets on CPU) changes only speed;
+    # an unhashable logits function (not a static jit argument) takes the traced path.
+    rng = np.random.default_rng(6)
+    params, x, y = _linear_problem(rng, n=7)
+    key = jax.random.key(1) if kind == "sampled" else None
+
+    def fisher(fn, unroll):
+        return diagonal_fisher(fn, params, x, jnp.asarray(y), rng=key, chunk_size=3, unroll=unroll)
+
+    rolled = fisher(_linear, 1)
+    assert float(jnp.sum(rolled["b"])) > 0
+    for other in (fisher(_linear, 2), fisher(_linear, True), fisher(_Unhashable(), 5)):
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), rolled, other
+        )
+    with pytest.raises(ValueError, match="unroll must be True or a positive int"):
+        fisher(_linear, 0)
+
+
 def test_empirical_fisher_uses_the_labels():
     rng = np.random.default_rng(2)
     params, x, y = _linear_problem(rng, n=6)

@@ -286,6 +286,7 @@ def diagonal_fisher(
     empirical: bool = False,
     rng: jax.Array | None = None,
     chunk_size: int = 16,
+    unroll: int | bool = 1,
 ) -> Any:
     r"""The diagonal Fisher information of a classifier, averaged over the examples.
 
@@ -317,6 +318,10 @@ def diagonal_fisher(
       rng: a PRNG key for the sampled estimator.
       chunk_size: examples per vmapped chunk (memory: ``chunk_size x kept classes x
         params`` floats for the exact estimator).
+      unroll: chunks unrolled in the ``lax.scan`` over them (``True``: all). XLA on CPU runs
+        convolutions about 10x slower inside a loop than in straight-line code: for a conv
+        net on CPU unroll a few chunks (the harness passes its ``scan_unroll``); for a dense
+        net the rolled loop is faster (it reuses its buffers).
 
     Returns:
       A float32 tree like ``params``.
@@ -333,6 +338,8 @@ def diagonal_fisher(
         raise ValueError("diagonal_fisher: pass either empirical=True or rng=, not both.")
     if chunk_size < 1:
         raise ValueError(f"diagonal_fisher: chunk_size must be positive, got {chunk_size}.")
+    if not isinstance(unroll, bool) and (not isinstance(unroll, int) or unroll < 1):
+        raise ValueError(f"diagonal_fisher: unroll must be True or a positive int, got {unroll!r}.")
     x = jnp.asarray(x)
     labels = jnp.asarray(labels)
     n = x.shape[0]
@@ -364,6 +371,7 @@ def diagonal_fisher(
         empirical=empirical,
         sampled=rng is not None,
         chunk=b,
+        unroll=unroll,
     )
     try:
         hash(logits_fn)
@@ -373,7 +381,19 @@ def diagonal_fisher(
 
 
 def _fisher_impl(
-    params, x, labels, cls, kept, keys, *, logits_fn, num_classes, empirical, sampled, chunk
+    params,
+    x,
+    labels,
+    cls,
+    kept,
+    keys,
+    *,
+    logits_fn,
+    num_classes,
+    empirical,
+    sampled,
+    chunk,
+    unroll,
 ):
     """Scan over chunks of ``chunk`` examples (zero-weight padding), vmap within a chunk."""
     n = x.shape[0]
@@ -404,10 +424,11 @@ def _fisher_impl(
     zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
     keys = keys if sampled else padded(keys)
     blocks = tuple(t.reshape(-1, chunk, *t.shape[1:]) for t in (padded(x), padded(labels), w, keys))
-    fisher, _ = jax.lax.scan(body, zeros, blocks)
+    fisher, _ = jax.lax.scan(body, zeros, blocks, unroll=unroll)
     return fisher
 
 
 _fisher_jit = jax.jit(
-    _fisher_impl, static_argnames=("logits_fn", "num_classes", "empirical", "sampled", "chunk")
+    _fisher_impl,
+    static_argnames=("logits_fn", "num_classes", "empirical", "sampled", "chunk", "unroll"),
 )

@@ -1,0 +1,162 @@
+"""EWC's diagonal Fisher: the scan over chunks of examples rolled vs unrolled.
+
+``rgo_jax.baselines.diagonal_fisher`` vmaps the per-example backward passes over a chunk of
+examples and runs the chunks in a ``lax.scan``; ``unroll`` unrolls that many chunks. This
+times ``unroll=1`` and ``unroll=U`` (default 10, the conv configs' ``scan_unroll``, which
+the harness passes), side by side in interleaved rounds, for each estimator (``exact``: a
+backward pass per example and task class; ``sampled``: one per example) on the conv net of
+the conv benchmarks (``configs/multi_dataset.json``: AlexNet-style, fc 256-256, 30-way
+head, a task of 10 classes) and the paper MLP (10-way head, 10 classes), and checks that
+both give the same Fisher.
+
+Command and cost (2-core CPU): ``python benchmarks/perf/bench_fisher.py``, about 3 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+
+import _common as C
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rgo_jax.baselines import diagonal_fisher
+from rgo_jax.models import build_model
+
+MODELS = {
+    "alexnet": dict(num_classes=30, input_shape=(32, 32, 3), hidden=(256, 256), task=2),
+    "mlp": dict(num_classes=10, input_shape=(28, 28, 1), hidden=(256, 256), task=1),
+}
+
+
+class _Logits:
+    """``logits_fn(params, x)`` of a model at one task (hashable: a static jit argument)."""
+
+    def __init__(self, graphdef, rest, task):
+        self.graphdef, self.rest, self.task = graphdef, rest, task
+
+    def __call__(self, params, x):
+        return nnx.merge(self.graphdef, params, self.rest)(x, self.task)
+
+
+def _time_interleaved(fns: dict, rounds: int) -> dict[str, list[float]]:
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            samples[name].append(time.perf_counter() - t0)
+    return samples
+
+
+def model_case(name: str, n: int, rounds: int, unroll: int) -> dict:
+    cfg = dict(MODELS[name])
+    task = cfg.pop("task")
+    graphdef, params, rest = nnx.split(build_model(name, **cfg), nnx.Param, ...)
+    logits_fn = _Logits(graphdef, rest, task)
+    rng = np.random.default_rng(0)
+    k = cfg["num_classes"]
+    x = jnp.asarray(rng.normal(size=(n, *cfg["input_shape"])), jnp.float32)
+    y = jnp.asarray(rng.integers(k - 10, k, size=n), jnp.int32)
+    mask = jnp.arange(k) >= k - 10
+    out = {"model": name, "examples": n, "kept_classes": 10, "estimators": {}}
+    for est in ("exact", "sampled"):
+        key = jax.random.key(0) if est == "sampled" else None
+        fns = {
+            tag: functools.partial(
+                diagonal_fisher, logits_fn, params, x, y, class_mask=mask, rng=key, unroll=u
+            )
+            for tag, u in (("rolled", 1), ("unrolled", unroll))
+        }
+        first, first_s = {}, {}
+        for tag, fn in fns.items():  # compiles
+            t0 = time.perf_counter()
+            first[tag] = jax.block_until_ready(fn())
+            first_s[tag] = time.perf_counter() - t0
+        err = max(
+            float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30))
+            for a, b in zip(
+                jax.tree.leaves(first["rolled"]), jax.tree.leaves(first["unrolled"]), strict=True
+            )
+        )
+        samples = _time_interleaved(fns, rounds)
+        med = {tag: float(np.median(s)) for tag, s in samples.items()}
+        out["estimators"][est] = {
+            "median_s": med,
+            "min_s": {tag: float(np.min(s)) for tag, s in samples.items()},
+            "first_call_s": first_s,
+            "unroll": unroll,
+            "rolled_over_unrolled": med["rolled"] / med["unrolled"],
+            "max_rel_diff": err,
+            "rounds": rounds,
+        }
+        print(
+            f"[fisher] {name} {est}: rolled {C.fmt_s(med['rolled'])}, unrolled "
+            f"{C.fmt_s(med['unrolled'])} (ratio {med['rolled'] / med['unrolled']:.2f}), "
+            f"max rel diff {err:.1e}",
+            flush=True,
+        )
+    return out
+
+
+def markdown(results: list[dict]) -> str:
+    rows = []
+    for r in results:
+        for est, e in r["estimators"].items():
+            rows.append(
+                [
+                    r["model"],
+                    est,
+                    r["examples"],
+                    e["unroll"],
+                    C.fmt_s(e["median_s"]["rolled"]),
+                    C.fmt_s(e["median_s"]["unrolled"]),
+                    f"{e['rolled_over_unrolled']:.2f}",
+                    f"{e['max_rel_diff']:.1e}",
+                ]
+            )
+    return "\n".join(
+        [
+            "Diagonal Fisher of one task (10 kept classes), chunks of 16 examples in a "
+            "`lax.scan`, rolled (`unroll=1`) vs unrolled (`unroll=U`, at most the number of "
+            "chunks). Medians of interleaved rounds; the first (compiling) call excluded.",
+            "",
+            C.md_table(
+                [
+                    "model",
+                    "estimator",
+                    "examples",
+                    "U",
+                    "rolled",
+                    "unrolled",
+                    "rolled / unrolled",
+                    "max rel diff",
+                ],
+                rows,
+            ),
+        ]
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--examples", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--unroll", type=int, default=10)
+    ap.add_argument("--out", default="fisher")
+    args = ap.parse_args()
+    prov = C.provenance()
+    results = [
+        model_case(m, args.examples, args.rounds, args.unroll) for m in args.models.split(",")
+    ]
+    path = C.write_results(args.out, prov, {"models": results}, markdown(results))
+    print(f"[fisher] wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
