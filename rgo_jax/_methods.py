@@ -324,7 +324,9 @@ def _ewc(name: str, online: bool) -> Method:
             # one label per example drawn from the model: a backward pass per example
             # instead of one per example and class (the exact expectation)
             rng=jax.random.key(int(ctx.rng.integers(2**31))) if kind == "sampled" else None,
-            unroll=ctx.config.scan_unroll,  # conv nets on CPU: 10x faster unrolled
+            # a compiled call per chunk for conv nets: XLA on CPU runs convolutions about
+            # 10x slower inside a loop (benchmarks/perf/bench_fisher.py)
+            loop="scan" if ctx.config.model == "mlp" else "calls",
         )
         extra = baselines.ewc_accumulate(
             extra, params, fisher, online=online, gamma=_opt(ctx.config, "ewc_gamma")

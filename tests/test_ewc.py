@@ -97,24 +97,29 @@ class _Unhashable:
 
 
 @pytest.mark.parametrize("kind", ["exact", "sampled"])
-def test_fisher_same_for_any_unroll_and_unhashable_logits_fn(kind):
-    # Unrolling the scan over chunks (the fast path for conv nets on CPU) changes only speed;
-    # an unhashable logits function (not a static jit argument) takes the traced path.
+def test_fisher_same_by_scan_or_calls_and_for_unhashable_logits_fn(kind):
+    # A compiled call per chunk (the fast way for conv nets on CPU) changes only the speed;
+    # an unhashable logits function (not a static jit argument) gets a jitted closure.
     rng = np.random.default_rng(6)
-    params, x, y = _linear_problem(rng, n=7)
+    params, x, y = _linear_problem(rng, n=7)  # 3 chunks of 3, the last padded
     key = jax.random.key(1) if kind == "sampled" else None
 
-    def fisher(fn, unroll):
-        return diagonal_fisher(fn, params, x, jnp.asarray(y), rng=key, chunk_size=3, unroll=unroll)
+    def fisher(fn, loop):
+        return diagonal_fisher(fn, params, x, jnp.asarray(y), rng=key, chunk_size=3, loop=loop)
 
-    rolled = fisher(_linear, 1)
-    assert float(jnp.sum(rolled["b"])) > 0
-    for other in (fisher(_linear, 2), fisher(_linear, True), fisher(_Unhashable(), 5)):
+    scanned = fisher(_linear, "scan")
+    assert float(jnp.sum(scanned["b"])) > 0
+    others = (
+        fisher(_linear, "calls"),
+        fisher(_Unhashable(), "scan"),
+        fisher(_Unhashable(), "calls"),
+    )
+    for other in others:
         jax.tree.map(
-            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), rolled, other
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), scanned, other
         )
-    with pytest.raises(ValueError, match="unroll must be True or a positive int"):
-        fisher(_linear, 0)
+    with pytest.raises(ValueError, match="loop must be 'scan' or 'calls'"):
+        fisher(_linear, "python")
 
 
 def test_empirical_fisher_uses_the_labels():

@@ -1,9 +1,9 @@
-"""EWC's diagonal Fisher: the scan over chunks of examples rolled vs unrolled.
+"""EWC's diagonal Fisher: chunks of examples in one ``lax.scan`` vs one compiled call each.
 
 ``rgo_jax.baselines.diagonal_fisher`` vmaps the per-example backward passes over a chunk of
-examples and runs the chunks in a ``lax.scan``; ``unroll`` unrolls that many chunks. This
-times ``unroll=1`` and ``unroll=U`` (default 10, the conv configs' ``scan_unroll``, which
-the harness passes), side by side in interleaved rounds, for each estimator (``exact``: a
+examples and runs the chunks either in a ``lax.scan`` (``loop="scan"``) or as separate calls
+of one compiled chunk function (``loop="calls"``). This times both, side by side in
+interleaved rounds, for each estimator (``exact``: a
 backward pass per example and task class; ``sampled``: one per example) on the conv net of
 the conv benchmarks (``configs/multi_dataset.json``: AlexNet-style, fc 256-256, 30-way
 head, a task of 10 classes) and the paper MLP (10-way head, 10 classes), and checks that
@@ -53,7 +53,7 @@ def _time_interleaved(fns: dict, rounds: int) -> dict[str, list[float]]:
     return samples
 
 
-def model_case(name: str, n: int, rounds: int, unroll: int) -> dict:
+def model_case(name: str, n: int, rounds: int) -> dict:
     cfg = dict(MODELS[name])
     task = cfg.pop("task")
     graphdef, params, rest = nnx.split(build_model(name, **cfg), nnx.Param, ...)
@@ -67,10 +67,10 @@ def model_case(name: str, n: int, rounds: int, unroll: int) -> dict:
     for est in ("exact", "sampled"):
         key = jax.random.key(0) if est == "sampled" else None
         fns = {
-            tag: functools.partial(
-                diagonal_fisher, logits_fn, params, x, y, class_mask=mask, rng=key, unroll=u
+            loop: functools.partial(
+                diagonal_fisher, logits_fn, params, x, y, class_mask=mask, rng=key, loop=loop
             )
-            for tag, u in (("rolled", 1), ("unrolled", unroll))
+            for loop in ("scan", "calls")
         }
         first, first_s = {}, {}
         for tag, fn in fns.items():  # compiles
@@ -80,7 +80,7 @@ def model_case(name: str, n: int, rounds: int, unroll: int) -> dict:
         err = max(
             float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30))
             for a, b in zip(
-                jax.tree.leaves(first["rolled"]), jax.tree.leaves(first["unrolled"]), strict=True
+                jax.tree.leaves(first["scan"]), jax.tree.leaves(first["calls"]), strict=True
             )
         )
         samples = _time_interleaved(fns, rounds)
@@ -89,14 +89,13 @@ def model_case(name: str, n: int, rounds: int, unroll: int) -> dict:
             "median_s": med,
             "min_s": {tag: float(np.min(s)) for tag, s in samples.items()},
             "first_call_s": first_s,
-            "unroll": unroll,
-            "rolled_over_unrolled": med["rolled"] / med["unrolled"],
+            "scan_over_calls": med["scan"] / med["calls"],
             "max_rel_diff": err,
             "rounds": rounds,
         }
         print(
-            f"[fisher] {name} {est}: rolled {C.fmt_s(med['rolled'])}, unrolled "
-            f"{C.fmt_s(med['unrolled'])} (ratio {med['rolled'] / med['unrolled']:.2f}), "
+            f"[fisher] {name} {est}: scan {C.fmt_s(med['scan'])}, calls "
+            f"{C.fmt_s(med['calls'])} (scan / calls {med['scan'] / med['calls']:.2f}), "
             f"max rel diff {err:.1e}",
             flush=True,
         )
@@ -112,28 +111,27 @@ def markdown(results: list[dict]) -> str:
                     r["model"],
                     est,
                     r["examples"],
-                    e["unroll"],
-                    C.fmt_s(e["median_s"]["rolled"]),
-                    C.fmt_s(e["median_s"]["unrolled"]),
-                    f"{e['rolled_over_unrolled']:.2f}",
+                    C.fmt_s(e["median_s"]["scan"]),
+                    C.fmt_s(e["median_s"]["calls"]),
+                    f"{e['scan_over_calls']:.2f}",
                     f"{e['max_rel_diff']:.1e}",
                 ]
             )
     return "\n".join(
         [
-            "Diagonal Fisher of one task (10 kept classes), chunks of 16 examples in a "
-            "`lax.scan`, rolled (`unroll=1`) vs unrolled (`unroll=U`, at most the number of "
-            "chunks). Medians of interleaved rounds; the first (compiling) call excluded.",
+            "Diagonal Fisher of one task (10 kept classes), chunks of 16 examples: one "
+            '`lax.scan` over the chunks (`loop="scan"`) vs a compiled call per chunk '
+            '(`loop="calls"`). Medians of interleaved rounds; the first (compiling) call '
+            "excluded.",
             "",
             C.md_table(
                 [
                     "model",
                     "estimator",
                     "examples",
-                    "U",
-                    "rolled",
-                    "unrolled",
-                    "rolled / unrolled",
+                    "scan",
+                    "calls",
+                    "scan / calls",
                     "max rel diff",
                 ],
                 rows,
@@ -147,13 +145,10 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--examples", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--unroll", type=int, default=10)
     ap.add_argument("--out", default="fisher")
     args = ap.parse_args()
     prov = C.provenance()
-    results = [
-        model_case(m, args.examples, args.rounds, args.unroll) for m in args.models.split(",")
-    ]
+    results = [model_case(m, args.examples, args.rounds) for m in args.models.split(",")]
     path = C.write_results(args.out, prov, {"models": results}, markdown(results))
     print(f"[fisher] wrote {path}")
 

@@ -286,7 +286,7 @@ def diagonal_fisher(
     empirical: bool = False,
     rng: jax.Array | None = None,
     chunk_size: int = 16,
-    unroll: int | bool = 1,
+    loop: str = "scan",
 ) -> Any:
     r"""The diagonal Fisher information of a classifier, averaged over the examples.
 
@@ -318,10 +318,10 @@ def diagonal_fisher(
       rng: a PRNG key for the sampled estimator.
       chunk_size: examples per vmapped chunk (memory: ``chunk_size x kept classes x
         params`` floats for the exact estimator).
-      unroll: chunks unrolled in the ``lax.scan`` over them (``True``: all). XLA on CPU runs
-        convolutions about 10x slower inside a loop than in straight-line code: for a conv
-        net on CPU unroll a few chunks (the harness passes its ``scan_unroll``); for a dense
-        net the rolled loop is faster (it reuses its buffers).
+      loop: how the chunks run: ``"scan"``, one compiled ``lax.scan`` over them (it reuses
+        its buffers: the faster for dense nets), or ``"calls"``, one call of a compiled
+        chunk function per chunk (XLA on CPU runs convolutions about 10x slower inside any
+        loop, even a partly unrolled one: the faster for conv nets on CPU). Same sums.
 
     Returns:
       A float32 tree like ``params``.
@@ -338,8 +338,8 @@ def diagonal_fisher(
         raise ValueError("diagonal_fisher: pass either empirical=True or rng=, not both.")
     if chunk_size < 1:
         raise ValueError(f"diagonal_fisher: chunk_size must be positive, got {chunk_size}.")
-    if not isinstance(unroll, bool) and (not isinstance(unroll, int) or unroll < 1):
-        raise ValueError(f"diagonal_fisher: unroll must be True or a positive int, got {unroll!r}.")
+    if loop not in ("scan", "calls"):
+        raise ValueError(f"diagonal_fisher: loop must be 'scan' or 'calls', got {loop!r}.")
     x = jnp.asarray(x)
     labels = jnp.asarray(labels)
     n = x.shape[0]
@@ -364,47 +364,37 @@ def diagonal_fisher(
     kept = jnp.arange(num_classes) if kept is None else jnp.asarray(kept)
 
     b = min(chunk_size, n)
+    pad = (-n) % b
+
+    def blocked(t):  # [chunks, b, ...]; padding rows repeat the first ones, with zero weight
+        return jnp.concatenate([t, t[:pad]]).reshape(-1, b, *t.shape[1:])
+
+    w = jnp.concatenate([jnp.full((n,), 1.0 / n, jnp.float32), jnp.zeros((pad,), jnp.float32)])
     keys = jax.random.split(rng, n) if rng is not None else jnp.zeros((n, 2), jnp.uint32)
+    blocks = (blocked(x), blocked(labels), w.reshape(-1, b), blocked(keys))
     static = dict(
-        logits_fn=logits_fn,
-        num_classes=num_classes,
-        empirical=empirical,
-        sampled=rng is not None,
-        chunk=b,
-        unroll=unroll,
+        logits_fn=logits_fn, num_classes=num_classes, empirical=empirical, sampled=rng is not None
     )
     try:
         hash(logits_fn)
-    except TypeError:  # an unhashable callable cannot be a static argument: trace each call
-        return _fisher_impl(params, x, labels, cls, kept, keys, **static)
-    return _fisher_jit(params, x, labels, cls, kept, keys, **static)
+        chunk_fn = functools.partial(_fisher_chunk_jit, **static)
+        scan_fn = functools.partial(_fisher_scan_jit, **static)
+    except TypeError:  # an unhashable callable cannot be a static argument: jit a closure
+        chunk_fn = jax.jit(functools.partial(_fisher_chunk, **static))
+        scan_fn = jax.jit(functools.partial(_fisher_scan, **static))
+    if loop == "scan":
+        return scan_fn(params, blocks, cls, kept)
+    fisher = None
+    for i in range(blocks[0].shape[0]):
+        out = chunk_fn(params, *(t[i] for t in blocks), cls, kept)
+        fisher = out if fisher is None else jax.tree.map(jnp.add, fisher, out)
+    return fisher
 
 
-def _fisher_impl(
-    params,
-    x,
-    labels,
-    cls,
-    kept,
-    keys,
-    *,
-    logits_fn,
-    num_classes,
-    empirical,
-    sampled,
-    chunk,
-    unroll,
+def _fisher_chunk(
+    params, x, labels, w, keys, cls, kept, *, logits_fn, num_classes, empirical, sampled
 ):
-    """Scan over chunks of ``chunk`` examples (zero-weight padding), vmap within a chunk."""
-    n = x.shape[0]
-    pad = (-n) % chunk
-    w = jnp.concatenate([jnp.full((n,), 1.0 / n, jnp.float32), jnp.zeros((pad,), jnp.float32)])
-
-    def padded(t):
-        return jnp.concatenate([t, jnp.zeros((pad, *t.shape[1:]), t.dtype)]) if pad else t
-
-    if pad and sampled:
-        keys = jnp.concatenate([keys, keys[:pad]])  # padding rows have zero weight
+    """The weighted sum of one chunk's squared scores (per-example terms vmapped)."""
     one = functools.partial(
         _per_example,
         logits_fn,
@@ -415,20 +405,19 @@ def _fisher_impl(
         sampled=sampled,
         kept=kept,
     )
-    batched = jax.vmap(one)
+    return jax.tree.map(lambda o: jnp.sum(o, axis=0), jax.vmap(one)(x, labels, w, keys))
+
+
+def _fisher_scan(params, blocks, cls, kept, **static):
+    """``_fisher_chunk`` summed over the leading (chunk) axis of ``blocks`` by a scan."""
 
     def body(acc, blk):
-        out = batched(*blk)
-        return jax.tree.map(lambda a, o: a + jnp.sum(o, axis=0), acc, out), None
+        return jax.tree.map(jnp.add, acc, _fisher_chunk(params, *blk, cls, kept, **static)), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
-    keys = keys if sampled else padded(keys)
-    blocks = tuple(t.reshape(-1, chunk, *t.shape[1:]) for t in (padded(x), padded(labels), w, keys))
-    fisher, _ = jax.lax.scan(body, zeros, blocks, unroll=unroll)
-    return fisher
+    return jax.lax.scan(body, zeros, blocks)[0]
 
 
-_fisher_jit = jax.jit(
-    _fisher_impl,
-    static_argnames=("logits_fn", "num_classes", "empirical", "sampled", "chunk", "unroll"),
-)
+_STATIC = ("logits_fn", "num_classes", "empirical", "sampled")
+_fisher_chunk_jit = jax.jit(_fisher_chunk, static_argnames=_STATIC)
+_fisher_scan_jit = jax.jit(_fisher_scan, static_argnames=_STATIC)
