@@ -3,13 +3,14 @@
 ``rgo_jax.baselines.diagonal_fisher`` vmaps the per-example backward passes over a chunk of
 examples and runs the chunks either in a ``lax.scan`` (``loop="scan"``) or as separate calls
 of one compiled chunk function (``loop="calls"``). This times both, side by side in
-interleaved rounds, for each estimator (``exact``: a
-backward pass per example and task class; ``sampled``: one per example) on the conv net of
-the conv benchmarks (``configs/multi_dataset.json``: AlexNet-style, fc 256-256, 30-way
-head, a task of 10 classes) and the paper MLP (10-way head, 10 classes), and checks that
-both give the same Fisher.
+interleaved rounds, for each estimator (``exact``: a backward pass per example and task
+class; ``sampled``: one per example) on the conv net of the conv benchmarks
+(``configs/multi_dataset.json``: AlexNet-style, fc 256-256, 30-way head, a task of 10
+classes) and the paper MLP (10-way head, 10 classes), and checks that both give the same
+Fisher. The logits function is the harness's own (``_Net.logits`` at a fixed task).
 
-Command and cost (2-core CPU): ``python benchmarks/perf/bench_fisher.py``, about 3 minutes.
+Command and cost (2-core CPU, three processes sharing it): ``python
+benchmarks/perf/bench_fisher.py``, about 8 minutes; ``--examples 160``, about 17.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rgo_jax._methods import _AtTask
 from rgo_jax.baselines import diagonal_fisher
 from rgo_jax.models import build_model
+from rgo_jax.train import _Net
 
 MODELS = {
     "alexnet": dict(num_classes=30, input_shape=(32, 32, 3), hidden=(256, 256), task=2),
@@ -33,17 +36,9 @@ MODELS = {
 }
 
 
-class _Logits:
-    """``logits_fn(params, x)`` of a model at one task (hashable: a static jit argument)."""
-
-    def __init__(self, graphdef, rest, task):
-        self.graphdef, self.rest, self.task = graphdef, rest, task
-
-    def __call__(self, params, x):
-        return nnx.merge(self.graphdef, params, self.rest)(x, self.task)
-
-
 def _time_interleaved(fns: dict, rounds: int) -> dict[str, list[float]]:
+    """Interleaved rounds of eager calls (``_common.time_cases`` jits each case, which
+    would trace ``loop="calls"`` into one program)."""
     samples = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
@@ -57,7 +52,7 @@ def model_case(name: str, n: int, rounds: int) -> dict:
     cfg = dict(MODELS[name])
     task = cfg.pop("task")
     graphdef, params, rest = nnx.split(build_model(name, **cfg), nnx.Param, ...)
-    logits_fn = _Logits(graphdef, rest, task)
+    logits_fn = _AtTask(_Net(graphdef, rest).logits, task)
     rng = np.random.default_rng(0)
     k = cfg["num_classes"]
     x = jnp.asarray(rng.normal(size=(n, *cfg["input_shape"])), jnp.float32)

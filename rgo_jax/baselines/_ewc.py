@@ -375,18 +375,17 @@ def diagonal_fisher(
     static = dict(
         logits_fn=logits_fn, num_classes=num_classes, empirical=empirical, sampled=rng is not None
     )
+    impl = _fisher_scan if loop == "scan" else _fisher_chunk
     try:
         hash(logits_fn)
-        chunk_fn = functools.partial(_fisher_chunk_jit, **static)
-        scan_fn = functools.partial(_fisher_scan_jit, **static)
+        fn = functools.partial(_JITTED[impl], **static)
     except TypeError:  # an unhashable callable cannot be a static argument: jit a closure
-        chunk_fn = jax.jit(functools.partial(_fisher_chunk, **static))
-        scan_fn = jax.jit(functools.partial(_fisher_scan, **static))
+        fn = jax.jit(functools.partial(impl, **static))
     if loop == "scan":
-        return scan_fn(params, blocks, cls, kept)
+        return fn(params, blocks, cls, kept)
     fisher = None
     for i in range(blocks[0].shape[0]):
-        out = chunk_fn(params, *(t[i] for t in blocks), cls, kept)
+        out = fn(params, *(t[i] for t in blocks), cls, kept)
         fisher = out if fisher is None else jax.tree.map(jnp.add, fisher, out)
     return fisher
 
@@ -418,6 +417,7 @@ def _fisher_scan(params, blocks, cls, kept, **static):
     return jax.lax.scan(body, zeros, blocks)[0]
 
 
-_STATIC = ("logits_fn", "num_classes", "empirical", "sampled")
-_fisher_chunk_jit = jax.jit(_fisher_chunk, static_argnames=_STATIC)
-_fisher_scan_jit = jax.jit(_fisher_scan, static_argnames=_STATIC)
+_JITTED = {
+    f: jax.jit(f, static_argnames=("logits_fn", "num_classes", "empirical", "sampled"))
+    for f in (_fisher_chunk, _fisher_scan)
+}
