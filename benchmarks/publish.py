@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 
 from rgo_jax import merge_run_reports, write_json_atomic, write_text_atomic
-from rgo_jax.train import MERGE_FREE_KEYS
+from rgo_jax.train import ADDED_KEYS, MERGE_FREE_KEYS
 
 
 def main() -> None:
@@ -65,7 +65,9 @@ def main() -> None:
                 shutil.copy2(f, dest / f.name)
     else:
         try:
-            merge_run_reports(srcs, dest, free_keys=MERGE_FREE_KEYS, exclude=exclude)
+            merge_run_reports(
+                srcs, dest, free_keys=MERGE_FREE_KEYS, key_defaults=ADDED_KEYS, exclude=exclude
+            )
         except (ValueError, FileNotFoundError) as err:
             raise SystemExit(f"publish: not merged: {err}") from None
     # The data directory is a path of the machine that ran: recorded as the commands'

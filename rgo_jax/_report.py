@@ -860,6 +860,7 @@ def merge_run_reports(
     out_dir: str | os.PathLike,
     *,
     free_keys: Iterable[str] = (),
+    key_defaults: Mapping[str, Any] | None = None,
     exclude: Iterable[tuple[str | os.PathLike, str]] = (),
     plots: bool = True,
 ) -> dict[str, dict[str, Any]]:
@@ -881,6 +882,10 @@ def merge_run_reports(
         that do not change the protocol (for the benchmark harness,
         :data:`rgo_jax.train.MERGE_FREE_KEYS`). The merged ``config.json`` keeps the first
         run's values of these.
+      key_defaults: the value a configuration key had before it existed, for keys added
+        after some runs were written (for the benchmark harness,
+        :data:`rgo_jax.train.ADDED_KEYS`): a run whose ``config.json`` lacks the key is
+        compared, and merged, as if it had this value.
       exclude: ``(run_dir, method)`` pairs left out of the merge: a method of a run that a
         later run supersedes (e.g. rerun with another hyperparameter).
       plots: draw the PNG plots.
@@ -912,6 +917,7 @@ def merge_run_reports(
         skip.setdefault(key, set()).add(method)
     for run_dir, key in zip(run_dirs, keys, strict=True):
         config, results = _read_run(run_dir)
+        config = {**(key_defaults or {}), **config}
         unknown = skip.get(key, set()) - set(results["methods"])
         if unknown:
             raise ValueError(

@@ -33,6 +33,11 @@ _FLAGS = {
         "MLP hidden widths (default 256,256) or AlexNet's fc widths (default 2048,2048)",
     ),
     "--width": ("width", int, "ResNet width (64 = ResNet-18, 20 = reduced)"),
+    "--init": (
+        "init",
+        str,
+        "parameter initialisation: lecun (Flax's default), torch or glorot",
+    ),
     "--tasks": ("num_tasks", int, "number of tasks"),
     "--steps": ("steps_per_task", int, "SGD steps per task (paper: 1000 MNIST, 2000 CIFAR)"),
     "--batch-size": ("batch_size", int, "mini-batch size (paper: 10)"),

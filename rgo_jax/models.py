@@ -17,6 +17,7 @@ created, but the parameters (and, for one ``rngs`` seed, their values) are ident
 Layers are ``nnx.Linear`` (kernel ``[in, out]``) and ``nnx.Conv`` (kernel HWIO
 ``[kh, kw, cin, cout]``), all with biases and Flax's default initialisers: kernels
 LeCun-normal (truncated normal, variance ``1 / fan_in``), biases zero.
+:func:`initialize` redraws them from another framework's defaults (:data:`INIT_SCHEMES`).
 
 ``return_inputs=True`` returns ``(logits, inputs)``: ``inputs`` maps each kernel's path,
 the tuple of ``str``/``int`` used by ``nnx.to_flat_state(nnx.state(model, nnx.Param))``
@@ -51,6 +52,7 @@ from rgo_jax._models_util import (
 )
 
 __all__ = [
+    "INIT_SCHEMES",
     "LINEAR_KERNELS",
     "MODEL_NAMES",
     "MLP",
@@ -60,6 +62,7 @@ __all__ = [
     "ResNet18",
     "build_model",
     "conv_patches",
+    "initialize",
     "param_path_str",
     "reduced_resnet18",
 ]
@@ -449,6 +452,81 @@ def reduced_resnet18(
 MODEL_NAMES = ("mlp", "alexnet", "resnet18", "reduced_resnet18")
 
 
+INIT_SCHEMES = {
+    "lecun": "Flax's default: LeCun-normal kernels (truncated normal, variance 1/fan_in), "
+    "zero biases",
+    "torch": "PyTorch's nn.Linear / nn.Conv2d default: kernels and biases uniform in "
+    "+-1/sqrt(fan_in) (variance 1/(3 fan_in))",
+    "glorot": "Keras / TensorFlow's default: Glorot-uniform kernels "
+    "(variance 2/(fan_in + fan_out)), zero biases",
+}
+"""The parameter initialisations :func:`initialize` draws, by name (``"lecun"`` the default).
+Fan-in of a kernel is the product of all its axes but the last (``in`` for a dense kernel,
+``kh * kw * cin`` for a conv kernel)."""
+
+
+def _check_scheme(scheme: str) -> None:
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"Unknown initialisation {scheme!r}; valid: {', '.join(INIT_SCHEMES)}.")
+
+
+def _draw(scheme: str, key: jax.Array, kernel: jax.Array, bias: jax.Array | None):
+    fan_in = math.prod(kernel.shape[:-1])
+    k_kernel, k_bias = jax.random.split(key)
+    if scheme == "lecun":
+        new_kernel = jax.nn.initializers.lecun_normal()(k_kernel, kernel.shape, kernel.dtype)
+        new_bias = None if bias is None else jnp.zeros_like(bias)
+    elif scheme == "glorot":
+        new_kernel = jax.nn.initializers.glorot_uniform()(k_kernel, kernel.shape, kernel.dtype)
+        new_bias = None if bias is None else jnp.zeros_like(bias)
+    else:  # torch
+        bound = 1.0 / math.sqrt(fan_in)
+        new_kernel = jax.random.uniform(
+            k_kernel, kernel.shape, kernel.dtype, minval=-bound, maxval=bound
+        )
+        new_bias = (
+            None
+            if bias is None
+            else jax.random.uniform(k_bias, bias.shape, bias.dtype, minval=-bound, maxval=bound)
+        )
+    return new_kernel, new_bias
+
+
+def initialize(model: nnx.Module, scheme: str, *, seed: int = 0) -> nnx.Module:
+    """Redraws the kernel and bias of every ``nnx.Linear`` / ``nnx.Conv`` of ``model`` in place.
+
+    Layer ``i`` (in the order ``nnx.iter_graph`` visits them) draws from
+    ``fold_in(key(seed), i)``, so the result is a pure function of ``(model structure, scheme,
+    seed)``. Other parameters are left alone. The initialisation changes how much a network
+    forgets under RGO (``benchmarks/REPRODUCIBILITY.md``): it is part of a protocol.
+
+    Args:
+      model: a model whose layers are ``nnx.Linear`` / ``nnx.Conv`` (kernel ``[..., out]``).
+      scheme: a key of :data:`INIT_SCHEMES`.
+      seed: seed of the new draws.
+
+    Returns:
+      ``model`` (changed in place).
+
+    Examples:
+      >>> from flax import nnx
+      >>> from rgo_jax.models import MLP, initialize
+      >>> model = initialize(MLP(4, (3,), 2, rngs=nnx.Rngs(0)), "torch", seed=1)
+      >>> bool(abs(model.hidden[0].kernel[...]).max() <= 0.5)  # bound 1 / sqrt(4)
+      True
+    """
+    _check_scheme(scheme)
+    key = jax.random.key(seed)
+    layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, (nnx.Linear, nnx.Conv))]
+    for i, layer in enumerate(layers):
+        bias = layer.bias[...] if layer.bias is not None else None
+        kernel, new_bias = _draw(scheme, jax.random.fold_in(key, i), layer.kernel[...], bias)
+        layer.kernel[...] = kernel
+        if new_bias is not None:
+            layer.bias[...] = new_bias
+    return model
+
+
 def build_model(
     name: str,
     *,
@@ -457,6 +535,7 @@ def build_model(
     fel: bool = True,
     fel_seed: int = 0,
     seed: int = 0,
+    init: str = "lecun",
     **model_kwargs: Any,
 ) -> nnx.Module:
     """Builds a reference model by name, initialised from ``nnx.Rngs(seed)``.
@@ -469,6 +548,9 @@ def build_model(
       fel: put the FEL sites in (``False``: RGO-2 ablation).
       fel_seed: seed of the FEL permutations.
       seed: seed of the parameter initialisation.
+      init: a key of :data:`INIT_SCHEMES`. ``"lecun"`` (the default) keeps the layers'
+        own Flax initialisers, drawn from ``nnx.Rngs(seed)``; another scheme redraws every
+        kernel and bias with :func:`initialize` (seed ``seed``).
       **model_kwargs: further constructor arguments (e.g. ``hidden`` for the MLP, ``width``
         for the ResNets).
 
@@ -481,6 +563,12 @@ def build_model(
       >>> model.hidden[0].kernel.shape, model.head.kernel.shape
       ((784, 32), (32, 10))
     """
+    _check_scheme(init)
+    model = _build(name, num_classes, input_shape, fel, fel_seed, seed, model_kwargs)
+    return model if init == "lecun" else initialize(model, init, seed=seed)
+
+
+def _build(name, num_classes, input_shape, fel, fel_seed, seed, model_kwargs) -> nnx.Module:
     input_shape = tuple(int(d) for d in input_shape)
     common = dict(fel=fel, fel_seed=fel_seed, rngs=nnx.Rngs(seed), **model_kwargs)
     if name == "mlp":

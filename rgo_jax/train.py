@@ -38,7 +38,15 @@ from rgo_jax._methods import (
     get_method,
 )
 
-__all__ = ["BENCHMARKS", "MERGE_FREE_KEYS", "OUTPUT_KEYS", "Config", "build_stream", "run"]
+__all__ = [
+    "ADDED_KEYS",
+    "BENCHMARKS",
+    "MERGE_FREE_KEYS",
+    "OUTPUT_KEYS",
+    "Config",
+    "build_stream",
+    "run",
+]
 
 #: :class:`Config` keys that never change a run's numbers (what runs, where, what is
 #: written, memory chunking); left out of the checkpoint fingerprint.
@@ -55,6 +63,11 @@ MERGE_FREE_KEYS = OUTPUT_KEYS + (
     "input_projection",
 )
 
+#: :class:`Config` keys added after runs had been published, with the value those runs used.
+#: A key at this value is left out of the fingerprint (older checkpoints still resume), and a
+#: run report without the key reads as this value when runs are merged.
+ADDED_KEYS = {"init": "lecun"}
+
 _NEG = -1e9  # masked logits (the reference code's "large negative value")
 
 
@@ -67,6 +80,8 @@ class Config:
       methods: method names (``rgo-bench --list``); each gets the same data, seeds, steps.
       model, hidden, width: the network: ``hidden`` the MLP's hidden widths (default 256,
         256) or AlexNet's ``fc1``/``fc2`` widths (default 2048, 2048); ``width`` for ResNets.
+      init: the parameter initialisation, a key of :data:`rgo_jax.models.INIT_SCHEMES`:
+        ``lecun`` (Flax's default), ``torch`` or ``glorot``. It changes how much RGO forgets.
       num_tasks, steps_per_task, batch_size, learning_rate: the training budget (SGD).
       alpha, consolidation_batches, rls_method: RGO's regulariser, the number of batches
         of its consolidation pass, and the RLS kernel (``block`` or ``sequential``).
@@ -101,6 +116,7 @@ class Config:
     model: str = "mlp"
     hidden: tuple[int, ...] | None = None
     width: int | None = None
+    init: str = "lecun"
     num_tasks: int = 20
     steps_per_task: int = 1000
     batch_size: int = 10
@@ -162,6 +178,10 @@ class Config:
             )
         if not self.seeds:
             raise ValueError("seeds is empty.")
+        if self.init not in models.INIT_SCHEMES:
+            raise ValueError(
+                f"init must be one of {', '.join(models.INIT_SCHEMES)}, got {self.init!r}."
+            )
         if self.head not in ("masked", "multi"):
             raise ValueError(f"head must be 'masked' or 'multi', got {self.head!r}.")
 
@@ -173,6 +193,9 @@ class Config:
         d = self.to_dict()
         for k in OUTPUT_KEYS:
             d.pop(k)
+        for k, v in ADDED_KEYS.items():
+            if d[k] == v:
+                d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -295,6 +318,7 @@ def _build(cfg: Config, method: Method, stream: data.TaskStream, seed: int):
         fel=method.fel,
         fel_seed=cfg.fel_seed,
         seed=seed,
+        init=cfg.init,
         **kwargs,
     )
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

@@ -447,6 +447,28 @@ def test_merge_run_reports_orders_seeds_and_checks_inputs(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_merge_reads_a_key_added_later_as_its_old_value(tmp_path):
+    sgd = np.array([[0.9, NAN, NAN], [0.4, 0.95, NAN], [0.2, 0.3, 0.96]])
+    runs = (("old", 0, {}), ("new", 1, {"init": "lecun"}), ("other", 2, {"init": "torch"}))
+    for name, seed, extra in runs:
+        report.write_run_report(
+            tmp_path / name,
+            config={"lr": 0.1, "seeds": [seed], **extra},
+            matrices={"SGD": [sgd]},
+            plots=False,
+        )
+    old, new, other = tmp_path / "old", tmp_path / "new", tmp_path / "other"
+    with pytest.raises(ValueError, match="differ in 'init' \\('lecun' vs None\\)"):
+        report.merge_run_reports([old, new], tmp_path / "m", plots=False)
+    defaults = {"init": "lecun"}
+    out = report.merge_run_reports([old, new], tmp_path / "m", key_defaults=defaults, plots=False)
+    assert out["SGD"]["acc"]["per_seed"] == pytest.approx([1.46 / 3] * 2, abs=1e-12)
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["init"] == "lecun"
+    with pytest.raises(ValueError, match="differ in 'init' \\('torch' vs 'lecun'\\)"):
+        report.merge_run_reports([old, other], tmp_path / "x", key_defaults=defaults, plots=False)
+    assert not (tmp_path / "x").exists()
+
+
 def test_publish_merges_and_records_what_it_left_out(tmp_path):
     import subprocess
     import sys
