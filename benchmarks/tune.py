@@ -50,6 +50,10 @@ def main() -> None:
         default=None,
         help="comma-separated values to search instead of the grid (one method only)",
     )
+    ap.add_argument(
+        "--init", default="lecun", help="parameter initialisation of every run (Config.init)"
+    )
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds; ACC is their mean")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     methods = args.methods.split(",")
@@ -66,7 +70,8 @@ def main() -> None:
         validation_fraction=args.validation_fraction,
         checkpoint=False,
         plots=False,
-        seeds=(0,),
+        init=args.init,
+        seeds=tuple(int(s) for s in args.seeds.split(",")),
     )
     search, chosen = {}, {}
     for method in methods:

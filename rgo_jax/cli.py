@@ -38,6 +38,7 @@ _FLAGS = {
         str,
         "parameter initialisation: lecun (Flax's default), torch or glorot",
     ),
+    "--init-scale": ("init_scale", float, "multiply every initial kernel by this (default 1)"),
     "--tasks": ("num_tasks", int, "number of tasks"),
     "--steps": ("steps_per_task", int, "SGD steps per task (paper: 1000 MNIST, 2000 CIFAR)"),
     "--batch-size": ("batch_size", int, "mini-batch size (paper: 10)"),

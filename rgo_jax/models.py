@@ -492,6 +492,10 @@ def _draw(scheme: str, key: jax.Array, kernel: jax.Array, bias: jax.Array | None
     return new_kernel, new_bias
 
 
+def _weight_layers(model: nnx.Module) -> list:
+    return [m for _, m in nnx.iter_graph(model) if isinstance(m, (nnx.Linear, nnx.Conv))]
+
+
 def initialize(model: nnx.Module, scheme: str, *, seed: int = 0) -> nnx.Module:
     """Redraws the kernel and bias of every ``nnx.Linear`` / ``nnx.Conv`` of ``model`` in place.
 
@@ -517,8 +521,7 @@ def initialize(model: nnx.Module, scheme: str, *, seed: int = 0) -> nnx.Module:
     """
     _check_scheme(scheme)
     key = jax.random.key(seed)
-    layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, (nnx.Linear, nnx.Conv))]
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(_weight_layers(model)):
         bias = layer.bias[...] if layer.bias is not None else None
         kernel, new_bias = _draw(scheme, jax.random.fold_in(key, i), layer.kernel[...], bias)
         layer.kernel[...] = kernel
@@ -536,6 +539,7 @@ def build_model(
     fel_seed: int = 0,
     seed: int = 0,
     init: str = "lecun",
+    init_scale: float = 1.0,
     **model_kwargs: Any,
 ) -> nnx.Module:
     """Builds a reference model by name, initialised from ``nnx.Rngs(seed)``.
@@ -551,6 +555,8 @@ def build_model(
       init: a key of :data:`INIT_SCHEMES`. ``"lecun"`` (the default) keeps the layers'
         own Flax initialisers, drawn from ``nnx.Rngs(seed)``; another scheme redraws every
         kernel and bias with :func:`initialize` (seed ``seed``).
+      init_scale: every kernel is multiplied by this after it is drawn (biases are not):
+        ``0.5`` halves the scale of the initial weights.
       **model_kwargs: further constructor arguments (e.g. ``hidden`` for the MLP, ``width``
         for the ResNets).
 
@@ -564,8 +570,15 @@ def build_model(
       ((784, 32), (32, 10))
     """
     _check_scheme(init)
+    if not init_scale > 0:
+        raise ValueError(f"init_scale must be positive, got {init_scale!r}.")
     model = _build(name, num_classes, input_shape, fel, fel_seed, seed, model_kwargs)
-    return model if init == "lecun" else initialize(model, init, seed=seed)
+    if init != "lecun":
+        initialize(model, init, seed=seed)
+    if init_scale != 1.0:
+        for layer in _weight_layers(model):
+            layer.kernel[...] = layer.kernel[...] * init_scale
+    return model
 
 
 def _build(name, num_classes, input_shape, fel, fel_seed, seed, model_kwargs) -> nnx.Module:

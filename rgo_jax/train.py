@@ -66,7 +66,7 @@ MERGE_FREE_KEYS = OUTPUT_KEYS + (
 #: :class:`Config` keys added after runs had been published, with the value those runs used.
 #: A key at this value is left out of the fingerprint (older checkpoints still resume), and a
 #: run report without the key reads as this value when runs are merged.
-ADDED_KEYS = {"init": "lecun"}
+ADDED_KEYS = {"init": "lecun", "init_scale": 1.0}
 
 _NEG = -1e9  # masked logits (the reference code's "large negative value")
 
@@ -81,7 +81,8 @@ class Config:
       model, hidden, width: the network: ``hidden`` the MLP's hidden widths (default 256,
         256) or AlexNet's ``fc1``/``fc2`` widths (default 2048, 2048); ``width`` for ResNets.
       init: the parameter initialisation, a key of :data:`rgo_jax.models.INIT_SCHEMES`:
-        ``lecun`` (Flax's default), ``torch`` or ``glorot``. It changes how much RGO forgets.
+        ``lecun`` (Flax's default), ``torch`` or ``glorot``; ``init_scale`` multiplies every
+        initial kernel. Both change how much RGO forgets (``benchmarks/REPRODUCIBILITY.md``).
       num_tasks, steps_per_task, batch_size, learning_rate: the training budget (SGD).
       alpha, consolidation_batches, rls_method: RGO's regulariser, the number of batches
         of its consolidation pass, and the RLS kernel (``block`` or ``sequential``).
@@ -117,6 +118,7 @@ class Config:
     hidden: tuple[int, ...] | None = None
     width: int | None = None
     init: str = "lecun"
+    init_scale: float = 1.0
     num_tasks: int = 20
     steps_per_task: int = 1000
     batch_size: int = 10
@@ -168,6 +170,8 @@ class Config:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}.")
         if not self.learning_rate > 0 or not self.alpha > 0:
             raise ValueError("learning_rate and alpha must be positive.")
+        if not self.init_scale > 0:
+            raise ValueError(f"init_scale must be positive, got {self.init_scale!r}.")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError(
                 f"validation_fraction must be in [0, 1), got {self.validation_fraction}."
@@ -319,6 +323,7 @@ def _build(cfg: Config, method: Method, stream: data.TaskStream, seed: int):
         fel_seed=cfg.fel_seed,
         seed=seed,
         init=cfg.init,
+        init_scale=cfg.init_scale,
         **kwargs,
     )
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

@@ -546,6 +546,19 @@ def test_initialize_is_a_pure_function_of_the_seed_and_keeps_the_ablation_identi
         np.testing.assert_array_equal(v, a[k])
 
 
+@pytest.mark.parametrize("scheme", ["lecun", "torch"])
+def test_init_scale_multiplies_the_kernels_only(scheme):
+    kwargs, shape = SMALL["alexnet"]
+    common = dict(num_classes=NUM_CLASSES, input_shape=shape, init=scheme, seed=2, **kwargs)
+    base = _params(build_model("alexnet", **common))
+    half = _params(build_model("alexnet", init_scale=0.5, **common))
+    for path, v in base.items():
+        want = 0.5 * v if path[-1] == "kernel" else v
+        np.testing.assert_array_equal(half[path], want)
+    with pytest.raises(ValueError, match="init_scale must be positive, got -1"):
+        build_model("alexnet", **{**common, "init_scale": -1.0})
+
+
 def test_unknown_initialisation_is_named():
     with pytest.raises(ValueError, match="initialisation 'he'; valid: lecun, torch, glorot"):
         build_model("mlp", num_classes=2, input_shape=(4,), init="he")

@@ -111,6 +111,7 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path):
         (["--option", "ewc_fisher=2"], "'ewc_fisher' must be one of"),
         (["--option", "owm_alpha=big"], "'owm_alpha' must be a number"),
         (["--init", "he"], "init must be one of lecun, torch, glorot, got 'he'"),
+        (["--init-scale", "0"], "init_scale must be positive, got 0.0"),
     ],
 )
 def test_bad_configuration_fails_at_once(argv, message, capsys):
@@ -297,17 +298,19 @@ def test_initialisation_is_a_protocol_key_that_older_runs_read_as_flax_default()
     cfg = train.Config()
     # The fingerprint a version without the ``init`` key computed: runs checkpointed then
     # still resume.
-    old = {k: v for k, v in cfg.to_dict().items() if k not in train.OUTPUT_KEYS and k != "init"}
+    added = ("init", "init_scale")
+    old = {k: v for k, v in cfg.to_dict().items() if k not in train.OUTPUT_KEYS + added}
     old_hash = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert cfg.fingerprint() == old_hash
-    assert train.ADDED_KEYS == {"init": cfg.init}
+    assert train.ADDED_KEYS == {"init": cfg.init, "init_scale": cfg.init_scale}
     assert dataclasses.replace(cfg, init="torch").fingerprint() != cfg.fingerprint()
     assert dataclasses.replace(cfg, init="glorot").fingerprint() != cfg.fingerprint()
+    assert dataclasses.replace(cfg, init_scale=0.5).fingerprint() != cfg.fingerprint()
 
     # The flag reaches the networks the harness trains.
-    args = cli._parser().parse_args(["--init", "torch", "--hidden", "16"])
+    args = cli._parser().parse_args(["--init", "torch", "--init-scale", "0.5", "--hidden", "16"])
     cfg = cli.config_from_args(args)
-    assert cfg.init == "torch"
+    assert (cfg.init, cfg.init_scale) == ("torch", 0.5)
     stream = train.build_stream(cfg, 0)
     method = train.get_method("rgo")
     _, params, _ = train._build(cfg, method, stream, 3)
@@ -316,7 +319,13 @@ def test_initialisation_is_a_protocol_key_that_older_runs_read_as_flax_default()
     from rgo_jax import models
 
     want = models.build_model(
-        "mlp", num_classes=10, input_shape=stream.input_shape, hidden=(16,), init="torch", seed=3
+        "mlp",
+        num_classes=10,
+        input_shape=stream.input_shape,
+        hidden=(16,),
+        init="torch",
+        init_scale=0.5,
+        seed=3,
     )
     got = dict(nnx.to_flat_state(params))
     for path, v in nnx.to_flat_state(nnx.state(want, nnx.Param)):
