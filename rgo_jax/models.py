@@ -470,26 +470,24 @@ def _check_scheme(scheme: str) -> None:
         raise ValueError(f"Unknown initialisation {scheme!r}; valid: {', '.join(INIT_SCHEMES)}.")
 
 
+_ZERO_BIAS_KERNEL_INIT = {
+    "lecun": jax.nn.initializers.lecun_normal(),
+    "glorot": jax.nn.initializers.glorot_uniform(),
+}
+
+
 def _draw(scheme: str, key: jax.Array, kernel: jax.Array, bias: jax.Array | None):
-    fan_in = math.prod(kernel.shape[:-1])
+    """New ``(kernel, bias)`` for one layer (``bias`` ``None`` when the layer has none)."""
     k_kernel, k_bias = jax.random.split(key)
-    if scheme == "lecun":
-        new_kernel = jax.nn.initializers.lecun_normal()(k_kernel, kernel.shape, kernel.dtype)
-        new_bias = None if bias is None else jnp.zeros_like(bias)
-    elif scheme == "glorot":
-        new_kernel = jax.nn.initializers.glorot_uniform()(k_kernel, kernel.shape, kernel.dtype)
-        new_bias = None if bias is None else jnp.zeros_like(bias)
-    else:  # torch
-        bound = 1.0 / math.sqrt(fan_in)
-        new_kernel = jax.random.uniform(
-            k_kernel, kernel.shape, kernel.dtype, minval=-bound, maxval=bound
-        )
-        new_bias = (
-            None
-            if bias is None
-            else jax.random.uniform(k_bias, bias.shape, bias.dtype, minval=-bound, maxval=bound)
-        )
-    return new_kernel, new_bias
+    if scheme in _ZERO_BIAS_KERNEL_INIT:
+        new_kernel = _ZERO_BIAS_KERNEL_INIT[scheme](k_kernel, kernel.shape, kernel.dtype)
+        return new_kernel, None if bias is None else jnp.zeros_like(bias)
+    bound = 1.0 / math.sqrt(math.prod(kernel.shape[:-1]))  # torch: +-1/sqrt(fan_in)
+
+    def uniform(k, like):
+        return jax.random.uniform(k, like.shape, like.dtype, minval=-bound, maxval=bound)
+
+    return uniform(k_kernel, kernel), None if bias is None else uniform(k_bias, bias)
 
 
 def _weight_layers(model: nnx.Module) -> list:
