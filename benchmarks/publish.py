@@ -3,7 +3,7 @@
 Only the small files are copied (config, raw matrices, summary, plots; never checkpoints),
 and ``PROVENANCE.md`` records the command, the commit the run started from, the machine and
 the wall time. Several run directories of one protocol (e.g. seeds 0-2 and, later, seeds
-3-4) are merged into one report by :func:`rgo_jax.merge_run_reports`; give one ``--command``
+3-4) are merged into one report by :func:`rgo_jax.bench.merge_run_reports`; give one ``--command``
 per run, in the same order. ``--exclude RUN_DIR:METHOD`` leaves one method of one run out of
 the merge (a method rerun later, e.g. with a hyperparameter found on a wider search).
 
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import jax
 
-from rgo_jax import merge_run_reports, write_json_atomic, write_text_atomic
-from rgo_jax.train import ADDED_KEYS, MERGE_FREE_KEYS
+from rgo_jax.bench import merge_run_reports, write_json_atomic, write_text_atomic
+from rgo_jax.bench.train import ADDED_KEYS, MERGE_FREE_KEYS
 
 
 def main() -> None:
@@ -89,7 +89,10 @@ def main() -> None:
     if not merged:
         runs = f"- command: `{args.command[0]}`\n- commit: `{commits[0]}`\n"
     else:
-        runs = f"- merged from {len(srcs)} runs (`rgo_jax.merge_run_reports`), in this order:\n"
+        runs = (
+            f"- merged from {len(srcs)} runs (`rgo_jax.bench.merge_run_reports`), "
+            "in this order:\n"
+        )
         runs += "".join(
             f"  - `{c}` at commit `{k}`\n" for c, k in zip(args.command, commits, strict=True)
         )

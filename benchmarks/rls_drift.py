@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import rgo_jax
-from rgo_jax import data
+from rgo_jax.bench import data
 
 
 def curvature_like_vectors(images: np.ndarray, tasks: int, per_task: int, seed: int):
@@ -127,7 +127,7 @@ def main() -> None:
         "results": results,
     }
     if args.out:
-        rgo_jax.write_json_atomic(args.out, record)
+        rgo_jax.bench.write_json_atomic(args.out, record)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import time
 import jax
 
 import rgo_jax
-from rgo_jax import train
+from rgo_jax.bench import train
 
 GRID = {
     # method: (Config field or method option, values)
@@ -116,7 +116,7 @@ def main() -> None:
     }
     print(json.dumps(chosen, indent=1))
     if args.out:
-        rgo_jax.write_json_atomic(args.out, record)
+        rgo_jax.bench.write_json_atomic(args.out, record)
 
 
 if __name__ == "__main__":

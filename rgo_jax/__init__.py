@@ -3,16 +3,16 @@
 The optimizer (:func:`scale_by_rgo`, :func:`rgo`) projects each layer's gradient by a
 trace-normalised matrix P built from earlier tasks' curvature (:func:`curvature_vectors`,
 :func:`consolidate`); the feature encoding layer (:class:`FEL`) gives every task its own
-permutation of the hidden features. Submodules: :mod:`rgo_jax.layouts`,
-:mod:`rgo_jax.models`, :mod:`rgo_jax.data`, :mod:`rgo_jax.metrics`,
-:mod:`rgo_jax.baselines`, :mod:`rgo_jax.train`.
+permutation of the hidden features.
+
+Submodules: :mod:`rgo_jax.layouts` (how a parameter is viewed as a matrix),
+:mod:`rgo_jax.sharding` (multi-device helpers), :mod:`rgo_jax.baselines` (OWM, GPM, A-GEM,
+EWC). The benchmark harness is :mod:`rgo_jax.bench` (the ``bench`` extra); importing
+``rgo_jax`` never loads it.
 """
 
 from rgo_jax import baselines as baselines
-from rgo_jax import data as data
 from rgo_jax import layouts as layouts
-from rgo_jax import metrics as metrics
-from rgo_jax import models as models
 from rgo_jax import sharding as sharding
 from rgo_jax._curvature import curvature_vectors as curvature_vectors
 from rgo_jax._fast_curvature import batched_curvature_vectors as batched_curvature_vectors
@@ -30,17 +30,6 @@ from rgo_jax._input_projection import (
 )
 from rgo_jax._input_projection import use_input_projection as use_input_projection
 from rgo_jax._layout import MatrixLayout as MatrixLayout
-from rgo_jax._report import SCENARIO as SCENARIO
-from rgo_jax._report import format_matrix as format_matrix
-from rgo_jax._report import format_summary as format_summary
-from rgo_jax._report import markdown_table as markdown_table
-from rgo_jax._report import merge_run_reports as merge_run_reports
-from rgo_jax._report import plot_accuracy_matrix as plot_accuracy_matrix
-from rgo_jax._report import plot_accuracy_per_task as plot_accuracy_per_task
-from rgo_jax._report import summary_table as summary_table
-from rgo_jax._report import write_json_atomic as write_json_atomic
-from rgo_jax._report import write_run_report as write_run_report
-from rgo_jax._report import write_text_atomic as write_text_atomic
 from rgo_jax._rls import rls_block as rls_block
 from rgo_jax._rls import rls_sequential as rls_sequential
 from rgo_jax._rls import rls_step as rls_step
@@ -54,3 +43,34 @@ from rgo_jax._transform import scale_by_rgo as scale_by_rgo
 from rgo_jax._transform import update_projection as update_projection
 
 __version__ = "0.1.0"
+
+__all__ = (
+    "DEFAULT_ALPHA",
+    "FEL",
+    "FELKey",
+    "LinenFEL",
+    "MatrixLayout",
+    "RGOState",
+    "baselines",
+    "batched_curvature_vectors",
+    "consolidate",
+    "curvature_vectors",
+    "fel_permutation",
+    "input_projection_matrices",
+    "layouts",
+    "map_rgo_states",
+    "permute_features",
+    "projected_matmul",
+    "rgo",
+    "rgo_input_projected",
+    "rgo_states",
+    "rls_block",
+    "rls_sequential",
+    "rls_step",
+    "scale_by_rgo",
+    "scale_by_rgo_input_projected",
+    "sharding",
+    "update_projection",
+    "use_input_projection",
+    "use_reduced_kernel_gradients",
+)

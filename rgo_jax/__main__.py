@@ -2,6 +2,6 @@
 
 import sys
 
-from rgo_jax.cli import main
+from rgo_jax.bench.cli import main
 
 sys.exit(main())

@@ -34,7 +34,7 @@ from flax import nnx
 import rgo_jax
 from rgo_jax import _rls
 from rgo_jax._fast_curvature import batched_curvature_vectors, use_reduced_kernel_gradients
-from rgo_jax.models import build_model
+from rgo_jax.bench.models import build_model
 
 ALPHA = 0.01
 WIDTHS = (64, 256, 784, 1024, 2304, 4608)

@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rgo_jax._methods import _AtTask
 from rgo_jax.baselines import diagonal_fisher
-from rgo_jax.models import build_model
-from rgo_jax.train import _Net
+from rgo_jax.bench._methods import _AtTask
+from rgo_jax.bench.models import build_model
+from rgo_jax.bench.train import _Net
 
 MODELS = {
     "alexnet": dict(num_classes=30, input_shape=(32, 32, 3), hidden=(256, 256), task=2),

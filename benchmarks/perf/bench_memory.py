@@ -23,7 +23,7 @@ from flax import nnx
 
 import rgo_jax
 from rgo_jax import _layout
-from rgo_jax.models import build_model
+from rgo_jax.bench.models import build_model
 
 MODELS = {
     "mlp": dict(input_shape=(28, 28, 1), num_classes=10),

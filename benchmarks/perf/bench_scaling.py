@@ -32,7 +32,7 @@ from rgo_jax._input_projection import (
     rgo_input_projected,
     use_input_projection,
 )
-from rgo_jax.models import MLP
+from rgo_jax.bench.models import MLP
 
 WIDTHS = (64, 128, 256, 512, 1024, 2048)
 DEPTHS = (1, 2, 4, 8)

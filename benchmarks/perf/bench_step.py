@@ -43,7 +43,7 @@ from rgo_jax._input_projection import (
     rgo_input_projected,
     use_input_projection,
 )
-from rgo_jax.models import build_model
+from rgo_jax.bench.models import build_model
 
 MODELS = {
     # name: (input shape, classes, dense-kernel regex for the input-side projection)

@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rgo_jax import train
-from rgo_jax._methods import TaskContext
+from rgo_jax.bench import train
+from rgo_jax.bench._methods import TaskContext
 
 CONFIGS = {
     "split_cifar100": ((32, 32, 3), 100, 500),

@@ -36,7 +36,7 @@ from flax import nnx
 import rgo_jax
 from rgo_jax import _layout
 from rgo_jax._fast_curvature import batched_curvature_vectors, use_reduced_kernel_gradients
-from rgo_jax.models import build_model
+from rgo_jax.bench.models import build_model
 
 
 def _config(args) -> dict:

@@ -2,7 +2,7 @@
 
 Every loader returns a :class:`Dataset` with ``float32`` images in ``[0, 1]``, layout NHWC,
 and ``int32`` labels. Nothing here touches the network: missing files raise an error that
-names the paths tried and how to fix it (see :func:`rgo_jax.data.download`).
+names the paths tried and how to fix it (see :func:`rgo_jax.bench.data.download`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from rgo_jax.data._dataset import Dataset, as_class_names, stratified_split
-from rgo_jax.data._idx import read_idx
-from rgo_jax.data._pickle import load_pickle, normalize_keys
+from rgo_jax.bench.data._dataset import Dataset, as_class_names, stratified_split
+from rgo_jax.bench.data._idx import read_idx
+from rgo_jax.bench.data._pickle import load_pickle, normalize_keys
 
 __all__ = [
     "DATASET_NAMES",
@@ -71,7 +71,7 @@ def default_data_dir() -> Path:
 def _fix_hint(dataset: str, root: Path) -> str:
     hint = f"Pass the folder that holds it (--data-dir / data_dir=), or set ${DATA_DIR_ENV}"
     if dataset in _DOWNLOADABLE:
-        hint += f", or fetch it with rgo_jax.data.download({dataset!r}, {str(root)!r})"
+        hint += f", or fetch it with rgo_jax.bench.data.download({dataset!r}, {str(root)!r})"
     return hint + "."
 
 
@@ -271,7 +271,7 @@ def load_cifar10(root: str | Path) -> Dataset:
 
     Raises:
       FileNotFoundError: the folder or a batch file is missing.
-      rgo_jax.data.UnsafePickleError: a file asks for anything but numpy arrays/containers.
+      rgo_jax.bench.data.UnsafePickleError: a file asks for anything but numpy arrays/containers.
     """
     dataset = "cifar10"
     root = _check_root(dataset, root)
@@ -649,7 +649,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, **kwargs: Any) -
     ``<name>/<name>.npz`` in the data folder. The folder is ``data_dir``, else
     ``$RGO_DATA_DIR``, else ``~/.cache/rgo_jax``; each loader also looks in its usual
     subfolder (``mnist/``, ``cifar-10-batches-py/``, ...). Never downloads: call
-    :func:`rgo_jax.data.download`.
+    :func:`rgo_jax.bench.data.download`.
 
     Args:
       name: data set name (case-insensitive, ``-``/``_`` aliases accepted) or ``.npz`` path.

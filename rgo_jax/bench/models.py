@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 from rgo_jax._fel import FEL
-from rgo_jax._models_util import (
+from rgo_jax.bench._models_util import (
     InputRecorder,
     ParamPath,
     conv,
@@ -141,7 +141,7 @@ class MLP(_Model):
     Examples:
       >>> import jax.numpy as jnp
       >>> from flax import nnx
-      >>> from rgo_jax.models import MLP
+      >>> from rgo_jax.bench.models import MLP
       >>> model = MLP(4, (3,), 2, rngs=nnx.Rngs(0))
       >>> model(jnp.ones((5, 4)), task=1).shape
       (5, 2)
@@ -432,7 +432,7 @@ def reduced_resnet18(
 
     Examples:
       >>> from flax import nnx
-      >>> from rgo_jax.models import reduced_resnet18
+      >>> from rgo_jax.bench.models import reduced_resnet18
       >>> model = nnx.eval_shape(lambda: reduced_resnet18(10, rngs=nnx.Rngs(0)))  # shapes only
       >>> model.conv1.kernel.shape, model.head.kernel.shape
       ((3, 3, 3, 20), (160, 10))
@@ -512,7 +512,7 @@ def initialize(model: nnx.Module, scheme: str, *, seed: int = 0) -> nnx.Module:
 
     Examples:
       >>> from flax import nnx
-      >>> from rgo_jax.models import MLP, initialize
+      >>> from rgo_jax.bench.models import MLP, initialize
       >>> model = initialize(MLP(4, (3,), 2, rngs=nnx.Rngs(0)), "torch", seed=1)
       >>> bool(abs(model.hidden[0].kernel[...]).max() <= 0.5)  # bound 1 / sqrt(4)
       True
@@ -562,7 +562,7 @@ def build_model(
       The model.
 
     Examples:
-      >>> from rgo_jax.models import build_model
+      >>> from rgo_jax.bench.models import build_model
       >>> model = build_model("mlp", num_classes=10, input_shape=(28, 28, 1), hidden=(32,))
       >>> model.hidden[0].kernel.shape, model.head.kernel.shape
       ((784, 32), (32, 10))

@@ -26,11 +26,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rgo_jax import _report, data, models
-from rgo_jax._checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
 from rgo_jax._fast_curvature import use_reduced_kernel_gradients
 from rgo_jax._input_projection import input_projection_matrices, use_input_projection
-from rgo_jax._methods import (
+from rgo_jax.bench import _report, data, models
+from rgo_jax.bench._checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
+from rgo_jax.bench._methods import (
     METHODS,
     Method,
     TaskContext,
@@ -53,7 +53,7 @@ __all__ = [
 OUTPUT_KEYS = ("methods", "seeds", "data_dir", "plots", "checkpoint", "vector_chunk")
 #: Keys that change how a protocol is executed, and so its float rounding, not the protocol:
 #: a run resumes only under the same values, but runs that differ in them (and in
-#: :data:`OUTPUT_KEYS`) merge into one report (:func:`rgo_jax.merge_run_reports`).
+#: :data:`OUTPUT_KEYS`) merge into one report (:func:`rgo_jax.bench.merge_run_reports`).
 MERGE_FREE_KEYS = OUTPUT_KEYS + (
     "vmap_seeds",
     "vmap_memory_gb",
@@ -80,7 +80,7 @@ class Config:
       methods: method names (``rgo-bench --list``); each gets the same data, seeds, steps.
       model, hidden, width: the network: ``hidden`` the MLP's hidden widths (default 256,
         256) or AlexNet's ``fc1``/``fc2`` widths (default 2048, 2048); ``width`` for ResNets.
-      init: the parameter initialisation, a key of :data:`rgo_jax.models.INIT_SCHEMES`:
+      init: the parameter initialisation, a key of :data:`rgo_jax.bench.models.INIT_SCHEMES`:
         ``lecun`` (Flax's default), ``torch`` or ``glorot``; ``init_scale`` multiplies every
         initial kernel. Both change how much RGO forgets (``benchmarks/REPRODUCIBILITY.md``).
       num_tasks, steps_per_task, batch_size, learning_rate: the training budget (SGD).
@@ -216,7 +216,7 @@ def _dataset(name: str, cfg: Config) -> data.Dataset:
 
 
 def _stream(builder, base: str, **options):
-    """A benchmark: ``builder`` (a :mod:`rgo_jax.data` stream) over the data set ``base``."""
+    """A benchmark: ``builder`` (a :mod:`rgo_jax.bench.data` stream) over the data set ``base``."""
 
     def build(cfg: Config, seed: int):
         if builder is data.permuted:

@@ -27,7 +27,7 @@ from rgo_jax._input_projection import (
     scale_by_rgo_input_projected,
     use_input_projection,
 )
-from rgo_jax.models import MLP
+from rgo_jax.bench.models import MLP
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from rgo_jax._fel import FEL, FELKey, fel_permutation, permute_features
-from rgo_jax.models import (
+from rgo_jax.bench.models import (
     MLP,
     AlexNet,
     ResNet18,

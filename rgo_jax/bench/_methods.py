@@ -1,4 +1,4 @@
-"""Continual-learning methods as small strategy objects used by :mod:`rgo_jax.train`.
+"""Continual-learning methods as small strategy objects used by :mod:`rgo_jax.bench.train`.
 
 A method chooses the optimizer, whether the network has FEL sites, and what happens at a
 task boundary (RGO's consolidation pass, EWC's Fisher, GPM's bases...). The training loop
@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rgo_jax import _input_projection, _transform, models
+from rgo_jax import _input_projection, _transform
 from rgo_jax._curvature import curvature_vectors
+from rgo_jax.bench import models
 
 __all__ = ["METHODS", "Method", "TaskContext", "get_method"]
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rgo_jax import data
-from rgo_jax.data import Dataset, UnsafePickleError
+from rgo_jax.bench import data
+from rgo_jax.bench.data import Dataset, UnsafePickleError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DATASETS = SHARED / "datasets"

@@ -1,7 +1,7 @@
 """Continual-learning task streams: permuted, rotated, class-split and multi-dataset.
 
 A :class:`TaskStream` is a sequence of :class:`Task` objects built lazily, one at a time,
-from a base :class:`~rgo_jax.data.Dataset`: twenty permuted copies of MNIST are never all
+from a base :class:`~rgo_jax.bench.data.Dataset`: twenty permuted copies of MNIST are never all
 in memory. Every random choice (pixel permutation, rotation angle, class order,
 subsample) is a pure function of ``(seed, task id)`` via ``numpy.random.SeedSequence``, so
 ``stream[t]`` is the same array data on every call and every machine.
@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from rgo_jax.data._dataset import Dataset
-from rgo_jax.data._image import resize_images, rotate_images
+from rgo_jax.bench.data._dataset import Dataset
+from rgo_jax.bench.data._image import resize_images, rotate_images
 
 __all__ = [
     "Task",
@@ -128,7 +128,7 @@ class TaskStream:
 
     Examples:
       >>> import numpy as np
-      >>> from rgo_jax.data import Dataset, class_split
+      >>> from rgo_jax.bench.data import Dataset, class_split
       >>> y = np.arange(8, dtype=np.int32) % 4
       >>> ds = Dataset("toy", np.zeros((8, 2, 2, 1), np.float32), y,
       ...              np.zeros((8, 2, 2, 1), np.float32), y, 4)
@@ -365,7 +365,7 @@ def permuted(
       A ``TaskStream`` named ``"permuted-<dataset>"``.
 
     Examples:
-      >>> from rgo_jax.data import load_digits, permuted
+      >>> from rgo_jax.bench.data import load_digits, permuted
       >>> stream = permuted(load_digits(), num_tasks=3, seed=0)
       >>> task = stream[2]
       >>> task.x_train.shape[1:], task.classes.tolist() == list(range(10))

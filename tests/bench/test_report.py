@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rgo_jax import _report as report
-from rgo_jax import metrics
+from rgo_jax.bench import _report as report
+from rgo_jax.bench import metrics
 
 NAN = float("nan")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rgo_jax import cli, train
+from rgo_jax.bench import cli, train
 
 QUICK = dict(
     benchmark="permuted_digits",
@@ -203,7 +203,7 @@ def test_vmapped_seeds_match_sequential_seeds(tmp_path):
 
 
 def test_runs_split_by_seed_merge_into_the_joint_run(tmp_path):
-    from rgo_jax import merge_run_reports
+    from rgo_jax.bench import merge_run_reports
 
     base = {
         **QUICK,
@@ -273,7 +273,7 @@ def test_key_lists_name_config_fields():
 def test_joint_training_data_is_every_task_so_far():
     """Joint training sees the concatenation of tasks 0..t (tasks of different sizes), with
     each task's class mask and id; other methods see task t alone."""
-    from rgo_jax._methods import METHODS
+    from rgo_jax.bench._methods import METHODS
 
     cfg = train.Config(benchmark="split_digits", num_tasks=3)
     stream = train.build_stream(cfg, 0)
@@ -316,7 +316,7 @@ def test_initialisation_is_a_protocol_key_that_older_runs_read_as_flax_default()
     _, params, _ = train._build(cfg, method, stream, 3)
     from flax import nnx
 
-    from rgo_jax import models
+    from rgo_jax.bench import models
 
     want = models.build_model(
         "mlp",

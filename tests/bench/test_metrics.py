@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 
-from rgo_jax import metrics
+from rgo_jax.bench import metrics
 
 NAN = float("nan")
 

@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from rgo_jax._report import write_json_atomic
+from rgo_jax.bench._report import write_json_atomic
 
 __all__ = ["latest_checkpoint", "restore_checkpoint", "save_checkpoint"]
 

@@ -9,7 +9,6 @@ import optax
 import pytest
 from flax import nnx
 
-from rgo_jax._models_util import conv_patches
 from rgo_jax.baselines import (
     agem,
     gpm_update_bases,
@@ -17,7 +16,8 @@ from rgo_jax.baselines import (
     scale_by_gpm,
     scale_by_owm,
 )
-from rgo_jax.models import MLP
+from rgo_jax.bench._models_util import conv_patches
+from rgo_jax.bench.models import MLP
 
 
 @nnx.jit

@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from rgo_jax import train
-from rgo_jax._methods import METHODS
+from rgo_jax.bench import train
+from rgo_jax.bench._methods import METHODS
 
 TINY = dict(
     benchmark="permuted_digits",
@@ -45,7 +45,7 @@ def test_methods_resume_with_their_state(all_methods):
 
 
 def test_agem_memory_holds_each_task():
-    from rgo_jax._methods import TaskContext
+    from rgo_jax.bench._methods import TaskContext
 
     method = METHODS["agem"]
     cfg = train.Config(**{**TINY, "num_tasks": 3}, method_options={"agem_per_task": 5})
@@ -100,7 +100,7 @@ def test_after_task_keeps_no_reference_to_the_task_data(name):
     import gc
     import weakref
 
-    from rgo_jax._methods import TaskContext
+    from rgo_jax.bench._methods import TaskContext
 
     method = METHODS[name]
     cfg = train.Config(**TINY)
@@ -133,7 +133,7 @@ def test_after_task_keeps_no_reference_to_the_task_data(name):
 
 def _ewc_fisher(kind: str, samples: int):
     """The Fisher that the harness's EWC stores after task 0 of the digits, by ``kind``."""
-    from rgo_jax._methods import TaskContext
+    from rgo_jax.bench._methods import TaskContext
 
     method = METHODS["ewc"]
     cfg = train.Config(**TINY, method_options={"ewc_fisher": kind, "ewc_samples": samples})

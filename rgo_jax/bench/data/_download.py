@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from rgo_jax.data._loaders import canonical_name, default_data_dir
+from rgo_jax.bench.data._loaders import canonical_name, default_data_dir
 
 __all__ = ["ChecksumError", "DOWNLOADS", "download", "sha256_file"]
 

@@ -3,10 +3,10 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import closed_form_p, random_vectors
 
 import rgo_jax
 from rgo_jax import layouts
+from tests.helpers import closed_form_p, random_vectors
 
 
 def _rel_err(a, b):

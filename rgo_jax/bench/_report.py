@@ -1,6 +1,6 @@
 """Result reporting: printed matrices and summaries, Markdown tables, atomic files, plots.
 
-Everything here consumes the accuracy matrices and summaries of :mod:`rgo_jax.metrics`
+Everything here consumes the accuracy matrices and summaries of :mod:`rgo_jax.bench.metrics`
 (accuracies as fractions in ``[0, 1]``) and shows them as percentages. Files are written
 atomically (a temporary file in the same directory, flushed, fsynced, then ``os.replace``),
 so a report can be rewritten after every task and a reader never sees a half-written file.
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from rgo_jax import metrics as _metrics
+from rgo_jax.bench import metrics as _metrics
 
 __all__ = [
     "SCENARIO",
@@ -78,7 +78,8 @@ def format_matrix(R: Any, *, task_names: Sequence[str] | None = None, decimals: 
     (``nan``) entries are shown as ``-``.
 
     Args:
-      R: accuracy matrix ``[T, T]`` (fractions), see :func:`rgo_jax.metrics.check_accuracy_matrix`.
+      R: accuracy matrix ``[T, T]`` (fractions), see
+        :func:`rgo_jax.bench.metrics.check_accuracy_matrix`.
       task_names: optional ``T`` names used instead of ``"task j"``.
       decimals: digits after the decimal point.
 
@@ -129,14 +130,15 @@ def _pct(x: float, decimals: int = 2) -> str:
 
 
 def format_summary(summary: Mapping[str, Any], *, decimals: int = 2) -> str:
-    """Summary lines such as ``ACC  91.14 ± 0.20 %`` from :func:`~rgo_jax.metrics.summarize`.
+    """Summary lines such as ``ACC  91.14 ± 0.20 %`` from :func:`~rgo_jax.bench.metrics.summarize`.
 
-    Accepts the output of :func:`rgo_jax.metrics.summarize` (one run: plain values) or of
-    :func:`rgo_jax.metrics.summarize_seeds` (``mean ± std`` over seeds). The BWT line states its
-    divisor; FWT appears when the summary has it. Undefined metrics (one task) print ``n/a``.
+    Accepts the output of :func:`rgo_jax.bench.metrics.summarize` (one run: plain values) or
+    of :func:`rgo_jax.bench.metrics.summarize_seeds` (``mean ± std`` over seeds). The BWT line
+    states its divisor; FWT appears when the summary has it. Undefined metrics (one task)
+    print ``n/a``.
 
     Examples:
-      >>> from rgo_jax.metrics import summarize
+      >>> from rgo_jax.bench.metrics import summarize
       >>> print(format_summary(summarize([[0.75, 0.5], [0.5, 0.875]])))
       ACC                 68.75 %
       BWT                -25.00 %  (divisor T-1)
@@ -277,8 +279,8 @@ def summary_table(summaries: Mapping[str, Mapping[str, Any]], *, decimals: int =
     """The Markdown comparison table of several methods' summaries (one row per method).
 
     Args:
-      summaries: ``{method: summary}`` with summaries from :func:`rgo_jax.metrics.summarize`
-        or :func:`rgo_jax.metrics.summarize_seeds`.
+      summaries: ``{method: summary}`` with summaries from :func:`rgo_jax.bench.metrics.summarize`
+        or :func:`rgo_jax.bench.metrics.summarize_seeds`.
       decimals: digits of the percentages.
 
     Returns:
@@ -287,7 +289,7 @@ def summary_table(summaries: Mapping[str, Mapping[str, Any]], *, decimals: int =
       alone for a single seed or run).
 
     Examples:
-      >>> from rgo_jax.metrics import summarize_seeds
+      >>> from rgo_jax.bench.metrics import summarize_seeds
       >>> R1, R2 = [[0.75, 0.5], [0.5, 0.875]], [[0.75, 0.5], [0.25, 0.875]]
       >>> print(summary_table({"RGO": summarize_seeds([R1, R2])}))
       | method | tasks | seeds | ACC %         | BWT %          | forgetting %  | LA %         |
@@ -552,7 +554,7 @@ def plot_accuracy_per_task(
 
     Left panel: accuracy on each task ``j`` at the end of training, ``R[T-1, j]``. Right
     panel: average accuracy over the tasks seen so far after each task ``i``
-    (:func:`rgo_jax.metrics.average_accuracy_curve`). One line per method (mean over seeds)
+    (:func:`rgo_jax.bench.metrics.average_accuracy_curve`). One line per method (mean over seeds)
     with a ``mean ± std`` band when there are several seeds.
 
     Args:
@@ -689,13 +691,13 @@ def write_run_report(
       random_init: optional accuracies of randomly initialised networks for FWT: ``[T]``,
         ``[S, T]`` (per seed), or ``{method: either}``; longer vectors are cut to ``T``.
       bwt_divisor: ``"T-1"`` (default) or ``"T"`` (GEM's code), see
-        :func:`rgo_jax.metrics.backward_transfer`.
+        :func:`rgo_jax.bench.metrics.backward_transfer`.
       ddof: std convention over seeds (0: population std).
       task_names: optional names of the tasks (for the matrices' labels).
       plots: write the PNGs (needs matplotlib).
 
     Returns:
-      ``{method: summary}``, each from :func:`rgo_jax.metrics.summarize_seeds` plus
+      ``{method: summary}``, each from :func:`rgo_jax.bench.metrics.summarize_seeds` plus
       ``"seeds_summarized"`` and ``"seeds_in_progress"`` (seed indices).
 
     Examples:
@@ -880,11 +882,11 @@ def merge_run_reports(
       out_dir: where the merged report is written.
       free_keys: further configuration keys the runs may differ in: switches of the harness
         that do not change the protocol (for the benchmark harness,
-        :data:`rgo_jax.train.MERGE_FREE_KEYS`). The merged ``config.json`` keeps the first
+        :data:`rgo_jax.bench.train.MERGE_FREE_KEYS`). The merged ``config.json`` keeps the first
         run's values of these.
       key_defaults: the value a configuration key had before it existed, for keys added
         after some runs were written (for the benchmark harness,
-        :data:`rgo_jax.train.ADDED_KEYS`): a run whose ``config.json`` lacks the key is
+        :data:`rgo_jax.bench.train.ADDED_KEYS`): a run whose ``config.json`` lacks the key is
         compared, and merged, as if it had this value.
       exclude: ``(run_dir, method)`` pairs left out of the merge: a method of a run that a
         later run supersedes (e.g. rerun with another hyperparameter).

@@ -8,8 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from rgo_jax._methods import METHOD_OPTIONS, METHODS
-from rgo_jax.train import BENCHMARKS, Config, run
+from rgo_jax.bench._methods import METHOD_OPTIONS, METHODS
+from rgo_jax.bench.train import BENCHMARKS, Config, run
 
 DEMO = {
     "benchmark": "permuted_digits",

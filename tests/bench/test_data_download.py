@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rgo_jax import data
-from rgo_jax.data import ChecksumError
+from rgo_jax.bench import data
+from rgo_jax.bench.data import ChecksumError
 
 IDX_NAMES = (
     "train-images-idx3-ubyte.gz",

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from rgo_jax import data
-from rgo_jax.data import Dataset
+from rgo_jax.bench import data
+from rgo_jax.bench.data import Dataset
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 

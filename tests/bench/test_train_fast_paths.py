@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rgo_jax import _methods, _transform, cli, models, train
+from rgo_jax import _transform
+from rgo_jax.bench import _methods, cli, models, train
 
 BASE = dict(benchmark="permuted_digits", num_tasks=2, hidden=(64, 48), batch_size=10)
 

@@ -76,7 +76,7 @@ def conv_patches(
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from rgo_jax.models import conv_patches
+      >>> from rgo_jax.bench.models import conv_patches
       >>> x = jnp.arange(2 * 3 * 3 * 2, dtype=jnp.float32).reshape(2, 3, 3, 2)
       >>> conv_patches(x, 2, padding="VALID").shape
       (8, 8)
@@ -113,7 +113,7 @@ def param_path_str(path: Sequence[Any]) -> str:
     dropped, so both spellings of one parameter give the same string.
 
     Examples:
-      >>> from rgo_jax.models import param_path_str
+      >>> from rgo_jax.bench.models import param_path_str
       >>> param_path_str(("stages", 0, 1, "conv1", "kernel"))
       'stages/0/1/conv1/kernel'
     """
