@@ -6,7 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+REPO = Path(__file__).resolve().parents[1]
+"""The repository root."""
+SHARED = REPO.parent / "shared"
+"""The shared folder beside the repository (data sets, tools)."""
+SHARED_DATA = SHARED / "datasets"
 
 
 def closed_form_p(vectors: np.ndarray, alpha: float) -> np.ndarray:

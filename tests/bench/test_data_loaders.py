@@ -15,8 +15,8 @@ import pytest
 
 from rgo_jax.bench import data
 from rgo_jax.bench.data import Dataset, UnsafePickleError
+from tests.helpers import SHARED
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 DATASETS = SHARED / "datasets"
 
 # Published facts about MNIST (class counts of the official train / test sets).

@@ -5,13 +5,13 @@ import math
 import os
 import re
 import stat
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from rgo_jax.bench import _report as report
 from rgo_jax.bench import metrics
+from tests.helpers import REPO
 
 NAN = float("nan")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -484,7 +484,7 @@ def test_publish_merges_and_records_what_it_left_out(tmp_path):
             matrices=mats,
             plots=False,
         )
-    script = Path(__file__).parents[1] / "benchmarks" / "publish.py"
+    script = REPO / "benchmarks" / "publish.py"
     argv = [sys.executable, str(script), str(tmp_path / "a"), str(tmp_path / "b")]
     argv += [str(tmp_path / "out"), "--command", "cmd a", "--command", "cmd b", "--commit", "c1"]
     done = subprocess.run(argv, capture_output=True, text=True, check=False)

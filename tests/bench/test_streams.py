@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import tracemalloc
 import weakref
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +12,7 @@ from scipy import ndimage
 
 from rgo_jax.bench import data
 from rgo_jax.bench.data import Dataset
-
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+from tests.helpers import SHARED_DATA as DATASETS
 
 
 @pytest.fixture(scope="module")

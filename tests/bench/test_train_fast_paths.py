@@ -5,7 +5,6 @@ and pre-averaged kernel cotangents for the consolidation pass are each compared 
 plain computation on the same data, initialisation and steps.
 """
 
-import pathlib
 import re
 import types
 
@@ -17,6 +16,7 @@ from flax import nnx
 
 from rgo_jax import _transform
 from rgo_jax.bench import _methods, cli, models, train
+from tests.helpers import REPO
 
 BASE = dict(benchmark="permuted_digits", num_tasks=2, hidden=(64, 48), batch_size=10)
 
@@ -172,7 +172,7 @@ def test_hidden_sets_alexnet_fc_widths_and_is_refused_for_resnets():
 
 @pytest.mark.parametrize(
     "path",
-    sorted((pathlib.Path(__file__).parents[1] / "benchmarks" / "configs").glob("*.json")),
+    sorted((REPO / "benchmarks" / "configs").glob("*.json")),
     ids=lambda p: p.stem,
 )
 def test_every_benchmark_config_is_a_valid_configuration(path):

@@ -62,8 +62,14 @@ def test_core_never_imports_the_harness():
 
 
 def test_public_names_are_listed_and_exist():
-    assert len(set(rgo_jax.__all__)) == len(rgo_jax.__all__)
-    for name in rgo_jax.__all__:
-        assert hasattr(rgo_jax, name), name
-    public = {n for n in vars(rgo_jax) if not n.startswith("_")}
-    assert public == set(rgo_jax.__all__), public ^ set(rgo_jax.__all__)
+    code = (
+        "import json, rgo_jax; "
+        "print(json.dumps([sorted(n for n in vars(rgo_jax) if not n.startswith('_')), "
+        "list(rgo_jax.__all__)]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    public, listed = json.loads(out)
+    assert len(set(listed)) == len(listed)
+    assert set(public) == set(listed), set(public) ^ set(listed)

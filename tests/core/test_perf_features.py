@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +27,7 @@ from rgo_jax._input_projection import (
     use_input_projection,
 )
 from rgo_jax.bench.models import MLP
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def _spd(rng, d, n=None, alpha=0.1):
