@@ -942,10 +942,13 @@ def merge_run_reports(
                 raise ValueError(
                     f"{run_dir} uses BWT divisor / std ddof {conv}, {base_dir} uses {conventions}."
                 )
-        seeds = [int(s) for s in config["seeds"]]
         for method, entry in results["methods"].items():
             if method in skip.get(key, ()):
                 continue
+            # A rerun that kept earlier results records each method's own seeds.
+            seeds = [
+                int(s) for s in (config.get("seeds_per_method") or {}).get(method, config["seeds"])
+            ]
             run_options = (config.get("method_options_per_method") or {}).get(
                 method, config.get("method_options") or {}
             )

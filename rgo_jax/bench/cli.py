@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 from rgo_jax.bench._methods import METHOD_OPTIONS, METHODS
+from rgo_jax.bench._rundir import end_progress_bars, interrupted_message
+from rgo_jax.bench._validate import RunError, check_fields, config_root
 from rgo_jax.bench.train import BENCHMARKS, Config, run
 
 DEMO = {
@@ -147,9 +149,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if not path.is_file():
             raise SystemExit(f"rgo-bench: config file {path} does not exist.")
         try:
-            fields = json.loads(path.read_text())
+            fields = config_root(json.loads(path.read_text()), path)
         except json.JSONDecodeError as err:
             raise SystemExit(f"rgo-bench: config file {path} is not valid JSON: {err}") from None
+        except ValueError as err:
+            raise SystemExit(f"rgo-bench: {err}") from None
         fields.pop("_doc", None)
     else:
         fields = dict(DEMO)
@@ -159,6 +163,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise SystemExit(
             f"rgo-bench: unknown config fields {sorted(unknown)}; valid: {sorted(known)}."
         )
+    try:
+        check_fields(fields)
+    except ValueError as err:
+        where = f"config file {args.config}: " if args.config else ""
+        raise SystemExit(f"rgo-bench: {where}{err}") from None
     for flag, (field, typ, _) in _FLAGS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
@@ -200,9 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     try:
         run(cfg, args.out)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, RunError) as err:
+        end_progress_bars()
         print(f"rgo-bench: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        end_progress_bars()
+        print(interrupted_message(args.out, cfg.checkpoint), file=sys.stderr)
+        return 130
     print(f"\nResults in {args.out}/ (summary.md, results.json, *.png, checkpoints/)")
     return 0
 

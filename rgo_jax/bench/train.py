@@ -29,7 +29,7 @@ from flax import nnx
 from rgo_jax._fast_curvature import use_reduced_kernel_gradients
 from rgo_jax._input_projection import input_projection_matrices, use_input_projection
 from rgo_jax.bench import _report, data, models
-from rgo_jax.bench._checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
+from rgo_jax.bench._checkpoint import latest_good_checkpoint, restore_checkpoint, save_checkpoint
 from rgo_jax.bench._methods import (
     METHODS,
     Method,
@@ -37,6 +37,13 @@ from rgo_jax.bench._methods import (
     check_method_options,
     get_method,
 )
+from rgo_jax.bench._rundir import (
+    checkpoint_root,
+    prepare_run_dir,
+    split_by_resume_point,
+    write_report,
+)
+from rgo_jax.bench._validate import RunError, check_config, check_finite_losses, check_finite_state
 
 __all__ = [
     "ADDED_KEYS",
@@ -146,6 +153,7 @@ class Config:
     method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
+        check_config(self)
         if self.benchmark not in BENCHMARKS:
             raise ValueError(
                 f"Unknown benchmark {self.benchmark!r}; valid: {', '.join(sorted(BENCHMARKS))}."
@@ -526,7 +534,7 @@ class _Lane:
         self.masks = self.stream.class_masks()
         self.R = np.full((self.T, self.T), np.nan)
         self.per_task: list = []
-        self.ckpt_root = workdir / "checkpoints" / method.name / f"seed{seed}"
+        self.ckpt_root = checkpoint_root(workdir, method.name, seed)
         self._test: dict = {}
 
     def test_split(self, j):
@@ -546,17 +554,17 @@ def _seed_groups(cfg: Config, method: Method) -> list[tuple[int, ...]]:
     return [tuple(cfg.seeds[i : i + k]) for i in range(0, len(cfg.seeds), k)]
 
 
-def _resume_point(cfg: Config, lanes: list[_Lane]) -> int:
+def _resume_point(cfg: Config, lanes: list[_Lane], log=print) -> int:
     """The first task that every seed of the group still has to train."""
     if not cfg.checkpoint:
         return 0
     done = []
     for lane in lanes:
-        found = latest_checkpoint(lane.ckpt_root)
+        found = latest_good_checkpoint(lane.ckpt_root, log=log)
         if found is None:
             return 0
         if found[1].get("fingerprint") != cfg.fingerprint():
-            raise ValueError(
+            raise RunError(
                 f"Checkpoint {found[0]} was written by a different configuration; use a new "
                 "output directory (or delete the old one) to start afresh."
             )
@@ -595,7 +603,7 @@ def _run_group(cfg: Config, method: Method, seeds: tuple[int, ...], workdir: Pat
         )
         for ln in lanes
     ]
-    start = _resume_point(cfg, lanes)
+    start = _resume_point(cfg, lanes, log)
     if start > 0:
         restored = []
         for i, ln in enumerate(lanes):
@@ -651,6 +659,7 @@ def _run_group(cfg: Config, method: Method, seeds: tuple[int, ...], workdir: Pat
             params, opt_state, losses = chunk_fn(
                 params, opt_state, extra, dx, dy, dm, dt, sl, steps
             )
+            check_finite_losses(losses, method.name, seeds, t, lo)
             progress.update(int(sl.shape[1]), task=t, loss=f"{float(losses[:, -1].mean()):.3f}")
         del dx, dy, dm, dt
         new_opt, new_extra = [], []
@@ -670,6 +679,9 @@ def _run_group(cfg: Config, method: Method, seeds: tuple[int, ...], workdir: Pat
                 )
                 o_i, e_i = method.after_task(ctx, p_i, o_i, e_i)
                 del ctx
+            check_finite_state(
+                {"params": p_i, "opt_state": o_i, "extra": e_i}, method.name, ln.seed, t
+            )
             new_opt.append(o_i)
             new_extra.append(e_i)
             if method.fresh_network_per_task:
@@ -714,7 +726,7 @@ def run(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
       ``{"summaries": {method: summary}, "matrices": {method: [R per seed]}}``.
     """
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    previous = prepare_run_dir(cfg, workdir)
     matrices: dict[str, list] = {m: [] for m in cfg.methods}
     random_init: dict[str, list] = {m: [] for m in cfg.methods}
     config = {
@@ -726,7 +738,10 @@ def run(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
     summaries: dict = {}
     for name in cfg.methods:
         method = METHODS[name]
-        for seeds in _seed_groups(cfg, method):
+        groups = _seed_groups(cfg, method)
+        for seeds in [
+            g for s in groups for g in split_by_resume_point(s, workdir, cfg, method.name, log)
+        ]:
             t0 = time.time()
             slots = []
             for _ in seeds:
@@ -738,8 +753,11 @@ def run(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
                 for slot, ln, b_i in zip(slots, lanes, b, strict=True):
                     matrices[name][slot] = ln.R[: t + 1, : t + 1].copy()
                     random_init[name][slot] = b_i
-                summaries = _report.write_run_report(
+                summaries = write_report(
                     workdir,
+                    previous,
+                    cfg.seeds,
+                    lanes[0].T,
                     config=config,
                     matrices={k: v for k, v in matrices.items() if v and v[0] is not None},
                     random_init={

@@ -7,11 +7,15 @@ import gzip
 import hashlib
 import http.server
 import io
+import os
 import pickle
 import socket
 import struct
+import subprocess
+import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -233,3 +237,180 @@ def test_checksums_for_unknown_files_rejected(tmp_path):
 def test_unknown_name():
     with pytest.raises(ValueError, match="no official files known for 'digits'"):
         data.download("digits", "/nonexistent-never-created")
+
+
+# -- mirrors, truncation, deadlines, size caps, stale temporary files -------------------------
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """A 127.0.0.1 server whose answer per path is a function of the request handler."""
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    routes: dict = {}
+    hits: list[str] = []
+
+    class H(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            hits.append(self.path)
+            answer = routes.get(self.path)
+            if answer is None:
+                self.send_error(404)
+                return
+            answer(self)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield routes, f"http://127.0.0.1:{httpd.server_address[1]}", hits
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def _body(payload: bytes):
+    def answer(h):
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(payload)))
+        h.end_headers()
+        h.wfile.write(payload)
+
+    return answer
+
+
+def _truncated_chunked(payload: bytes):
+    def answer(h):
+        h.send_response(200)
+        h.send_header("Transfer-Encoding", "chunked")
+        h.send_header("Connection", "close")
+        h.end_headers()
+        half = payload[: len(payload) // 2]
+        h.wfile.write(f"{len(payload):x}\r\n".encode() + half)  # announces more than it sends
+        h.wfile.flush()
+        h.close_connection = True
+
+    return answer
+
+
+def _trickle(payload: bytes, pause: float):
+    def answer(h):
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(payload)))
+        h.end_headers()
+        for i in range(len(payload)):
+            try:
+                h.wfile.write(payload[i : i + 1])
+                h.wfile.flush()
+            except OSError:
+                return
+            time.sleep(pause)
+
+    return answer
+
+
+def _mnist_routes(routes, prefix, payloads, first=None):
+    for name, b in payloads.items():
+        routes[f"/{prefix}/{name}"] = (first or _body)(b) if name == IDX_NAMES[0] else _body(b)
+
+
+def _payloads():
+    rng = np.random.default_rng(1)
+    return {
+        IDX_NAMES[0]: _idx(rng.integers(0, 256, (3, 28, 28))),
+        IDX_NAMES[1]: _idx([0, 1, 2]),
+        IDX_NAMES[2]: _idx(rng.integers(0, 256, (1, 28, 28))),
+        IDX_NAMES[3]: _idx([5]),
+    }
+
+
+def test_a_checksum_error_on_one_mirror_tries_the_next(scripted, tmp_path):
+    routes, url, hits = scripted
+    payloads = _payloads()
+    sums = {k: _sha(v) for k, v in payloads.items()}
+    bad = dict(payloads)
+    bad[IDX_NAMES[0]] = b"not the file"
+    _mnist_routes(routes, "a", bad)
+    _mnist_routes(routes, "b", payloads)
+    data.download("mnist", tmp_path, base_url=[f"{url}/a", f"{url}/b"], checksums=sums)
+    assert f"/a/{IDX_NAMES[0]}" in hits and f"/b/{IDX_NAMES[0]}" in hits
+    assert data.sha256_file(tmp_path / "mnist" / IDX_NAMES[0]) == sums[IDX_NAMES[0]]
+    # Every mirror wrong: still a ChecksumError, listing each mirror.
+    with pytest.raises(ChecksumError, match=f"{url}/a/.*; .*{url}/c/"):
+        _mnist_routes(routes, "c", bad)
+        data.download("mnist", tmp_path / "x", base_url=[f"{url}/a", f"{url}/c"], checksums=sums)
+
+
+def test_a_truncated_chunked_response_names_the_url_and_tries_the_next(scripted, tmp_path):
+    routes, url, hits = scripted
+    payloads = _payloads()
+    sums = {k: _sha(v) for k, v in payloads.items()}
+    _mnist_routes(routes, "a", payloads, first=_truncated_chunked)
+    _mnist_routes(routes, "b", payloads)
+    data.download("mnist", tmp_path, base_url=[f"{url}/a", f"{url}/b"], checksums=sums)
+    assert f"/b/{IDX_NAMES[0]}" in hits
+    assert data.sha256_file(tmp_path / "mnist" / IDX_NAMES[0]) == sums[IDX_NAMES[0]]
+    with pytest.raises(OSError, match=f"{url}/a/{IDX_NAMES[0]}: IncompleteRead"):
+        data.download("mnist", tmp_path / "x", base_url=f"{url}/a", checksums=sums)
+    assert _leftovers(tmp_path / "x" / "mnist") == []
+
+
+def test_a_trickling_server_is_cut_off_at_the_total_deadline(scripted, tmp_path):
+    routes, url, _ = scripted
+    payloads = _payloads()
+    sums = {k: _sha(v) for k, v in payloads.items()}
+    _mnist_routes(routes, "a", payloads, first=lambda b: _trickle(b, 0.05))
+    t0 = time.monotonic()
+    with pytest.raises(OSError, match="deadline"):
+        data.download("mnist", tmp_path, base_url=f"{url}/a", checksums=sums, total_timeout=0.5)
+    assert time.monotonic() - t0 < 5  # the body would take minutes
+    assert _leftovers(tmp_path / "mnist") == []
+
+
+def test_a_response_over_the_size_cap_is_refused(scripted, tmp_path):
+    routes, url, _ = scripted
+    payloads = _payloads()
+    sums = {k: _sha(v) for k, v in payloads.items()}
+    huge = b"\0" * 200_000
+
+    def no_length(h):  # no Content-Length: the cap must hold while streaming
+        h.send_response(200)
+        h.send_header("Connection", "close")
+        h.end_headers()
+        h.wfile.write(huge)
+        h.close_connection = True
+
+    _mnist_routes(routes, "a", payloads, first=lambda b: no_length)
+    _mnist_routes(routes, "b", payloads, first=lambda b: _body(huge))
+    for base, why in (("a", "exceeds the size cap of 50000"), ("b", "announces 200000 bytes")):
+        with pytest.raises(OSError, match=why):
+            data.download(
+                "mnist", tmp_path, base_url=f"{url}/{base}", checksums=sums, max_bytes=50_000
+            )
+        assert _leftovers(tmp_path / "mnist") == []
+    assert data.DOWNLOADS["mnist"].max_bytes < 300 << 20
+
+
+def test_stale_part_files_of_killed_downloads_are_removed(server, tmp_path):
+    www, url, _ = server
+    sums = _write_mnist_files(www)
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = [
+        folder / f".{IDX_NAMES[0]}.{dead.pid}.x1y2.part",  # its process is gone
+        folder / f".{IDX_NAMES[1]}.k3j_9z0a.part",  # older naming, without a pid
+    ]
+    alive = folder / f".{IDX_NAMES[2]}.{os.getppid()}.abcd.part"  # a running process's
+    for p in (*stale, alive):
+        p.write_bytes(b"partial")
+    data.download("mnist", tmp_path, base_url=url, checksums=sums)
+    assert not any(p.exists() for p in stale) and alive.exists()
+    assert _leftovers(folder) == sorted([*IDX_NAMES, alive.name])

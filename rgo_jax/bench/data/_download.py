@@ -22,10 +22,12 @@ The URLs and hashes are in :data:`DOWNLOADS`.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -51,6 +53,7 @@ class _Source:
     archive: bool  # files are tarballs to extract into cache_dir
     extracted: str = ""  # for tarballs: the folder the archive unpacks to
     marker: str = ""  # for tarballs: a file inside ``extracted`` proving a finished extraction
+    max_bytes: int = 64 << 20  # a response larger than this is cut off and refused
 
 
 _IDX_NAMES = (
@@ -81,6 +84,7 @@ DOWNLOADS: Mapping[str, _Source] = {
         ),
         subdir="mnist",
         archive=False,
+        max_bytes=32 << 20,  # the largest file is 9.9 MB
     ),
     "fashion_mnist": _Source(
         urls=(
@@ -101,6 +105,7 @@ DOWNLOADS: Mapping[str, _Source] = {
         ),
         subdir="fashion-mnist",
         archive=False,
+        max_bytes=64 << 20,  # the largest file is 26 MB
     ),
     "cifar10": _Source(
         urls=("https://www.cs.toronto.edu/~kriz/",),
@@ -113,6 +118,7 @@ DOWNLOADS: Mapping[str, _Source] = {
         archive=True,
         extracted="cifar-10-batches-py",
         marker="test_batch",
+        max_bytes=256 << 20,  # 163 MiB
     ),
     "cifar100": _Source(
         urls=("https://www.cs.toronto.edu/~kriz/",),
@@ -125,6 +131,7 @@ DOWNLOADS: Mapping[str, _Source] = {
         archive=True,
         extracted="cifar-100-python",
         marker="test",
+        max_bytes=256 << 20,  # 161 MiB
     ),
 }
 
@@ -138,15 +145,66 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _fetch(url: str, dest: Path, expected: str, timeout: float) -> None:
-    """Streams ``url`` into a temp file beside ``dest``, checks SHA-256, then renames."""
+class _TooSlow(OSError):
+    """The download did not finish within its total deadline."""
+
+
+def _part_prefix(dest: Path) -> str:
+    return f".{dest.name}."
+
+
+def _clean_stale_parts(dest: Path) -> None:
+    """Removes ``.part`` files of ``dest`` left by downloads that were killed.
+
+    A temporary file is named ``.<name>.<pid>.<random>.part``; one whose process no longer
+    runs (or of an older naming without the pid) is stale.
+    """
+    if not dest.parent.is_dir():
+        return
+    for part in dest.parent.glob(_part_prefix(dest) + "*.part"):
+        pid_text = part.name[len(_part_prefix(dest)) :].split(".", 1)[0]
+        if pid_text.isdigit() and int(pid_text) != os.getpid():
+            try:
+                os.kill(int(pid_text), 0)
+                continue  # its process still runs
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue  # another user's running process
+        elif pid_text.isdigit():
+            continue  # this process's own (a concurrent thread)
+        part.unlink(missing_ok=True)
+
+
+def _fetch(
+    url: str, dest: Path, expected: str, timeout: float, deadline: float, max_bytes: int
+) -> None:
+    """Streams ``url`` into a temp file beside ``dest``, checks SHA-256, then renames.
+
+    ``timeout`` bounds each network operation; ``deadline`` (a ``time.monotonic()`` value)
+    the whole download; more than ``max_bytes`` is refused.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f"{_part_prefix(dest)}{os.getpid()}.", suffix=".part", dir=dest.parent
+    )
     tmp = Path(tmp_name)
     try:
         digest = hashlib.sha256()
+        size = 0
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            while block := resp.read(1 << 20):
+            declared = resp.headers.get("Content-Length")
+            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                raise OSError(f"the server announces {declared} bytes, over the cap {max_bytes}")
+            while True:
+                if time.monotonic() > deadline:
+                    raise _TooSlow(f"not finished within the deadline ({size} bytes so far)")
+                block = resp.read1(1 << 20)  # returns what has arrived: the deadline is seen
+                if not block:
+                    break
+                size += len(block)
+                if size > max_bytes:
+                    raise OSError(f"the response exceeds the size cap of {max_bytes} bytes")
                 digest.update(block)
                 out.write(block)
         actual = digest.hexdigest()
@@ -209,6 +267,8 @@ def download(
     base_url: str | Sequence[str] | None = None,
     checksums: Mapping[str, str] | None = None,
     timeout: float = 60.0,
+    total_timeout: float = 1800.0,
+    max_bytes: int | None = None,
     keep_archive: bool = False,
 ) -> Path:
     """Downloads a data set's official files into ``cache_dir`` and verifies them.
@@ -226,15 +286,24 @@ def download(
         file names are appended to it.
       checksums: file name -> SHA-256 overriding the built-in table (for mirrors or tests).
       timeout: seconds per network operation.
+      total_timeout: seconds one file's download may take in all, from one URL (a server
+        that trickles bytes is cut off); then the next URL is tried.
+      max_bytes: size cap of one file (default: a few times the largest official file of
+        the data set); a larger response is cut off and the next URL tried.
       keep_archive: keep the downloaded tarball after extraction.
 
     Returns:
       ``cache_dir``, to pass as ``data_dir`` to :func:`load_dataset`.
 
     Raises:
-      ChecksumError: a file's SHA-256 differs (names file, expected and actual hash); no
-        file is left behind.
-      OSError: no URL could be fetched (the message lists each URL's error).
+      ChecksumError: every URL failed and at least one served a file with another SHA-256
+        (the message names the file, the expected and actual hashes, and every URL's
+        error); no file is left behind.
+      OSError: no URL could be fetched (the message lists each URL's error: unreachable,
+        truncated, too slow or too large).
+
+    Each URL is tried in turn until one gives the file with the right hash. Temporary
+    ``.part`` files left by a killed download are removed first.
     """
     key = canonical_name(name)
     if key not in DOWNLOADS:
@@ -261,17 +330,28 @@ def download(
         if src.archive and (cache / src.extracted / src.marker).is_file() and not dest.exists():
             continue  # already extracted
         if not (dest.is_file() and sha256_file(dest) == expected.lower()):
+            _clean_stale_parts(dest)
             errors: list[str] = []
+            bad_hash = False
             for base in urls:
                 try:
-                    _fetch(base + fname, dest, expected, timeout)
+                    _fetch(
+                        base + fname,
+                        dest,
+                        expected,
+                        timeout,
+                        time.monotonic() + total_timeout,
+                        src.max_bytes if max_bytes is None else max_bytes,
+                    )
                     break
-                except ChecksumError:
-                    raise
-                except (urllib.error.URLError, OSError) as e:
-                    errors.append(f"{base + fname}: {e}")
+                except ChecksumError as e:
+                    bad_hash = True
+                    errors.append(str(e))
+                except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+                    errors.append(f"{base + fname}: {type(e).__name__}: {e}")
             else:
-                raise OSError(f"download {key}: could not fetch {fname}: " + "; ".join(errors))
+                msg = f"download {key}: could not fetch {fname}: " + "; ".join(errors)
+                raise ChecksumError(msg) if bad_hash else OSError(msg)
         if src.archive:
             try:
                 _extract(dest, cache, src.extracted)
