@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen, nnx
 
+from rgo_jax import _sharding
+
 __all__ = [
     "FEL",
     "FELKey",
@@ -122,6 +124,13 @@ def permute_features(
     perm = fel_permutation(key, layer, task, x.shape[-1], identity_first_task=identity_first_task)
     if inverse:
         perm = jnp.argsort(perm)
+    return _take_features(x, perm)
+
+
+@_sharding.sharding_boundary(like=0)
+def _take_features(x: jax.Array, perm: jax.Array) -> jax.Array:
+    """``x[..., perm]``; on a feature axis sharded over Explicit mesh axes XLA places the
+    gather (the result keeps ``x``'s sharding)."""
     return jnp.take(x, perm, axis=-1)
 
 
