@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen, nnx
 
+from rgo_jax import _sharding
+
 __all__ = [
     "FEL",
     "FELKey",
@@ -17,7 +19,9 @@ __all__ = [
 
 
 def _as_key(key: jax.Array | int) -> jax.Array:
-    """Accepts a typed key, a legacy uint32 key, or an integer seed."""
+    """Accepts a typed key, a legacy uint32 key, or an integer seed (may be traced)."""
+    if isinstance(key, bool):
+        raise TypeError(f"FEL seed must be an integer, got {key!r}.")
     if isinstance(key, (int, np.integer)):
         return jax.random.key(int(key))
     key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
@@ -27,6 +31,8 @@ def _as_key(key: jax.Array | int) -> jax.Array:
         return key
     if key.dtype == jnp.uint32 and key.shape == (2,):
         return jax.random.wrap_key_data(key)
+    if jnp.issubdtype(key.dtype, jnp.integer) and key.shape == ():
+        return jax.random.key(key)
     raise TypeError(
         f"FEL key must be an integer seed or a key from jax.random.key, got {key.dtype}{key.shape}."
     )
@@ -89,7 +95,16 @@ def fel_permutation(
     key = _as_key(key)
     layer = _check_index("layer", layer)
     task = _check_index("task", task)
-    sub = jax.random.fold_in(jax.random.fold_in(key, layer), task)
+    return _site_permutation(
+        jax.random.fold_in(key, layer), task, num_features, identity_first_task
+    )
+
+
+def _site_permutation(
+    site_key: jax.Array, task: jax.Array, num_features: int, identity_first_task: bool
+) -> jax.Array:
+    """The permutation for a FEL site's key ``fold_in(key, layer)`` and a checked task id."""
+    sub = jax.random.fold_in(site_key, task)
     perm = jax.random.permutation(sub, num_features).astype(jnp.int32)
     if identity_first_task:
         perm = jnp.where(task == 0, jnp.arange(num_features, dtype=jnp.int32), perm)
@@ -122,42 +137,73 @@ def permute_features(
     perm = fel_permutation(key, layer, task, x.shape[-1], identity_first_task=identity_first_task)
     if inverse:
         perm = jnp.argsort(perm)
+    return _take_features(x, perm)
+
+
+@_sharding.sharding_boundary(like=0)
+def _take_features(x: jax.Array, perm: jax.Array) -> jax.Array:
+    """``x[..., perm]``; on a feature axis sharded over Explicit mesh axes XLA places the
+    gather (the result keeps ``x``'s sharding)."""
     return jnp.take(x, perm, axis=-1)
 
 
 class FELKey(nnx.Variable):
-    """Non-trainable variable holding a FEL's typed PRNG key (not seen by ``nnx.Param`` filters)."""
+    """Non-trainable variable of a FEL site: the raw data of ``fold_in(key(seed), layer)``.
+
+    Plain ``uint32`` data (``jax.random.key_data``), not a typed key, so that
+    ``flax.serialization`` and Orbax store it like any array; not seen by ``nnx.Param``
+    filters.
+    """
 
 
 class FEL(nnx.Module):
     """Flax NNX feature encoding layer: permutes the last axis by task id. No parameters.
 
+    The permutation is :func:`fel_permutation` of ``(seed, layer, task)``. The site keeps
+    ``fold_in(key(seed), layer)`` as raw key data in a :class:`FELKey`, so the module
+    serialises with ``flax.serialization`` and Orbax, and ``layer`` (and ``seed``) may be
+    traced: created under ``nnx.vmap`` over ``layer`` ids, stacked layers (run by
+    ``nnx.scan`` or ``nnx.vmap``) each get their own permutation.
+
     Examples:
-      >>> import jax.numpy as jnp
+      >>> import jax, jax.numpy as jnp
       >>> from flax import nnx
-      >>> from rgo_jax import FEL
+      >>> from rgo_jax import FEL, fel_permutation
       >>> fel = FEL(layer=0, seed=0)
       >>> len(jax.tree.leaves(nnx.state(fel, nnx.Param)))
       0
       >>> fel(jnp.ones((2, 5)), task=1).shape
       (2, 5)
+      >>> stack = nnx.vmap(lambda i: FEL(layer=i, seed=0))(jnp.arange(3))  # 3 sites
+      >>> x = jnp.arange(3 * 4.0).reshape(3, 4)
+      >>> y = nnx.vmap(lambda f, x: f(x, 2))(stack, x)
+      >>> bool((y[1] == x[1][fel_permutation(0, 1, 2, 4)]).all())
+      True
     """
 
     def __init__(
         self,
-        layer: int,
+        layer: int | jax.Array,
         *,
         seed: int | jax.Array = 0,
         identity_first_task: bool = True,
     ):
-        self.layer = int(layer)
+        key = _as_key(seed)
+        index = _check_index("layer", layer)
+        concrete = not isinstance(index, jax.core.Tracer)
+        self.layer = int(index) if concrete else None  # the id when known (None if traced)
         self.identity_first_task = identity_first_task
-        self.key = FELKey(_as_key(seed))
+        self.impl = str(jax.random.key_impl(key))
+        self.key = FELKey(jax.random.key_data(jax.random.fold_in(key, index)))
 
     def __call__(self, x: jax.Array, task: int | jax.Array) -> jax.Array:
-        return permute_features(
-            x, self.key[...], self.layer, task, identity_first_task=self.identity_first_task
+        if x.ndim < 1:
+            raise ValueError("FEL needs an array with a feature axis, got a scalar.")
+        site = jax.random.wrap_key_data(self.key[...], impl=self.impl)
+        perm = _site_permutation(
+            site, _check_index("task", task), x.shape[-1], self.identity_first_task
         )
+        return _take_features(x, perm)
 
 
 class LinenFEL(linen.Module):

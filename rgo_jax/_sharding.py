@@ -20,14 +20,16 @@ Examples:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from rgo_jax import _layout, _transform
+from rgo_jax import _layout
 
 __all__ = [
     "DATA_AXIS",
@@ -35,19 +37,39 @@ __all__ = [
     "replicate_state",
     "shard_batch",
     "shard_projection_rows",
+    "sharding_boundary",
     "shardings_of",
+    "state_shardings",
 ]
 
 DATA_AXIS = "data"
 """The mesh axis name used by default for the batch (and for P's rows)."""
 
 
-def data_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = DATA_AXIS) -> Mesh:
-    """A 1-D mesh over ``devices`` (default: all of ``jax.devices()``) named ``axis_name``."""
+def data_mesh(
+    devices: Sequence[jax.Device] | None = None,
+    axis_name: str = DATA_AXIS,
+    *,
+    axis_type: AxisType | None = None,
+) -> Mesh:
+    """A 1-D mesh over ``devices`` (default: all of ``jax.devices()``) named ``axis_name``.
+
+    Built by ``jax.make_mesh``, so its axis type is the one the JAX documentation's meshes
+    get (Explicit in current JAX) unless ``axis_type`` (e.g. ``jax.sharding.AxisType.Auto``)
+    says otherwise. Every rgo_jax function works on both kinds and inside ``shard_map``.
+
+    Examples:
+      >>> import jax
+      >>> from rgo_jax import sharding
+      >>> mesh = sharding.data_mesh(axis_type=jax.sharding.AxisType.Auto)
+      >>> mesh.axis_names, mesh.axis_types == (jax.sharding.AxisType.Auto,)
+      (('data',), True)
+    """
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("data_mesh: no devices given.")
-    return Mesh(np.asarray(devices), (axis_name,))
+    types = None if axis_type is None else (axis_type,)
+    return jax.make_mesh((len(devices),), (axis_name,), axis_types=types, devices=devices)
 
 
 def _check_mesh(mesh: Mesh, axis_name: str) -> int:
@@ -110,7 +132,8 @@ def shard_projection_rows(
     gets ``PartitionSpec(*[None] * len(batch), axis_name, None)``: each device stores ``d / n``
     rows and computes those rows of ``P @ G`` (and of the RLS update); XLA gathers the result.
     This divides P's memory by ``n`` at the cost of one all-gather of ``P @ G`` per step.
-    Everything else in ``opt_state`` is replicated.
+    Everything else in ``opt_state`` is replicated. This is ``jax.device_put(opt_state,
+    state_shardings(opt_state, mesh, row_axis=axis_name, min_dim=min_dim))``.
 
     Args:
       opt_state: an optimizer state containing :class:`rgo_jax.RGOState` nodes.
@@ -121,27 +144,93 @@ def shard_projection_rows(
     Returns:
       ``opt_state`` with its arrays placed on ``mesh``.
     """
-    n = _check_mesh(mesh, axis_name)
+    from rgo_jax import _transform
+
+    _check_mesh(mesh, axis_name)
     if not _transform.rgo_states(opt_state):
         raise ValueError("shard_projection_rows: no RGOState in the optimizer state.")
+    return jax.device_put(
+        opt_state, state_shardings(opt_state, mesh, row_axis=axis_name, min_dim=min_dim)
+    )
+
+
+def state_shardings(
+    opt_state: Any,
+    mesh: Mesh,
+    *,
+    tx: Any = None,
+    param_shardings: Any = None,
+    row_axis: str | None = None,
+    min_dim: int = 1024,
+) -> Any:
+    """The sharding of every array of an optimizer state holding RGO matrices.
+
+    A P is a ``d x d`` matrix acting on its parameter's input side, so it never takes its
+    parameter's spec: each ``[*batch, d, d]`` P is replicated, or sharded by rows along
+    ``row_axis`` when ``d >= min_dim`` and ``d`` divides evenly (see
+    :func:`shard_projection_rows`). Params-shaped state of the other transformations in
+    the chain (Adam's ``mu`` and ``nu``) follows ``param_shardings`` when ``tx`` and
+    ``param_shardings`` are given (``optax.tree_map_params``); everything else (step
+    counts, placeholders of unprojected leaves) is replicated.
+
+    Args:
+      opt_state: the state, or its ``jax.eval_shape(tx.init, params)``.
+      mesh: the device mesh.
+      tx: the optimizer that made ``opt_state`` (needed with ``param_shardings``).
+      param_shardings: a ``NamedSharding`` per parameter leaf (like params).
+      row_axis: a mesh axis to shard large P by rows over, or ``None`` to replicate all P.
+      min_dim: smallest P dimension sharded by rows.
+
+    Returns:
+      A tree of ``NamedSharding`` like ``opt_state``: pass it to ``jax.device_put`` or as
+      the ``out_shardings`` of ``jax.jit(tx.init)`` and of the training step.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from jax.sharding import NamedSharding, PartitionSpec as P
+      >>> import rgo_jax
+      >>> from rgo_jax import sharding
+      >>> mesh = sharding.data_mesh()
+      >>> params = {"w": jnp.ones((8, 4))}
+      >>> tx = optax.chain(rgo_jax.scale_by_rgo(), optax.adam(1e-3))
+      >>> specs = {"w": NamedSharding(mesh, P(None, "data"))}
+      >>> out = sharding.state_shardings(
+      ...     jax.eval_shape(tx.init, params), mesh, tx=tx, param_shardings=specs)
+      >>> out[0].p["w"].spec == P(), out[1][0].mu["w"].spec == P(None, "data")
+      (True, True)
+    """
+    from rgo_jax import _transform
+
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"state_shardings expects a jax.sharding.Mesh, got {type(mesh).__name__}.")
+    if (tx is None) != (param_shardings is None):
+        raise ValueError("state_shardings: pass tx and param_shardings together (or neither).")
+    n = None if row_axis is None else _check_mesh(mesh, row_axis)
     replicated = NamedSharding(mesh, PartitionSpec())
 
-    def place_p(p: jax.Array) -> jax.Array:
-        if p.ndim >= 2 and p.shape[-1] >= min_dim and p.shape[-2] % n == 0:
-            spec = PartitionSpec(*([None] * (p.ndim - 2)), axis_name, None)
-            return jax.device_put(p, NamedSharding(mesh, spec))
-        return jax.device_put(p, replicated)
+    def p_sharding(p: Any) -> NamedSharding:
+        shape = np.shape(p)
+        if n is not None and len(shape) >= 2 and shape[-1] >= min_dim and shape[-2] % n == 0:
+            return NamedSharding(mesh, PartitionSpec(*[None] * (len(shape) - 2), row_axis, None))
+        return replicated
 
-    def place(s: Any) -> Any:
-        if isinstance(s, _transform.RGOState):
-            return _transform.RGOState(
-                p=jax.tree.map(place_p, s.p),
-                count=jax.device_put(s.count, replicated),
-                skipped=jax.device_put(s.skipped, replicated),
-            )
-        return jax.device_put(s, replicated)
+    def rgo_node(s: Any) -> Any:
+        return jax.tree.map(lambda _: replicated, s)._replace(p=jax.tree.map(p_sharding, s.p))
 
-    return jax.tree.map(place, opt_state, is_leaf=lambda x: isinstance(x, _transform.RGOState))
+    is_rgo = lambda x: isinstance(x, _transform.RGOState)  # noqa: E731
+    if tx is None:
+        base = jax.tree.map(lambda _: replicated, opt_state)
+    else:
+        base = optax.tree_map_params(
+            tx,
+            lambda _, s: s,
+            opt_state,
+            param_shardings,
+            transform_non_params=lambda _: replicated,
+        )
+    return jax.tree.map(
+        lambda s, b: rgo_node(s) if is_rgo(s) else b, opt_state, base, is_leaf=is_rgo
+    )
 
 
 def shardings_of(tree: Any) -> Any:
@@ -151,3 +240,87 @@ def shardings_of(tree: Any) -> Any:
     would otherwise propagate P's row sharding to the updated parameters).
     """
     return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def _leaf_mesh(x: Any):
+    """The (abstract) mesh in ``x``'s type when it has Explicit axes, else ``None``."""
+    try:
+        s = jax.typeof(x).sharding
+    except TypeError:
+        return None
+    mesh = getattr(s, "mesh", None)
+    if mesh is None or mesh.empty or not mesh.explicit_axes:
+        return None
+    return mesh
+
+
+def _explicit_mesh(tree: Any):
+    """The mesh whose Explicit axes type ``tree``'s arrays (context mesh first), or ``None``."""
+    current = jax.sharding.get_abstract_mesh()
+    if not current.empty:
+        return current if current.explicit_axes else None
+    for leaf in jax.tree.leaves(tree):
+        mesh = _leaf_mesh(leaf)
+        if mesh is not None:
+            return mesh
+    return None
+
+
+def _vma(x: Any) -> frozenset:
+    """The Manual mesh axes ``x`` varies over inside ``shard_map`` (empty outside)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)  # newer jax; older ones call it ``vma``
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", None) or ())
+
+
+def sharding_boundary(like: int) -> Callable:
+    """Makes a kernel sharding-agnostic at its boundary (Auto, Explicit, ``shard_map``).
+
+    * With Explicit mesh axes (``jax.make_mesh``'s default) the kernel runs with those axes
+      turned Auto (``jax.sharding.auto_axes``): XLA's partitioner places its gathers,
+      diagonals and scans as it does on an Auto mesh, and each output takes the type of the
+      matching leaf of argument ``like`` (the gradient for an update, P for a consolidation).
+    * Inside ``shard_map`` (Manual axes) the leaves of argument ``like`` are cast to vary
+      over the axes the other arguments vary over (``jax.lax.pcast``), so that a scan over
+      per-device vectors carries a consistently typed P.
+    * Otherwise (one device, Auto meshes) the kernel runs unchanged.
+
+    Arguments that are not arrays (static options) are passed through.
+    """
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapped(*args):
+            is_array = lambda x: isinstance(x, (jax.Array, np.ndarray))  # noqa: E731
+            leaves, treedef = jax.tree.flatten(args)
+            where = [i for i, x in enumerate(leaves) if is_array(x)]
+            mesh = _explicit_mesh([leaves[i] for i in where])
+            if mesh is None:
+                varying = frozenset().union(*(_vma(leaves[i]) for i in where))
+                if not varying:
+                    return fn(*args)
+                args = list(args)
+                args[like] = jax.tree.map(
+                    lambda x: jax.lax.pcast(x, tuple(sorted(varying - _vma(x))), to="varying"),
+                    args[like],
+                )
+                return fn(*args)
+
+            def spec(x):
+                s = jax.typeof(x).sharding
+                return s.spec if _leaf_mesh(x) == mesh else PartitionSpec()
+
+            out = jax.tree.map(lambda x: NamedSharding(mesh, spec(x)), args[like])
+
+            def inner(*arrays):
+                full = list(leaves)
+                for i, a in zip(where, arrays, strict=True):
+                    full[i] = a
+                return fn(*jax.tree.unflatten(treedef, full))
+
+            auto = jax.sharding.auto_axes(inner, axes=mesh.explicit_axes, out_sharding=out)
+            return auto(*[leaves[i] for i in where])
+
+        return wrapped
+
+    return decorate

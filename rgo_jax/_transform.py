@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rgo_jax import _layout, _matrices, _rls
+from rgo_jax import _layout, _matrices, _rls, _sharding
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -113,6 +113,7 @@ def scale_by_rgo(
         del params, extra_args
         specs = _matrices.layout_specs(updates, layout, project_biases)
 
+        @_sharding.sharding_boundary(like=1)
         def project(p, g):
             # The trace from the diagonal: O(d) (jnp.trace masks and sums all d^2 entries).
             scale = p.shape[-1] / jnp.sum(jnp.diagonal(p, axis1=-2, axis2=-1), axis=-1)
@@ -158,6 +159,7 @@ def _vector_table(vectors) -> dict[str, jax.Array]:
 
 
 @functools.partial(jax.jit, static_argnames=("method", "block_size"))
+@_sharding.sharding_boundary(like=0)
 def _update_projection(state, vectors, alpha, method, block_size):
     table = _vector_table(vectors)
     flat, treedef = jax.tree_util.tree_flatten_with_path(state.p)

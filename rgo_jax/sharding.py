@@ -6,3 +6,4 @@ from rgo_jax._sharding import replicate_state as replicate_state
 from rgo_jax._sharding import shard_batch as shard_batch
 from rgo_jax._sharding import shard_projection_rows as shard_projection_rows
 from rgo_jax._sharding import shardings_of as shardings_of
+from rgo_jax._sharding import state_shardings as state_shardings

@@ -1,7 +1,7 @@
-"""Performance features: input-side projection, data-parallel sharding, the GPU check script.
+"""Performance features: input-side projection, fast curvature vectors, the GPU check script.
 
 These tests check results (against float64 references and the plain single-device path),
-never timings.
+never timings. The sharding tests are in test_sharding.py.
 """
 
 import json
@@ -17,7 +17,6 @@ import pytest
 from flax import nnx
 
 import rgo_jax
-from rgo_jax import sharding
 from rgo_jax._fast_curvature import batched_curvature_vectors, use_reduced_kernel_gradients
 from rgo_jax._input_projection import (
     input_projection_matrices,
@@ -269,106 +268,6 @@ def test_batched_curvature_vectors_errors(mlp):
     with pytest.raises(ValueError, match=r"kernel path\(s\) \['nope/kernel'\]"):
         with use_reduced_kernel_gradients(model, ["nope/kernel"]):
             pass
-
-
-# ---------------------------------------------------------------- data-parallel sharding
-
-needs_4 = pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 (host) devices")
-
-
-@pytest.fixture(scope="module")
-def dp_problem(mlp):
-    tx = mlp.tx
-
-    def step(params, state, x, y):
-        g = jax.grad(mlp.loss)(params, x, y)
-        u, state = tx.update(g, state, params)
-        return optax.apply_updates(params, u), state
-
-    def vectors(params, xb, yb):  # [nb, B, ...] -> [nb, ...] per-batch curvature vectors
-        model_fn = lambda p, x: nnx.merge(mlp.graph, p, mlp.rest)(x, 1)  # noqa: E731
-        one = lambda x, y: rgo_jax.curvature_vectors(model_fn, params, x, y)  # noqa: E731
-        return jax.tree.map(lambda v: v[:, 0], jax.vmap(one)(xb, yb))
-
-    return mlp.params, mlp.state, mlp.x, mlp.y, jax.jit(step), jax.jit(vectors), mlp.rng
-
-
-@needs_4
-def test_data_parallel_step_equals_single_device(dp_problem):
-    params, state, x, y, step, _, _ = dp_problem
-    ref_params, _ = step(params, state, x, y)
-    mesh = sharding.data_mesh(jax.devices()[:4])
-    xs, ys = sharding.shard_batch((x, y), mesh)
-    assert len(xs.addressable_shards) == 4 and xs.addressable_shards[0].data.shape == (2, 12)
-    sp, ss = sharding.replicate_state((params, state), mesh)
-    new_params, _ = step(sp, ss, xs, ys)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), new_params, ref_params
-    )
-    assert new_params["hidden"][0]["kernel"].sharding.is_fully_replicated
-
-
-@needs_4
-def test_sharded_curvature_vectors_equal_single_device(dp_problem):
-    params, _, _, _, _, vectors, rng = dp_problem
-    xb = jnp.asarray(rng.normal(size=(4, 8, 12)), jnp.float32)  # 4 batches of 8
-    yb = jnp.asarray(rng.integers(0, 5, size=(4, 8)), jnp.int32)
-    ref = vectors(params, xb, yb)
-    mesh = sharding.data_mesh(jax.devices()[:4])
-    rparams = sharding.replicate_state(params, mesh)
-    # Batches spread over devices: each device computes one batch's vector.
-    sv = vectors(rparams, *sharding.shard_batch((xb, yb), mesh))
-    assert not sv["hidden"][0]["kernel"].sharding.is_fully_replicated
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), sv, ref)
-    # Each batch's samples spread over devices: the batch-summed vector is reduced across them.
-    by_sample = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
-    sv2 = vectors(rparams, jax.device_put(xb, by_sample), jax.device_put(yb, by_sample))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), sv2, ref)
-
-
-@needs_4
-def test_row_sharded_projection_step_and_consolidation(dp_problem):
-    params, state, x, y, step, _, rng = dp_problem
-    mesh = sharding.data_mesh(jax.devices()[:4])
-    sstate = sharding.shard_projection_rows(state, mesh, min_dim=12)
-    p_sharded = rgo_jax.rgo_states(sstate)[0].p
-    rows = jax.sharding.PartitionSpec("data", None)
-    assert p_sharded["hidden"][0]["kernel"].sharding.spec == rows  # 12 x 12, 12 % 4 == 0
-    assert p_sharded["hidden"][1]["kernel"].sharding.spec == rows  # 16 x 16
-    assert p_sharded["head"]["kernel"].sharding.is_fully_replicated  # 9 < min_dim
-    assert len(p_sharded["hidden"][1]["kernel"].addressable_shards[0].data) == 4
-    p13 = rgo_jax.rgo_states(sharding.shard_projection_rows(state, mesh, min_dim=9))[0].p
-    assert p13["head"]["kernel"].sharding.is_fully_replicated  # 9 is not divisible by 4
-    ref_params, _ = step(params, state, x, y)
-    rparams = sharding.replicate_state(params, mesh)
-    xs, ys = sharding.shard_batch((x, y), mesh)
-    out_params, _ = step(rparams, sstate, xs, ys)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), out_params, ref_params
-    )
-    # Pinned output shardings: params stay replicated, P stays row-sharded, same numbers.
-    pinned = jax.jit(step.__wrapped__, out_shardings=sharding.shardings_of((rparams, sstate)))
-    pp, ps = pinned(rparams, sstate, xs, ys)
-    assert pp["hidden"][0]["kernel"].sharding.is_fully_replicated
-    assert rgo_jax.rgo_states(ps)[0].p["hidden"][0]["kernel"].sharding.spec == rows
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), pp, ref_params
-    )
-    vecs = _random_vectors(rgo_jax.rgo_states(state)[0].p, rng, 30)
-    ref = rgo_jax.rgo_states(rgo_jax.consolidate(state, vecs, 0.1))[0].p
-    out = rgo_jax.rgo_states(rgo_jax.consolidate(sstate, vecs, 0.1))[0].p
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), out, ref)
-
-
-@needs_4
-def test_shard_batch_rejects_indivisible_batch():
-    mesh = sharding.data_mesh(jax.devices()[:4])
-    with pytest.raises(ValueError, match=r"'1' has shape \(10,\).*divisible by the 4 devices"):
-        sharding.shard_batch((jnp.ones((8, 2)), jnp.ones(10)), mesh)
-    with pytest.raises(ValueError, match="no axis named 'model'"):
-        sharding.shard_batch(jnp.ones(8), mesh, axis_name="model")
-    with pytest.raises(ValueError, match="no RGOState"):
-        sharding.shard_projection_rows({"a": jnp.ones(2)}, mesh)
 
 
 # ---------------------------------------------------------------- the GPU check script
