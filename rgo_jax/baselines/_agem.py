@@ -121,8 +121,8 @@ def agem() -> optax.GradientTransformationExtraArgs:
 
     def init_fn(params):
         del params
-        zero = jnp.zeros([], jnp.int32)
-        return AGEMState(count=zero, num_projected=zero)
+        # Two buffers, not one: a step that donates its state would donate one twice.
+        return AGEMState(count=jnp.zeros([], jnp.int32), num_projected=jnp.zeros([], jnp.int32))
 
     def update_fn(updates, state, params=None, *, ref_grads=None, **extra_args):
         del params, extra_args

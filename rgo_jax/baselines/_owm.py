@@ -107,8 +107,9 @@ def scale_by_owm(
             return jnp.broadcast_to(eye, (*spec.batch_shape, spec.d, spec.d))
 
         p = _common.init_matrices(params, specs, make, dtype)
-        zero = jnp.zeros([], jnp.int32)
-        return OWMState(p=p, count=zero, skipped=zero)
+        # Two buffers, not one: a step that donates its state would donate one twice.
+        zero = lambda: jnp.zeros([], jnp.int32)  # noqa: E731
+        return OWMState(p=p, count=zero(), skipped=zero())
 
     def update_fn(
         updates,
