@@ -78,3 +78,13 @@ def test_an_alpha_array_that_is_not_positive_is_refused(alpha):
     st = rgo_jax.scale_by_rgo().init({"w": jnp.zeros((4, 2))})
     with pytest.raises(ValueError, match="alpha"):
         rgo_jax.update_projection(st, {"w": jnp.ones((3, 4))}, jnp.asarray(alpha))
+
+
+@pytest.mark.xfail(strict=True, reason=OWNED_ELSEWHERE)
+def test_a_leaf_without_inputs_gets_a_message_naming_its_shape():
+    # A (0, 3) kernel has no input features: today init accepts it with a (0, 0) P and the
+    # first update blames "another layout/project_biases".
+    params = {"w": jnp.zeros((0, 3))}
+    tx = rgo_jax.scale_by_rgo()
+    with pytest.raises(ValueError, match=r"'w'.*\(0, 3\)"):
+        tx.update(params, tx.init(params), params)
