@@ -89,6 +89,10 @@ def curvature_vectors(
         raise ValueError(f"x has {jnp.shape(x)[0]} examples but labels has {labels.shape[0]}.")
     info = _layout.resolve_layouts(params, layout, project_biases=project_biases)
     num_classes = jax.eval_shape(logits_fn, params, x).shape[-1]
+    if not isinstance(labels, jax.core.Tracer) and labels.size:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"labels range over [{lo}, {hi}], outside the {num_classes} logits.")
     mask = _class_mask(labels, num_classes, class_mask)
 
     def grad_of(xb, yb):

@@ -40,11 +40,13 @@ def _as_key(key: jax.Array | int) -> jax.Array:
 
 def _check_index(name: str, value) -> jax.Array:
     """Validates a layer or task index: integer dtype, scalar, non-negative when concrete."""
-    if isinstance(value, bool) or isinstance(value, float):
+    if isinstance(value, (bool, float, str)):
         raise TypeError(f"FEL {name} id must be an integer, got {value!r}.")
     if isinstance(value, (int, np.integer)):
         if value < 0:
             raise ValueError(f"FEL {name} id must be non-negative, got {value}.")
+        if value >= 2**31:  # int32: a larger id would wrap to another task's permutation
+            raise ValueError(f"FEL {name} id must be below 2**31, got {value}.")
         return jnp.asarray(value, jnp.int32)
     arr = jnp.asarray(value)
     if not jnp.issubdtype(arr.dtype, jnp.integer):

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from rgo_jax.bench._report import to_jsonable, write_json_atomic
+from rgo_jax.bench._validate import RunError
 
 __all__ = [
     "CheckpointError",
@@ -46,7 +47,7 @@ _COVERS = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RunError):
     """A checkpoint failed verification (names the folder and the file)."""
 
 

@@ -414,3 +414,15 @@ def test_stale_part_files_of_killed_downloads_are_removed(server, tmp_path):
     data.download("mnist", tmp_path, base_url=url, checksums=sums)
     assert not any(p.exists() for p in stale) and alive.exists()
     assert _leftovers(folder) == sorted([*IDX_NAMES, alive.name])
+
+
+def test_a_truncated_tarball_names_the_file(server, tmp_path):
+    www, url, _ = server
+    blob = _tarball(_cifar10_members())[:-200]  # cut inside the gzip stream
+    (www / "cifar-10-python.tar.gz").write_bytes(blob)
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match=r"cifar-10-python.tar.gz: truncated or corrupt tarball"):
+        data.download(
+            "cifar10", cache, base_url=url, checksums={"cifar-10-python.tar.gz": _sha(blob)}
+        )
+    assert _leftovers(cache) == []

@@ -123,6 +123,12 @@ class Dataset:
         object.__setattr__(self, "num_classes", int(self.num_classes))
         _check_images(name, "x_train", self.x_train)
         _check_images(name, "x_test", self.x_test)
+        for field in ("x_train", "x_test"):
+            if len(getattr(self, field)) == 0:
+                raise ValueError(
+                    f"Dataset {name!r}: {field} holds no samples; a data set needs training "
+                    "and test samples."
+                )
         if self.x_train.shape[1:] != self.x_test.shape[1:]:
             raise ValueError(
                 f"Dataset {name!r}: train samples have shape {self.x_train.shape[1:]} but test "

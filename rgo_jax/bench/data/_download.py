@@ -30,6 +30,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -241,23 +242,32 @@ def _check_member(member: tarfile.TarInfo, archive: Path, top: str) -> None:
 
 def _extract(archive: Path, cache_dir: Path, top: str) -> None:
     """Safely extracts ``archive`` (all members under ``top/``) into ``cache_dir``."""
-    with tarfile.open(archive, "r:*") as tar:
-        members = tar.getmembers()
-        for m in members:
-            _check_member(m, archive, top)
-        tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=cache_dir))
-        try:
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(tmp, members=members, filter="data")
-            else:  # pragma: no cover - Python < 3.11.4; members were checked above
-                tar.extractall(tmp, members=members)
-            for top in sorted(p for p in tmp.iterdir()):
-                target = cache_dir / top.name
-                if target.exists():
-                    shutil.rmtree(target) if target.is_dir() else target.unlink()
-                os.replace(top, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            _extract_members(tar, archive, cache_dir, top)
+    except (tarfile.ReadError, EOFError, zlib.error) as e:
+        raise ValueError(
+            f"{archive}: truncated or corrupt tarball ({e}); nothing extracted."
+        ) from e
+
+
+def _extract_members(tar: tarfile.TarFile, archive: Path, cache_dir: Path, top: str) -> None:
+    members = tar.getmembers()
+    for m in members:
+        _check_member(m, archive, top)
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=cache_dir))
+    try:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(tmp, members=members, filter="data")
+        else:  # pragma: no cover - Python < 3.11.4; members were checked above
+            tar.extractall(tmp, members=members)
+        for top in sorted(p for p in tmp.iterdir()):
+            target = cache_dir / top.name
+            if target.exists():
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+            os.replace(top, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def download(

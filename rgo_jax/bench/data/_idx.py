@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -22,14 +23,61 @@ _IDX_DTYPES = {
 }
 
 
-def _read_bytes(path: Path) -> bytes:
-    raw = path.read_bytes()
-    if raw[:2] != b"\x1f\x8b":
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (EOFError, OSError, zlib.error) as e:
-        raise ValueError(f"{path}: corrupt or truncated gzip stream ({e}).") from e
+_CHUNK = 1 << 20
+
+
+def _header(path: Path, head: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
+    """The dtype, shape and header length from the first bytes of an IDX stream."""
+    if len(head) < 4:
+        raise ValueError(f"{path}: not an IDX file, only {len(head)} bytes (header needs 4).")
+    zero0, zero1, code, ndim = head[0], head[1], head[2], head[3]
+    if zero0 != 0 or zero1 != 0:
+        raise ValueError(
+            f"{path}: bad IDX magic number 0x{head[:4].hex()} (must start with 0x0000)."
+        )
+    if code not in _IDX_DTYPES:
+        raise ValueError(f"{path}: unknown IDX data type code 0x{code:02x}.")
+    if ndim == 0:
+        raise ValueError(f"{path}: IDX header declares 0 dimensions.")
+    header_len = 4 + 4 * ndim
+    if len(head) < header_len:
+        raise ValueError(
+            f"{path}: truncated IDX header: {ndim} dimensions need {header_len} bytes, "
+            f"the file has {len(head)}."
+        )
+    shape = struct.unpack(f">{ndim}I", head[4:header_len])
+    return _IDX_DTYPES[code], shape, header_len
+
+
+def _read(path: Path) -> tuple[bytes, np.dtype, tuple[int, ...], int]:
+    """The file's (decompressed) bytes, read no further than one byte past the size its
+    header declares, so a gzip bomb is not inflated beyond what a valid file holds."""
+    with path.open("rb") as raw:
+        compressed = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        fh = gzip.GzipFile(fileobj=raw) if compressed else raw
+        try:
+            head = fh.read(4)
+            if len(head) == 4:
+                head += fh.read(4 * head[3])
+            dtype, shape, header_len = _header(path, head)
+            expected = math.prod(shape) * dtype.itemsize
+            if expected > np.iinfo(np.int64).max:
+                dims = "x".join(str(d) for d in shape)
+                raise ValueError(
+                    f"{path}: IDX header declares {dims} elements of {dtype.name}, "
+                    f"{expected} bytes, more than any array can hold (corrupt header)."
+                )
+            parts, size = [head], 0
+            while size <= expected:  # one byte past the declared data: trailing bytes
+                block = fh.read(min(_CHUNK, expected + 1 - size))
+                if not block:
+                    break
+                parts.append(block)
+                size += len(block)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise ValueError(f"{path}: corrupt or truncated gzip stream ({e}).") from e
+    return b"".join(parts), dtype, shape, header_len
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -47,7 +95,8 @@ def read_idx(path: str | Path) -> np.ndarray:
 
     Raises:
       ValueError: naming the file and the problem (bad magic, unknown type code, truncated
-        header or data, trailing bytes).
+        header or data, trailing bytes, dimensions too large for any array). A gzip file is
+        inflated no further than one byte past the size its header declares.
 
     Examples:
       >>> import os, struct, tempfile
@@ -58,27 +107,8 @@ def read_idx(path: str | Path) -> np.ndarray:
       [7, 2, 1]
     """
     path = Path(path)
-    data = _read_bytes(path)
-    if len(data) < 4:
-        raise ValueError(f"{path}: not an IDX file, only {len(data)} bytes (header needs 4).")
-    zero0, zero1, code, ndim = data[0], data[1], data[2], data[3]
-    if zero0 != 0 or zero1 != 0:
-        raise ValueError(
-            f"{path}: bad IDX magic number 0x{data[:4].hex()} (must start with 0x0000)."
-        )
-    if code not in _IDX_DTYPES:
-        raise ValueError(f"{path}: unknown IDX data type code 0x{code:02x}.")
-    if ndim == 0:
-        raise ValueError(f"{path}: IDX header declares 0 dimensions.")
-    header_len = 4 + 4 * ndim
-    if len(data) < header_len:
-        raise ValueError(
-            f"{path}: truncated IDX header: {ndim} dimensions need {header_len} bytes, "
-            f"the file has {len(data)}."
-        )
-    shape = struct.unpack(f">{ndim}I", data[4:header_len])
-    dtype = _IDX_DTYPES[code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    data, dtype, shape, header_len = _read(path)
+    expected = math.prod(shape) * dtype.itemsize
     present = len(data) - header_len
     dims = "x".join(str(d) for d in shape)
     if present < expected:
@@ -88,8 +118,8 @@ def read_idx(path: str | Path) -> np.ndarray:
         )
     if present > expected:
         raise ValueError(
-            f"{path}: IDX file has {present - expected} unexpected trailing bytes after "
-            f"the {dims} {dtype.name} data declared in the header."
+            f"{path}: IDX file has unexpected trailing bytes after the {dims} {dtype.name} "
+            "data declared in the header."
         )
     arr = np.frombuffer(data, dtype=dtype, offset=header_len).reshape(shape)
     return arr.astype(dtype.newbyteorder("="))

@@ -8,6 +8,7 @@ names the paths tried and how to fix it (see :func:`rgo_jax.bench.data.download`
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,22 @@ def _to_unit_float(x: np.ndarray, what: str) -> np.ndarray:
     return out
 
 
+def _as_labels(y: np.ndarray, what: str, num_classes: int | None = None) -> np.ndarray:
+    """Integer class ids -> int32, refusing values that int32 (or ``num_classes``) cannot
+    hold instead of letting them wrap around (``2**32 + 3`` is not class 3)."""
+    y = np.asarray(y)
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{what}: labels must be integers, got {y.dtype}.")
+    hi = np.iinfo(np.int32).max if num_classes is None else num_classes - 1
+    if y.size and (y.min() < 0 or y.max() > hi):
+        raise ValueError(
+            f"{what}: labels range over [{y.min()}, {y.max()}], outside [0, {hi}]"
+            + ("" if num_classes is None else f" for {num_classes} classes")
+            + "."
+        )
+    return y.astype(np.int32)
+
+
 # ----------------------------------------------------------------------------------------------
 # IDX (MNIST, Fashion-MNIST, notMNIST)
 # ----------------------------------------------------------------------------------------------
@@ -139,7 +156,7 @@ def _load_idx_pair(folder: Path, prefix: str, dataset: str) -> tuple[np.ndarray,
             f"{dataset}: {img_path.name} holds {len(images)} images but {lab_path.name} "
             f"holds {len(labels)} labels."
         )
-    return _to_unit_float(images, str(img_path))[..., None], labels.astype(np.int32)
+    return _to_unit_float(images, str(img_path))[..., None], _as_labels(labels, str(lab_path))
 
 
 def _load_idx_dataset(
@@ -227,7 +244,7 @@ def _find_folder(
     raise _not_found(dataset, root, candidates, expected)
 
 
-def _cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+def _cifar_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """The uint8 rows ``[N, 3072]`` and int32 labels of one CIFAR pickle."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing CIFAR batch file.")
@@ -246,7 +263,7 @@ def _cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(
             f"{path}: {len(data)} images but {label_key!r} is {labels.dtype} {labels.shape}."
         )
-    return data, labels.astype(np.int32)
+    return data, _as_labels(labels, f"{path} [{label_key!r}]", num_classes)
 
 
 def _cifar_images(rows: np.ndarray) -> np.ndarray:
@@ -282,8 +299,8 @@ def load_cifar10(root: str | Path) -> Dataset:
         "test_batch",
         "cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}",
     )
-    parts = [_cifar_batch(folder / f"data_batch_{i}", "labels") for i in range(1, 6)]
-    test_rows, y_test = _cifar_batch(folder / "test_batch", "labels")
+    parts = [_cifar_batch(folder / f"data_batch_{i}", "labels", 10) for i in range(1, 6)]
+    test_rows, y_test = _cifar_batch(folder / "test_batch", "labels", 10)
     names = None
     meta_path = folder / "batches.meta"
     if meta_path.is_file():
@@ -327,9 +344,9 @@ def load_cifar100(root: str | Path, label: str = "fine") -> Dataset:
         "cifar-100-python/{train, test, meta}",
     )
     key = f"{label}_labels"
-    train_rows, y_train = _cifar_batch(folder / "train", key)
-    test_rows, y_test = _cifar_batch(folder / "test", key)
     num_classes = 100 if label == "fine" else 20
+    train_rows, y_train = _cifar_batch(folder / "train", key, num_classes)
+    test_rows, y_test = _cifar_batch(folder / "test", key, num_classes)
     names = None
     meta_path = folder / "meta"
     if meta_path.is_file():
@@ -403,7 +420,32 @@ def _load_mini_full(path: Path) -> tuple[np.ndarray, np.ndarray]:
             f"{path}: labels must cover 0..K-1 without gaps, got {len(present)} distinct "
             f"labels in [{present[0]}, {present[-1]}]."
         )
-    return images, labels.astype(np.int32)
+    return images, _as_labels(labels, f"{path} ['labels']")
+
+
+def _cache_indices(idx: Any, used: np.ndarray, path: Path, wnid: str) -> np.ndarray:
+    """A class's image indices into a cache file's ``image_data``, checked: integers in
+    range (no negative ones wrapping to the end, no 0.7 truncated to 0), each image in one
+    class only."""
+    where = f"{path}: class_dict[{wnid!r}]"
+    arr = np.asarray(idx)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"{where} must be a non-empty list of image indices, got {arr.shape}.")
+    if arr.dtype == object or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{where}: image indices must be integers, got {arr.dtype}.")
+    if arr.min() < 0 or arr.max() >= len(used):
+        raise ValueError(
+            f"{where}: image indices range over [{arr.min()}, {arr.max()}], outside "
+            f"[0, {len(used) - 1}] for the {len(used)} images of the file."
+        )
+    arr = arr.astype(np.int64)
+    twice = np.flatnonzero(np.bincount(arr, minlength=len(used)) > 1)
+    again = arr[used[arr]]  # already in an earlier class
+    if len(twice) or len(again):
+        image = int(again[0] if len(again) else twice[0])
+        raise ValueError(f"{where}: image {image} is listed more than once.")
+    used[arr] = True
+    return arr
 
 
 def _load_mini_cache(folder: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
@@ -418,10 +460,16 @@ def _load_mini_cache(folder: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, .
                 raise ValueError(f"{path}: no {key!r} entry (keys: {sorted(d)}).")
         images = _check_images_84(np.asarray(d["image_data"]), path)
         class_dict = normalize_keys(d["class_dict"], path)
+        if len(images) == 0 or not class_dict:
+            raise ValueError(
+                f"{path}: empty miniImageNet split ({len(images)} images, "
+                f"{len(class_dict)} classes)."
+            )
+        used = np.zeros(len(images), bool)
         for wnid, idx in class_dict.items():
             if wnid in per_class:
                 raise ValueError(f"{path}: class {wnid!r} also appears in another split.")
-            per_class[wnid] = images[np.asarray(idx, dtype=np.int64)]
+            per_class[wnid] = images[_cache_indices(idx, used, path, wnid)]
     names = tuple(sorted(per_class))
     images = np.concatenate([per_class[n] for n in names])
     labels = np.concatenate([np.full(len(per_class[n]), i, np.int32) for i, n in enumerate(names)])
@@ -523,7 +571,7 @@ def _npz_labels(y: np.ndarray, path: Path, key: str) -> np.ndarray:
             f"{path}: {key!r} must be integer class ids [N], got {y.dtype} {y.shape} "
             "(one-hot labels: store argmax instead)."
         )
-    return y.astype(np.int32)
+    return _as_labels(y, f"{path} [{key!r}]")
 
 
 def load_npz(path: str | Path) -> Dataset:
@@ -555,6 +603,13 @@ def load_npz(path: str | Path) -> Dataset:
         npz = np.load(path, allow_pickle=False)
     except ValueError as e:
         raise ValueError(f"{path}: cannot read as .npz without pickle ({e}).") from e
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise ValueError(f"{path}: not a readable .npz archive, truncated or corrupt ({e}).") from e
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError(
+            f"{path}: holds a single .npy array, not an .npz archive of x_train, y_train, "
+            "x_test, y_test (write it with np.savez)."
+        )
     with npz:
         keys = set(npz.files)
         for key in ("x_train", "y_train", "x_test", "y_test"):
@@ -581,7 +636,12 @@ def load_npz(path: str | Path) -> Dataset:
                     f"{path}: holds object arrays, refused (allow_pickle=False)."
                 ) from e
             raise
-    return Dataset(path.stem, x_train, y_train, x_test, y_test, num_classes, names)
+        except (zipfile.BadZipFile, EOFError, OSError) as e:
+            raise ValueError(f"{path}: a member of the .npz archive is corrupt ({e}).") from e
+    try:
+        return Dataset(path.stem, x_train, y_train, x_test, y_test, num_classes, names)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
 
 
 def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> Dataset:

@@ -26,11 +26,30 @@ def _latin1_encode(obj: str, encoding: str = "utf-8", errors: str = "strict") ->
 def _numpy_core() -> dict[tuple[str, str], Any]:
     from numpy._core import multiarray, numeric
 
+    def reconstruct(subtype: Any, shape: Any, dtype: Any) -> Any:
+        # numpy pickles an array as ``_reconstruct(ndarray, (0,), b"b")`` and then sets its
+        # state from the data; a larger shape here is an allocation the data does not back.
+        if np.prod(np.asarray(shape, dtype=object)) not in (0, 1):
+            raise UnsafePickleError(
+                f"numpy _reconstruct asked to allocate shape {shape} (an allocation, not data)"
+            )
+        return multiarray._reconstruct(subtype, shape, dtype)
+
     return {
-        ("multiarray", "_reconstruct"): multiarray._reconstruct,
+        ("multiarray", "_reconstruct"): reconstruct,
         ("multiarray", "scalar"): multiarray.scalar,
         ("numeric", "_frombuffer"): numeric._frombuffer,
     }
+
+
+def _bytearray(*args: Any) -> bytearray:
+    # ``bytearray(n)`` allocates n zero bytes from a few bytes of pickle: only the forms
+    # pickle itself writes (from bytes, or from a latin-1 str) are allowed.
+    if not args or isinstance(args[0], (bytes, str)):
+        return bytearray(*args)
+    raise UnsafePickleError(
+        f"builtins.bytearray called with a {type(args[0]).__name__} (an allocation, not data)"
+    )
 
 
 _CONTAINERS = {
@@ -39,7 +58,7 @@ _CONTAINERS = {
     "tuple": tuple,
     "set": set,
     "frozenset": frozenset,
-    "bytearray": bytearray,
+    "bytearray": _bytearray,
     "complex": complex,
 }
 
@@ -91,7 +110,9 @@ def load_pickle(path: str | Path) -> Any:
       The unpickled object.
 
     Raises:
-      UnsafePickleError: naming the file and the refused global.
+      UnsafePickleError: naming the file and the refused global (or a ``bytearray(n)``
+        allocation, which a pickle of data never needs).
+      MemoryError: naming the file, when it needs more memory than there is.
       ValueError: if the file is truncated or not a pickle.
 
     Examples:
@@ -114,6 +135,11 @@ def load_pickle(path: str | Path) -> Any:
         ) from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not a readable pickle ({type(e).__name__}: {e}).") from e
+    except MemoryError:
+        raise MemoryError(
+            f"{path}: out of memory while unpickling ({path.stat().st_size} bytes on disk); "
+            "the file asks for more memory than this machine has."
+        ) from None
 
 
 def normalize_keys(obj: Any, path: str | Path) -> dict[str, Any]:
