@@ -6,6 +6,7 @@ trace-normalised matrix P built from earlier tasks' curvature (:func:`curvature_
 permutation of the hidden features.
 
 Submodules: :mod:`rgo_jax.layouts` (how a parameter is viewed as a matrix),
+:mod:`rgo_jax.nnx` (Flax NNX helpers: fast curvature vectors, input-side projection),
 :mod:`rgo_jax.sharding` (multi-device helpers), :mod:`rgo_jax.baselines` (OWM, GPM, A-GEM,
 EWC). The benchmark harness is :mod:`rgo_jax.bench` (the ``bench`` extra); importing
 ``rgo_jax`` never loads it.
@@ -13,22 +14,15 @@ EWC). The benchmark harness is :mod:`rgo_jax.bench` (the ``bench`` extra); impor
 
 from rgo_jax import baselines as baselines
 from rgo_jax import layouts as layouts
+from rgo_jax import nnx as nnx
 from rgo_jax import sharding as sharding
 from rgo_jax._curvature import curvature_vectors as curvature_vectors
-from rgo_jax._fast_curvature import batched_curvature_vectors as batched_curvature_vectors
-from rgo_jax._fast_curvature import use_reduced_kernel_gradients as use_reduced_kernel_gradients
 from rgo_jax._fel import FEL as FEL
 from rgo_jax._fel import FELKey as FELKey
 from rgo_jax._fel import LinenFEL as LinenFEL
 from rgo_jax._fel import fel_permutation as fel_permutation
 from rgo_jax._fel import permute_features as permute_features
-from rgo_jax._input_projection import input_projection_matrices as input_projection_matrices
 from rgo_jax._input_projection import projected_matmul as projected_matmul
-from rgo_jax._input_projection import rgo_input_projected as rgo_input_projected
-from rgo_jax._input_projection import (
-    scale_by_rgo_input_projected as scale_by_rgo_input_projected,
-)
-from rgo_jax._input_projection import use_input_projection as use_input_projection
 from rgo_jax._layout import MatrixLayout as MatrixLayout
 from rgo_jax._rls import rls_block as rls_block
 from rgo_jax._rls import rls_sequential as rls_sequential
@@ -36,7 +30,6 @@ from rgo_jax._rls import rls_step as rls_step
 from rgo_jax._transform import DEFAULT_ALPHA as DEFAULT_ALPHA
 from rgo_jax._transform import RGOState as RGOState
 from rgo_jax._transform import consolidate as consolidate
-from rgo_jax._transform import map_rgo_states as map_rgo_states
 from rgo_jax._transform import rgo as rgo
 from rgo_jax._transform import rgo_states as rgo_states
 from rgo_jax._transform import scale_by_rgo as scale_by_rgo
@@ -52,25 +45,19 @@ __all__ = (
     "MatrixLayout",
     "RGOState",
     "baselines",
-    "batched_curvature_vectors",
     "consolidate",
     "curvature_vectors",
     "fel_permutation",
-    "input_projection_matrices",
     "layouts",
-    "map_rgo_states",
+    "nnx",
     "permute_features",
     "projected_matmul",
     "rgo",
-    "rgo_input_projected",
     "rgo_states",
     "rls_block",
     "rls_sequential",
     "rls_step",
     "scale_by_rgo",
-    "scale_by_rgo_input_projected",
     "sharding",
     "update_projection",
-    "use_input_projection",
-    "use_reduced_kernel_gradients",
 )

@@ -137,7 +137,8 @@ def _as_layout(x: LayoutLike, name: str) -> MatrixLayout | None:
 
 
 def path_str(path: Sequence[Any]) -> str:
-    """A ``"layer/kernel"`` string for a pytree key path.
+    """A ``"layer/kernel"`` string for a pytree key path (or a tuple of ``str``/``int``, as
+    ``nnx`` paths are): the one spelling of a parameter's path in the package.
 
     NNX ``Variable`` wrappers (a trailing ``.value`` attribute) add no component, so a
     model's ``nnx.state`` and its pure-array form give the same strings.

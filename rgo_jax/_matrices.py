@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,18 +48,23 @@ class LeafSpec:
 
 
 def leaf_specs(
-    tree: Any, layout: _layout.LayoutSpec, project_biases: bool
+    tree: Any, layout: _layout.LayoutSpec, project_biases: bool, *, bias_input: bool = False
 ) -> dict[str, LeafSpec | None]:
     """``path -> LeafSpec`` (or ``None`` for an unprojected leaf), in leaf order.
 
-    A 1-D leaf that the layout rules project is a bias: its input is the constant 1.
+    Args:
+      tree: params (or gradients, or shape-dtype structs).
+      layout, project_biases: as for :func:`rgo_jax.scale_by_rgo`.
+      bias_input: how a projected 1-D leaf is seen. ``False`` (RGO, the reference code): by
+        its layout, a bias gets its own ``n x n`` matrix. ``True`` (OWM, GPM): a bias is a
+        kernel row whose input is the constant 1, so it gets a ``[1, 1]`` matrix.
     """
     info = _layout.resolve_layouts(tree, layout, project_biases=project_biases)
     out: dict[str, LeafSpec | None] = {}
     for name, (lay, shape) in info.items():
         if lay is None:
             out[name] = None
-        elif len(shape) == 1:
+        elif bias_input and len(shape) == 1:
             out[name] = LeafSpec(None, shape, (), 1)
         else:
             batch_shape, d, _ = lay.dims(shape)
@@ -67,18 +72,31 @@ def leaf_specs(
     return out
 
 
-def layout_specs(tree: Any, layout: _layout.LayoutSpec, project_biases: bool) -> dict:
-    """``path -> LeafSpec`` taking every layout as given (a bias gets its own ``n x n``)."""
-    out: dict[str, LeafSpec | None] = {}
-    for name, (lay, shape) in _layout.resolve_layouts(
-        tree, layout, project_biases=project_biases
-    ).items():
-        if lay is None:
-            out[name] = None
-        else:
-            batch_shape, d, _ = lay.dims(shape)
-            out[name] = LeafSpec(lay, shape, batch_shape, d)
-    return out
+def is_params_stand_in(params: Any) -> bool:
+    """Whether ``params`` is ``optax.tree_map_params``'s leafless stand-in for the params."""
+    return type(params).__name__ == "_ParamsPlaceholder" and not jax.tree.leaves(params)
+
+
+class _NotParams:
+    """A leaf standing for a params-like tree of matrices that is not params (see
+    :func:`init_matrices`)."""
+
+    def __repr__(self) -> str:
+        return "NOT_PARAMS"
+
+
+NOT_PARAMS = _NotParams()
+
+
+class InputProjected(NamedTuple):
+    """A P applied inside its layer's backward pass: the optimizer's update leaves its
+    gradient alone (:func:`rgo_jax.nnx.use_input_projection` reads it from the state).
+
+    The field is named ``value`` so that a path through it reads like the parameter's own
+    (:func:`rgo_jax.layouts.path_str` drops a trailing ``.value``, as for NNX variables).
+    """
+
+    value: jax.Array
 
 
 def is_placeholder(x: jax.Array) -> bool:
@@ -92,7 +110,14 @@ def init_matrices(
     make: Callable[[LeafSpec], jax.Array],
     dtype: Any,
 ) -> Any:
-    """A tree like ``params`` with ``make(spec)`` per projected leaf, placeholders elsewhere."""
+    """A tree like ``params`` with ``make(spec)`` per projected leaf, placeholders elsewhere.
+
+    Under ``optax.tree_map_params`` (which calls ``init`` on a leafless stand-in for the
+    params to find the params-shaped parts of a state) the result is a leaf marker instead:
+    the matrices are not parameters and must not be handed to the mapped function.
+    """
+    if is_params_stand_in(params):
+        return NOT_PARAMS
 
     def one(path, _):
         spec = specs[_layout.path_str(path)]
@@ -113,6 +138,8 @@ def project_tree(
     def one(path, g, mat):
         name = _layout.path_str(path)
         spec = specs[name]
+        if isinstance(mat, InputProjected):  # projected by the layer's backward pass
+            return g
         if spec is None or is_placeholder(mat):
             if spec is not None:
                 raise ValueError(
@@ -132,10 +159,25 @@ def project_tree(
     return jax.tree_util.tree_map_with_path(one, updates, matrices)
 
 
-def matrix_table(matrices: Any) -> tuple[list[tuple[str, jax.Array]], Any]:
-    """``[(path, matrix)]`` of a state tree (placeholders included) and its treedef."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(matrices)
-    return [(_layout.path_str(p), m) for p, m in flat], treedef
+def projected(matrices: Any) -> dict[str, Any]:
+    """``{path: matrix}`` of the projected leaves of a state tree, in leaf order.
+
+    The one walk over per-leaf matrices that RGO's consolidation, OWM's and GPM's updates
+    share: each reads the matrices it updates from here and writes them back with
+    :func:`with_projected`. Wrapper nodes (:class:`InputProjected`) are transparent: their
+    matrix is returned under the leaf's own path.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(matrices)[0]
+    return {_layout.path_str(p): m for p, m in flat if not is_placeholder(m)}
+
+
+def with_projected(matrices: Any, new: dict[str, Any]) -> Any:
+    """``matrices`` with the projected leaves named in ``new`` replaced (same structure)."""
+
+    def one(path, m):
+        return new.get(_layout.path_str(path), m)
+
+    return jax.tree_util.tree_map_with_path(one, matrices)
 
 
 def path_keyed(table: dict, what: str) -> dict[str, Any]:
@@ -153,7 +195,7 @@ def path_keyed(table: dict, what: str) -> dict[str, Any]:
         if isinstance(key, str):
             name = key
         elif isinstance(key, (tuple, list)):
-            name = "/".join(str(k) for k in key)
+            name = _layout.path_str(key)
         else:
             raise TypeError(f"{what}: key {key!r} is not a path (a str or a tuple of str/int).")
         if name in out:
@@ -197,6 +239,15 @@ def check_input(method: str, name: str, x: Any, batch_shape: tuple[int, ...], d:
     return x
 
 
+def find_states(cls: type, opt_state: Any) -> list[Any]:
+    """Every ``cls`` node inside a (chained, partitioned, injected) optimizer state."""
+
+    def is_node(x):
+        return isinstance(x, cls)
+
+    return [s for s in jax.tree.leaves(opt_state, is_leaf=is_node) if is_node(s)]
+
+
 def map_states(cls: type, fn: Callable[[Any], Any], opt_state: Any, method: str) -> Any:
     """Replaces every ``cls`` node inside a (chained) optimizer state by ``fn(node)``."""
 
@@ -205,10 +256,31 @@ def map_states(cls: type, fn: Callable[[Any], Any], opt_state: Any, method: str)
 
     if isinstance(opt_state, cls):
         return fn(opt_state)
-    nodes = [s for s in jax.tree.leaves(opt_state, is_leaf=is_node) if is_node(s)]
-    if not nodes:
+    if not find_states(cls, opt_state):
         raise ValueError(
             f"{method}: no {cls.__name__} found in the optimizer state; is the matching "
             "transformation in the chain?"
         )
     return jax.tree.map(lambda s: fn(s) if is_node(s) else s, opt_state, is_leaf=is_node)
+
+
+def check_alpha(alpha: Any, method: str) -> None:
+    """Raises ``ValueError`` for a concrete alpha (or dict of them) that is not a finite
+    positive scalar; traced values (inside ``jit``) cannot be checked and pass through."""
+    values = alpha.values() if isinstance(alpha, dict) else [alpha]
+    for a in values:
+        if isinstance(a, jax.core.Tracer):
+            continue
+        try:
+            arr = np.asarray(a)
+        except Exception:  # noqa: BLE001 - anything that is not an array is a type error
+            raise TypeError(f"{method}: alpha must be a number, got {a!r}.") from None
+        if arr.shape != ():
+            raise ValueError(
+                f"{method}: alpha must be a scalar (one regulariser for all vectors), got an "
+                f"array of shape {arr.shape}."
+            )
+        if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+            raise TypeError(f"{method}: alpha must be a real number, got {arr.dtype}.")
+        if not (np.isfinite(arr) and arr > 0):
+            raise ValueError(f"{method}: alpha must be positive and finite, got {a}.")

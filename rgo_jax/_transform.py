@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -47,6 +48,7 @@ def scale_by_rgo(
     *,
     project_biases: bool = True,
     dtype: Any = None,
+    input_projected: str | Callable[[str], bool] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Projects each gradient by the trace-normalised RGO matrix of its layer.
 
@@ -96,9 +98,13 @@ def scale_by_rgo(
     """
 
     dtype = jnp.float32 if dtype is None else dtype
+    selected = None if input_projected is None else _selector(input_projected)
 
     def init_fn(params):
-        specs = _matrices.layout_specs(params, layout, project_biases)
+        specs = _matrices.leaf_specs(params, layout, project_biases)
+        marked = set()
+        if selected is not None and not _matrices.is_params_stand_in(params):
+            marked = _input_projected_leaves(specs, selected)
 
         def identity(spec):
             return jnp.broadcast_to(
@@ -106,18 +112,21 @@ def scale_by_rgo(
             )
 
         p = _matrices.init_matrices(params, specs, identity, dtype)
+        if marked:
+            mats = _matrices.projected(p)
+            p = _matrices.with_projected(
+                p, {name: _matrices.InputProjected(mats[name]) for name in marked}
+            )
         # Two distinct buffers, so that the state can be donated to a jitted step.
         return RGOState(p=p, count=jnp.zeros([], jnp.int32), skipped=jnp.zeros([], jnp.int32))
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        specs = _matrices.layout_specs(updates, layout, project_biases)
+        specs = _matrices.leaf_specs(updates, layout, project_biases)
 
         @_sharding.sharding_boundary(like=1)
         def project(p, g):
-            # The trace from the diagonal: O(d) (jnp.trace masks and sums all d^2 entries).
-            scale = p.shape[-1] / jnp.sum(jnp.diagonal(p, axis1=-2, axis2=-1), axis=-1)
-            return jnp.matmul(p, g) * scale[..., None, None]
+            return jnp.matmul(p, g) * trace_scale(p)[..., None, None]
 
         return _matrices.project_tree("RGO", updates, state.p, specs, project), state
 
@@ -130,6 +139,7 @@ def rgo(
     *,
     project_biases: bool = True,
     dtype: Any = None,
+    input_projected: str | Callable[[str], bool] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The reference optimizer: RGO projection of the gradient, then plain SGD.
 
@@ -143,31 +153,61 @@ def rgo(
       >>> state = tx.init({"w": jnp.ones((4, 3))})
     """
     return optax.chain(
-        scale_by_rgo(layout, project_biases=project_biases, dtype=dtype),
+        scale_by_rgo(
+            layout, project_biases=project_biases, dtype=dtype, input_projected=input_projected
+        ),
         optax.sgd(learning_rate),
     )
 
 
-def _check_alpha(alpha) -> None:
-    if isinstance(alpha, (int, float, np.number)) and not alpha > 0:
-        raise ValueError(f"RGO alpha must be positive, got {alpha}.")
+def trace_scale(p: jax.Array) -> jax.Array:
+    """``d / tr P`` per matrix of a ``[*batch, d, d]`` P, from its diagonal (``O(d)``;
+    ``jnp.trace`` masks and sums all ``d^2`` entries)."""
+    return p.shape[-1] / jnp.sum(jnp.diagonal(p, axis1=-2, axis2=-1), axis=-1)
 
 
-def _vector_table(vectors) -> dict[str, jax.Array]:
-    flat = jax.tree_util.tree_flatten_with_path(vectors)[0]
-    return {_layout.path_str(p): v for p, v in flat}
+def _selector(spec: str | Callable[[str], bool]) -> Callable[[str], bool]:
+    if isinstance(spec, str):
+        rx = re.compile(spec)
+        return lambda path: rx.search(path) is not None
+    if callable(spec):
+        return lambda path: bool(spec(path))
+    raise TypeError(
+        f"input_projected must be a regex string or a callable (path) -> bool, got {spec!r}."
+    )
+
+
+def _input_projected_leaves(specs: dict, selected: Callable[[str], bool]) -> set[str]:
+    """The selected leaves; each must be a plain 2-D dense kernel with a P."""
+    names = set()
+    for name, spec in specs.items():
+        if not selected(name):
+            continue
+        if spec is None:
+            raise ValueError(
+                f"RGO input projection: parameter '{name}' is selected for input-side "
+                "projection but its layout gives it no P."
+            )
+        if len(spec.shape) != 2 or spec.layout != _layout.DENSE:
+            raise ValueError(
+                f"RGO input projection: parameter '{name}' of shape {spec.shape} has layout "
+                f"{spec.layout}; only dense kernels [in, out] (layouts.DENSE) can be projected "
+                "on the input side."
+            )
+        names.add(name)
+    if not names:
+        raise ValueError(
+            f"RGO input projection: the selection matches none of the parameters {sorted(specs)}."
+        )
+    return names
 
 
 @functools.partial(jax.jit, static_argnames=("method", "block_size"))
 @_sharding.sharding_boundary(like=0)
 def _update_projection(state, vectors, alpha, method, block_size):
-    table = _vector_table(vectors)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(state.p)
-    entries = []  # (index, name, p)
-    for i, (path, p) in enumerate(flat):
-        if _matrices.is_placeholder(p):
-            continue
-        name = _layout.path_str(path)
+    table = {name: v for name, v in _matrices.projected(vectors).items() if v is not None}
+    entries = []  # (name, p, v)
+    for name, p in _matrices.projected(state.p).items():
         if name not in table:
             raise ValueError(
                 f"RGO update_projection: no curvature vectors for projected parameter "
@@ -185,7 +225,7 @@ def _update_projection(state, vectors, alpha, method, block_size):
             raise TypeError(
                 f"RGO update_projection: vectors for '{name}' must be floating, got {v.dtype}."
             )
-        entries.append((i, name, p, v))
+        entries.append((name, p, v))
     if not entries:
         return state
     ns = {v.shape[0] for *_, v in entries}
@@ -200,10 +240,10 @@ def _update_projection(state, vectors, alpha, method, block_size):
     # Bucket matrices of equal size (and stacked layers) into one vmapped kernel call.
     buckets: dict[tuple[int, Any], list] = {}
     for e in entries:
-        buckets.setdefault((e[2].shape[-1], e[2].dtype), []).append(e)
-    new_leaves = [p for _, p in flat]
+        buckets.setdefault((e[1].shape[-1], e[1].dtype), []).append(e)
+    new = {}
     for (d, dtype), group in buckets.items():
-        ps = [p.reshape(-1, d, d) for _, _, p, _ in group]
+        ps = [p.reshape(-1, d, d) for _, p, _ in group]
         vs = [v.reshape(n, -1, d) for *_, v in group]
         sizes = [x.shape[0] for x in ps]
         pk = jnp.concatenate(ps, axis=0)
@@ -213,11 +253,11 @@ def _update_projection(state, vectors, alpha, method, block_size):
             pk.astype(jnp.float32), vk, alpha, method=method, block_size=block_size
         )
         offsets = np.cumsum([0, *sizes])
-        for (i, _, p, _), lo, hi in zip(group, offsets[:-1], offsets[1:], strict=True):
-            new_leaves[i] = pk[lo:hi].reshape(p.shape).astype(dtype)
+        for (name, p, _), lo, hi in zip(group, offsets[:-1], offsets[1:], strict=True):
+            new[name] = pk[lo:hi].reshape(p.shape).astype(dtype)
     num_bad = jnp.sum(bad, dtype=jnp.int32)
     return RGOState(
-        p=jax.tree_util.tree_unflatten(treedef, new_leaves),
+        p=_matrices.with_projected(state.p, new),
         count=state.count + (n - num_bad),
         skipped=state.skipped + num_bad,
     )
@@ -270,26 +310,15 @@ def update_projection(
             f"update_projection expects an RGOState, got {type(state).__name__}; use "
             "consolidate(opt_state, ...) for a chained optimizer state."
         )
-    _check_alpha(alpha)
+    _matrices.check_alpha(alpha, "RGO update_projection")
     if method not in ("sequential", "block"):
         raise ValueError(f"Unknown RLS method {method!r}; use 'sequential' or 'block'.")
     return _update_projection(state, vectors, jnp.asarray(alpha, jnp.float32), method, block_size)
 
 
-def _is_rgo(x) -> bool:
-    return isinstance(x, RGOState)
-
-
 def rgo_states(opt_state: Any) -> list[RGOState]:
     """All :class:`RGOState` nodes inside a (chained, partitioned, injected) optimizer state."""
-    return [s for s in jax.tree.leaves(opt_state, is_leaf=_is_rgo) if _is_rgo(s)]
-
-
-def map_rgo_states(fn: Callable[[RGOState], RGOState], opt_state: Any) -> Any:
-    """Replaces every :class:`RGOState` inside ``opt_state`` by ``fn(state)``."""
-    if not rgo_states(opt_state):
-        raise ValueError("No RGOState found in the optimizer state: is scale_by_rgo in the chain?")
-    return jax.tree.map(lambda s: fn(s) if _is_rgo(s) else s, opt_state, is_leaf=_is_rgo)
+    return _matrices.find_states(RGOState, opt_state)
 
 
 def consolidate(
@@ -312,4 +341,6 @@ def consolidate(
       >>> int(rgo_states(state)[0].count)
       5
     """
-    return map_rgo_states(lambda s: update_projection(s, vectors, alpha, **kwargs), opt_state)
+    return _matrices.map_states(
+        RGOState, lambda s: update_projection(s, vectors, alpha, **kwargs), opt_state, "consolidate"
+    )

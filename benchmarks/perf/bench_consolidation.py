@@ -33,8 +33,8 @@ from flax import nnx
 
 import rgo_jax
 from rgo_jax import _rls
-from rgo_jax._fast_curvature import batched_curvature_vectors, use_reduced_kernel_gradients
 from rgo_jax.bench.models import build_model
+from rgo_jax.nnx import use_reduced_kernel_gradients
 
 ALPHA = 0.01
 WIDTHS = (64, 256, 784, 1024, 2304, 4608)
@@ -173,7 +173,7 @@ def bench_mlp_task(rounds: int, budget: float, num_batches: int = 1000, batch: i
             return m(x, task)
 
     def vectors(params, xs, ys, fn):
-        return batched_curvature_vectors(fn, params, xs, ys)
+        return rgo_jax.curvature_vectors(fn, params, xs, ys)
 
     state = rgo_jax.scale_by_rgo().init(params)
     vecs = jax.jit(lambda p, x, y: vectors(p, x, y, fast_fn))(params, xs, ys)

@@ -27,12 +27,8 @@ import optax
 from flax import nnx
 
 import rgo_jax
-from rgo_jax._input_projection import (
-    input_projection_matrices,
-    rgo_input_projected,
-    use_input_projection,
-)
 from rgo_jax.bench.models import MLP
+from rgo_jax.nnx import use_input_projection
 
 WIDTHS = (64, 128, 256, 512, 1024, 2048)
 DEPTHS = (1, 2, 4, 8)
@@ -46,23 +42,22 @@ def _measure(hidden: tuple[int, ...], rounds: int, budget: float, n_vec: int = 2
     x = jnp.asarray(rng.normal(size=(10, 784)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 10, size=10), jnp.int32)
 
-    def loss(p, x, y, mats=None):
+    def loss(p, x, y, opt_state=None):
         m = nnx.merge(graph, p, rest)
-        if mats is None:
+        if opt_state is None:
             return optax.softmax_cross_entropy_with_integer_labels(m(x, 1), y).mean()
-        with use_input_projection(m, mats):
+        with use_input_projection(m, opt_state):
             return optax.softmax_cross_entropy_with_integer_labels(m(x, 1), y).mean()
 
-    def make(tx, rx=None):
+    def make(tx, input_projected=False):
         def step(p, s, x, y):
-            mats = None if rx is None else input_projection_matrices(s, rx)
-            u, s = tx.update(jax.grad(loss)(p, x, y, mats), s, p)
+            u, s = tx.update(jax.grad(loss)(p, x, y, s if input_projected else None), s, p)
             return optax.apply_updates(p, u), s
 
         return step
 
     own = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731
-    sgd, rgo, fast = optax.sgd(0.1), rgo_jax.rgo(0.1), rgo_input_projected(0.1, r"kernel$")
+    sgd, rgo, fast = optax.sgd(0.1), rgo_jax.rgo(0.1), rgo_jax.rgo(0.1, input_projected=r"kernel$")
     state = rgo.init(params)
     vecs = jax.tree.map(
         lambda p: jnp.asarray(rng.normal(size=(n_vec, p.shape[-1])) / 10, jnp.float32),
@@ -71,7 +66,7 @@ def _measure(hidden: tuple[int, ...], rounds: int, budget: float, n_vec: int = 2
     cases = {
         "sgd": (make(sgd), (own(params), own(sgd.init(params)), x, y), (0, 1)),
         "rgo": (make(rgo), (own(params), own(state), x, y), (0, 1)),
-        "rgo_input": (make(fast, r"kernel$"), (own(params), own(state), x, y), (0, 1)),
+        "rgo_input": (make(fast, True), (own(params), own(fast.init(params)), x, y), (0, 1)),
         "consolidation": (
             lambda s, v: rgo_jax.consolidate(s, v, 0.01, method="block", block_size=64),
             (state, vecs),

@@ -38,12 +38,8 @@ from flax import nnx
 
 import rgo_jax
 from rgo_jax import _layout
-from rgo_jax._input_projection import (
-    input_projection_matrices,
-    rgo_input_projected,
-    use_input_projection,
-)
 from rgo_jax.bench.models import build_model
+from rgo_jax.nnx import use_input_projection
 
 MODELS = {
     # name: (input shape, classes, dense-kernel regex for the input-side projection)
@@ -62,22 +58,21 @@ def _problem(name: str, batch: int, seed: int = 0):
     x = jnp.asarray(rng.normal(size=(batch, *shape)), jnp.float32)
     y = jnp.asarray(rng.integers(0, classes, size=batch), jnp.int32)
 
-    def loss(params, x, y, mats=None):
+    def loss(params, x, y, opt_state=None):
         model = nnx.merge(graph, params, rest)
-        if mats is None:
+        if opt_state is None:
             logits = model(x, 1)
         else:
-            with use_input_projection(model, mats):
+            with use_input_projection(model, opt_state):
                 logits = model(x, 1)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     return params, x, y, loss, dense_rx
 
 
-def _step(tx, loss, input_rx=None):
+def _step(tx, loss, input_projected=False):
     def step(params, state, x, y):
-        mats = None if input_rx is None else input_projection_matrices(state, input_rx)
-        g = jax.grad(loss)(params, x, y, mats)
+        g = jax.grad(loss)(params, x, y, state if input_projected else None)
         u, state = tx.update(g, state, params)
         return optax.apply_updates(params, u), state
 
@@ -133,7 +128,7 @@ def bench_model(name: str, batch: int, rounds: int, budget: float) -> dict:
     n_params = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
     sgd, rgo = optax.sgd(0.1), rgo_jax.rgo(0.1)
     rgo16 = rgo_jax.rgo(0.1, dtype=jnp.bfloat16)
-    rgo_in = rgo_input_projected(0.1, dense_rx)
+    rgo_in = rgo_jax.rgo(0.1, input_projected=dense_rx)
     s_sgd, s_rgo, s_16 = sgd.init(params), rgo.init(params), rgo16.init(params)
     p_tree = s_rgo[0].p
     g = jax.grad(loss)(params, x, y)
@@ -142,7 +137,11 @@ def bench_model(name: str, batch: int, rounds: int, budget: float) -> dict:
         "sgd": (_step(sgd, loss), (own(params), own(s_sgd), x, y), (0, 1)),
         "rgo": (_step(rgo, loss), (own(params), own(s_rgo), x, y), (0, 1)),
         "rgo_nodonate": (_step(rgo, loss), (params, s_rgo, x, y)),
-        "rgo_input": (_step(rgo_in, loss, dense_rx), (own(params), own(s_rgo), x, y), (0, 1)),
+        "rgo_input": (
+            _step(rgo_in, loss, True),
+            (own(params), own(rgo_in.init(params)), x, y),
+            (0, 1),
+        ),
         "rgo_bf16": (_step(rgo16, loss), (own(params), own(s_16), x, y), (0, 1)),
         "pg": (_pg, (p_tree, g)),
     }

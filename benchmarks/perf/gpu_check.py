@@ -35,8 +35,8 @@ from flax import nnx
 
 import rgo_jax
 from rgo_jax import _layout
-from rgo_jax._fast_curvature import batched_curvature_vectors, use_reduced_kernel_gradients
 from rgo_jax.bench.models import build_model
+from rgo_jax.nnx import use_reduced_kernel_gradients
 
 
 def _config(args) -> dict:
@@ -149,7 +149,7 @@ def run(cfg: dict) -> dict:
         with use_reduced_kernel_gradients(m):
             return m(x, 1)
 
-    vec_fn = lambda p, xs, ys: batched_curvature_vectors(fast_logits, p, xs, ys)  # noqa: E731
+    vec_fn = lambda p, xs, ys: rgo_jax.curvature_vectors(fast_logits, p, xs, ys)  # noqa: E731
     n = cfg["vectors"]
     state = s_rgo[0]
     vecs = jax.tree.map(

@@ -4,7 +4,7 @@
   the layer inputs, updated every step.
 - GPM (:func:`scale_by_gpm`, :func:`gpm_update_bases`): gradient projection off an SVD
   basis of the layer inputs, extended once per task.
-- A-GEM (:func:`agem`, :class:`EpisodicMemory`): **uses memory** (replays stored examples).
+- A-GEM (:func:`agem`, :func:`agem_project`): **uses memory** (replays stored examples).
 - EWC and online EWC (:func:`ewc_loss`, :func:`ewc_penalty`, :func:`diagonal_fisher`,
   :func:`ewc_accumulate`): a quadratic penalty added to the loss.
 
@@ -13,7 +13,6 @@ statistics.
 """
 
 from rgo_jax.baselines._agem import AGEMState as AGEMState
-from rgo_jax.baselines._agem import EpisodicMemory as EpisodicMemory
 from rgo_jax.baselines._agem import agem as agem
 from rgo_jax.baselines._agem import agem_project as agem_project
 from rgo_jax.baselines._ewc import EWCState as EWCState

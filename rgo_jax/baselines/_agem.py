@@ -6,16 +6,15 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from rgo_jax import _layout
 
-__all__ = ["AGEMState", "EpisodicMemory", "agem", "agem_project"]
+__all__ = ["AGEMState", "agem", "agem_project"]
 
 
 class AGEMState(NamedTuple):
-    """State of :func:`agem`: counters only (the memory itself lives in :class:`EpisodicMemory`)."""
+    """State of :func:`agem`: counters only (the memory of examples is the caller's)."""
 
     count: jax.Array  # int32 [], updates with a reference gradient
     num_projected: jax.Array  # int32 [], of which violated <g, g_ref> >= 0 and were projected
@@ -51,7 +50,10 @@ def agem_project(grads: Any, ref_grads: Any) -> tuple[Any, jax.Array]:
 
     Args:
       grads: the gradient on the current batch.
-      ref_grads: the gradient on a batch from the episodic memory, same parameter paths.
+      ref_grads: the gradient on a batch from the episodic memory, with (at least) the
+        parameter paths of ``grads``. Extra paths are ignored, so the full reference gradient
+        can be passed through ``optax.partition`` / ``optax.masked``: the constraint is then
+        on the parameters this transformation updates.
 
     Returns:
       ``(projected grads, violated)`` with ``violated`` a bool scalar.
@@ -68,10 +70,10 @@ def agem_project(grads: Any, ref_grads: Any) -> tuple[Any, jax.Array]:
     if names != ref_names:
         ref_by_name = dict(zip(ref_names, r, strict=True))
         missing = [n for n in names if n not in ref_by_name]
-        if missing or len(ref_names) != len(names):
+        if missing:
             raise ValueError(
-                f"A-GEM: ref_grads do not match grads: missing {missing[:8]}, extra "
-                f"{sorted(set(ref_names) - set(names))[:8]}."
+                f"A-GEM: ref_grads do not match grads: missing {missing[:8]} (ref_grads have "
+                f"{sorted(ref_names)[:8]})."
             )
         r = [ref_by_name[n] for n in names]
     for n, x, y in zip(names, g, r, strict=True):
@@ -91,8 +93,9 @@ def agem() -> optax.GradientTransformationExtraArgs:
     r"""A-GEM as a gradient transformation: projects ``g`` when it conflicts with ``g_ref``.
 
     **This method USES MEMORY: it replays stored examples of earlier tasks** (through the
-    reference gradient), unlike RGO, OWM, GPM and EWC. Pair it with
-    :class:`EpisodicMemory`.
+    reference gradient), unlike RGO, OWM, GPM and EWC. The memory itself (which examples
+    are kept, how a batch is drawn) is the caller's: any fixed-size array buffer works
+    inside a jitted step.
 
     ``update(grads, state, ref_grads=g_ref)`` returns :func:`agem_project` of ``grads``,
     where ``g_ref`` is the gradient of the loss on a batch sampled from the episodic memory
@@ -135,204 +138,3 @@ def agem() -> optax.GradientTransformationExtraArgs:
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-class EpisodicMemory:
-    """A small episodic memory of ``(x, y)`` examples per task, with a fixed quota per task.
-
-    **A method that uses this memory REPLAYS STORED DATA of earlier tasks** (A-GEM, or
-    experience replay); RGO, OWM, GPM and EWC store no examples.
-
-    Each task keeps at most ``per_task`` examples, chosen by
-
-    - ``"reservoir"``: reservoir sampling over the task's stream (every example seen so far
-      is kept with equal probability ``per_task / seen``), driven by a generator seeded by
-      ``(seed, task)``, so a task's contents do not depend on the order of other tasks;
-    - ``"ring"``: the last ``per_task`` examples (a ring buffer).
-
-    Everything is NumPy on the host; contents are deterministic given the seed and the
-    sequence of :meth:`add` calls.
-
-    Args:
-      per_task: the quota of examples per task (> 0).
-      policy: ``"reservoir"`` (default) or ``"ring"``.
-      seed: seed of the reservoir decisions.
-
-    Examples:
-      >>> import numpy as np
-      >>> from rgo_jax.baselines import EpisodicMemory
-      >>> mem = EpisodicMemory(per_task=3, seed=0)
-      >>> mem.add(0, np.arange(10.0)[:, None], np.arange(10))
-      >>> len(mem), mem.num_seen(0)
-      (3, 10)
-      >>> x, y, task = mem.sample(np.random.default_rng(0), 4)
-      >>> x.shape, y.shape, task.tolist()
-      ((4, 1), (4,), [0, 0, 0, 0])
-    """
-
-    def __init__(self, per_task: int, *, policy: str = "reservoir", seed: int = 0):
-        if not isinstance(per_task, (int, np.integer)) or per_task < 1:
-            raise ValueError(f"EpisodicMemory: per_task must be a positive int, got {per_task!r}.")
-        if policy not in ("reservoir", "ring"):
-            raise ValueError(
-                f"EpisodicMemory: policy must be 'reservoir' or 'ring', got {policy!r}."
-            )
-        self.per_task = int(per_task)
-        self.policy = policy
-        self.seed = int(seed)
-        self._x: dict[int, np.ndarray] = {}
-        self._y: dict[int, np.ndarray] = {}
-        self._size: dict[int, int] = {}
-        self._seen: dict[int, int] = {}
-        self._rng: dict[int, np.random.Generator] = {}
-
-    @property
-    def tasks(self) -> list[int]:
-        """The tasks with at least one stored example, in increasing order."""
-        return sorted(t for t, n in self._size.items() if n > 0)
-
-    def __len__(self) -> int:
-        return sum(self._size.values())
-
-    def num_seen(self, task: int) -> int:
-        """How many examples of ``task`` were offered to :meth:`add`."""
-        return self._seen.get(int(task), 0)
-
-    def task_data(self, task: int) -> tuple[np.ndarray, np.ndarray]:
-        """The stored ``(x, y)`` of ``task`` (copies, in slot order)."""
-        task = int(task)
-        if task not in self._size:
-            raise KeyError(f"EpisodicMemory: no examples stored for task {task}.")
-        n = self._size[task]
-        return self._x[task][:n].copy(), self._y[task][:n].copy()
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: settings, stored examples, counters, RNG states.
-
-        Plain Python containers and NumPy arrays (picklable; ``x``/``y`` per task as
-        arrays), e.g. for a task-boundary checkpoint. Restore with :meth:`from_state_dict`.
-        """
-        return {
-            "per_task": self.per_task,
-            "policy": self.policy,
-            "seed": self.seed,
-            "tasks": {
-                t: {
-                    "x": self._x[t].copy(),
-                    "y": self._y[t].copy(),
-                    "size": self._size[t],
-                    "seen": self._seen[t],
-                    "rng": self._rng[t].bit_generator.state,
-                }
-                for t in self._x
-            },
-        }
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> EpisodicMemory:
-        """The memory saved by :meth:`state_dict`; it continues exactly as the original."""
-        try:
-            mem = cls(state["per_task"], policy=state["policy"], seed=state["seed"])
-            for t, d in state["tasks"].items():
-                t = int(t)
-                x, y = np.asarray(d["x"]), np.asarray(d["y"])
-                if x.shape[0] != mem.per_task or y.shape != (mem.per_task,):
-                    raise ValueError(
-                        f"task {t} stores {x.shape[0]} slots, expected per_task={mem.per_task}"
-                    )
-                mem._x[t], mem._y[t] = x.copy(), y.copy()
-                mem._size[t], mem._seen[t] = int(d["size"]), int(d["seen"])
-                mem._rng[t] = np.random.default_rng()
-                mem._rng[t].bit_generator.state = d["rng"]
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"EpisodicMemory.from_state_dict: malformed state ({e!r}).") from e
-        return mem
-
-    def _check(self, x: np.ndarray, y: np.ndarray) -> None:
-        if x.ndim < 1 or y.ndim != 1 or x.shape[0] != y.shape[0]:
-            raise ValueError(
-                f"EpisodicMemory.add: x must be [n, ...] and y [n] with the same n, got x "
-                f"{x.shape} and y {y.shape}."
-            )
-        for t, old in self._x.items():
-            if old.shape[1:] != x.shape[1:] or old.dtype != x.dtype:
-                raise ValueError(
-                    f"EpisodicMemory.add: examples {x.dtype}{x.shape[1:]} differ from those of "
-                    f"task {t} ({old.dtype}{old.shape[1:]}); all tasks must share one shape."
-                )
-            if self._y[t].dtype != y.dtype:
-                raise ValueError(
-                    f"EpisodicMemory.add: labels {y.dtype} differ from those of task {t} "
-                    f"({self._y[t].dtype})."
-                )
-            break
-
-    def add(self, task: int, x: Any, y: Any) -> None:
-        """Offers a batch ``x [n, ...]``, ``y [n]`` of ``task`` to the memory."""
-        task = int(task)
-        x, y = np.asarray(x), np.asarray(y)
-        self._check(x, y)
-        if task not in self._x:
-            self._x[task] = np.zeros((self.per_task, *x.shape[1:]), x.dtype)
-            self._y[task] = np.zeros((self.per_task,), y.dtype)
-            self._size[task] = 0
-            self._seen[task] = 0
-            self._rng[task] = np.random.default_rng([self.seed, task])
-        xs, ys, q = self._x[task], self._y[task], self.per_task
-        size, seen = self._size[task], self._seen[task]
-        for i in range(x.shape[0]):
-            if size < q:
-                slot = size
-                size += 1
-            elif self.policy == "ring":
-                slot = seen % q
-            else:
-                j = int(self._rng[task].integers(0, seen + 1))
-                slot = j if j < q else -1
-            if slot >= 0:
-                xs[slot], ys[slot] = x[i], y[i]
-            seen += 1
-        self._size[task], self._seen[task] = size, seen
-
-    def sample(
-        self,
-        rng: np.random.Generator | int,
-        batch_size: int,
-        *,
-        tasks: Any = None,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """A batch ``(x, y, task)`` drawn uniformly from the stored examples.
-
-        Without replacement when enough examples are stored, with replacement otherwise, so
-        the batch always has ``batch_size`` rows (static shapes for a jitted step).
-
-        Args:
-          rng: a NumPy ``Generator`` or an int seed.
-          batch_size: rows of the batch (> 0).
-          tasks: restrict to these tasks (e.g. the tasks before the current one); default
-            all stored tasks.
-
-        Returns:
-          ``x [b, ...]``, ``y [b]`` and ``task [b]`` (int32).
-        """
-        if batch_size < 1:
-            raise ValueError(
-                f"EpisodicMemory.sample: batch_size must be positive, got {batch_size}."
-            )
-        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-        chosen = self.tasks if tasks is None else sorted({int(t) for t in tasks})
-        chosen = [t for t in chosen if self._size.get(t, 0) > 0]
-        if not chosen:
-            raise ValueError(
-                f"EpisodicMemory.sample: no stored examples for tasks {tasks!r} "
-                f"(stored: {self.tasks})."
-            )
-        sizes = np.array([self._size[t] for t in chosen])
-        total = int(sizes.sum())
-        idx = rng.choice(total, size=batch_size, replace=total < batch_size)
-        owner = np.searchsorted(np.cumsum(sizes), idx, side="right")
-        slot = idx - np.concatenate([[0], np.cumsum(sizes)[:-1]])[owner]
-        task_ids = np.asarray(chosen)[owner]
-        x = np.stack([self._x[t][s] for t, s in zip(task_ids, slot, strict=True)])
-        y = np.array([self._y[t][s] for t, s in zip(task_ids, slot, strict=True)])
-        return x, y, task_ids.astype(np.int32)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rgo_jax import _layout
+from rgo_jax import _curvature, _layout
 
 __all__ = [
     "EWCState",
@@ -351,15 +351,7 @@ def diagonal_fisher(
     if n == 0:
         raise ValueError("diagonal_fisher: x has no examples.")
     num_classes = jax.eval_shape(lambda p: logits_fn(p, x[:1]), params).shape[-1]
-    if class_mask is None:
-        cls = jnp.any(jax.nn.one_hot(labels, num_classes, dtype=bool), axis=0)
-    else:
-        cls = jnp.asarray(class_mask)
-        if cls.shape != (num_classes,) or cls.dtype != bool:
-            raise ValueError(
-                f"diagonal_fisher: class_mask must be bool [{num_classes}] (one per logit), "
-                f"got {cls.dtype}{cls.shape}."
-            )
+    cls = _curvature.task_class_mask(labels, num_classes, class_mask, "diagonal_fisher")
     kept = _concrete_indices(cls)
     kept = jnp.arange(num_classes) if kept is None else jnp.asarray(kept)
 

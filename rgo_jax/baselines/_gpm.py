@@ -32,7 +32,7 @@ def scale_by_gpm(
     layout: _layout.LayoutSpec = None,
     *,
     project_biases: bool = False,
-    dtype: Any = jnp.float32,
+    dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Removes from each gradient its component in the stored input space ``span(M)``.
 
@@ -58,7 +58,7 @@ def scale_by_gpm(
         representation is the constant input 1: after the first task the basis is ``[1]``
         and the bias is frozen, as the reference code does for 1-D parameters. Default
         ``False``: biases are left free (the reference MLP/AlexNet have no biases).
-      dtype: storage dtype of the bases.
+      dtype: storage dtype of the bases (``None``: float32).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; extra keyword arguments are ignored.
@@ -80,8 +80,10 @@ def scale_by_gpm(
       Saha, Garg & Roy, "Gradient Projection Memory for Continual Learning", ICLR 2021.
     """
 
+    dtype = jnp.float32 if dtype is None else dtype
+
     def init_fn(params):
-        specs = _common.leaf_specs(params, layout, project_biases)
+        specs = _common.leaf_specs(params, layout, project_biases, bias_input=True)
 
         def make_basis(spec):
             return jnp.zeros((*spec.batch_shape, spec.d, spec.d), dtype)
@@ -93,12 +95,14 @@ def scale_by_gpm(
             return jnp.zeros(spec.batch_shape, jnp.int32)
 
         bases = _common.init_matrices(params, specs, make_basis, dtype)
-        rank = jax.tree_util.tree_map_with_path(make_rank, params)
+        rank = bases
+        if not _common.is_params_stand_in(params):
+            rank = jax.tree_util.tree_map_with_path(make_rank, params)
         return GPMState(bases=bases, rank=rank, count=jnp.zeros([], jnp.int32))
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        specs = _common.leaf_specs(updates, layout, project_biases)
+        specs = _common.leaf_specs(updates, layout, project_biases, bias_input=True)
         # The rank of each projected leaf, in the order project_tree visits the leaves.
         ranks = iter(
             [
@@ -208,15 +212,12 @@ def _check_threshold(name: str, t: Any) -> float:
 
 
 def _update_state(state: GPMState, reps: dict, threshold: Any) -> GPMState:
-    table, treedef = _common.matrix_table(state.bases)
-    ranks, _ = _common.matrix_table(state.rank)
-    names = [n for n, m in table if not _common.is_placeholder(m)]
-    new_bases, new_ranks = [], []
-    for (name, m), (_, rank) in zip(table, ranks, strict=True):
-        if _common.is_placeholder(m):
-            new_bases.append(m)
-            new_ranks.append(rank)
-            continue
+    bases = _common.projected(state.bases)
+    ranks = _common.projected(state.rank)
+    names = list(bases)
+    new_bases, new_ranks = {}, {}
+    for name, m in bases.items():
+        rank = ranks[name]
         batch_shape, d = m.shape[:-2], m.shape[-1]
         thr = _check_threshold(name, _common.per_leaf(threshold, name, "threshold", names))
         x = reps.get(name)
@@ -239,11 +240,11 @@ def _update_state(state: GPMState, reps: dict, threshold: Any) -> GPMState:
             basis = _extend_basis(m_np[idx][:, :k], x[idx], thr)
             out_m[idx][:, : basis.shape[1]] = basis
             out_r[idx] = basis.shape[1]
-        new_bases.append(jnp.asarray(out_m, m.dtype))
-        new_ranks.append(jnp.asarray(out_r))
+        new_bases[name] = jnp.asarray(out_m, m.dtype)
+        new_ranks[name] = jnp.asarray(out_r)
     return GPMState(
-        bases=jax.tree_util.tree_unflatten(treedef, new_bases),
-        rank=jax.tree_util.tree_unflatten(treedef, new_ranks),
+        bases=_common.with_projected(state.bases, new_bases),
+        rank=_common.with_projected(state.rank, new_ranks),
         count=state.count + 1,
     )
 

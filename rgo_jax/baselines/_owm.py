@@ -7,7 +7,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from rgo_jax import _layout, _rls
@@ -30,7 +29,7 @@ def scale_by_owm(
     *,
     project_biases: bool = False,
     init_scale: float = 1.0,
-    dtype: Any = jnp.float32,
+    dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Projects each gradient by its layer's OWM projector ``P`` (no trace normalisation).
 
@@ -74,7 +73,7 @@ def scale_by_owm(
         input is the constant 1 (a bias is a kernel row seen by the input 1). Default
         ``False``: biases are left unprojected (the reference layers are bias-free).
       init_scale: ``P_0 = init_scale * I``.
-      dtype: storage dtype of P; the RLS update runs in float32.
+      dtype: storage dtype of P (``None``: float32); the RLS update runs in float32.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; unknown extra arguments are ignored.
@@ -96,11 +95,12 @@ def scale_by_owm(
       Zeng, Chen, Cui & Yu, "Continual learning of context-dependent processing in neural
       networks", Nature Machine Intelligence 1, 364-372 (2019).
     """
-    if not init_scale > 0:
+    if not isinstance(init_scale, jax.core.Tracer) and not init_scale > 0:
         raise ValueError(f"scale_by_owm: init_scale must be positive, got {init_scale}.")
+    dtype = jnp.float32 if dtype is None else dtype
 
     def init_fn(params):
-        specs = _common.leaf_specs(params, layout, project_biases)
+        specs = _common.leaf_specs(params, layout, project_biases, bias_input=True)
 
         def make(spec):
             eye = init_scale * jnp.eye(spec.d, dtype=dtype)
@@ -126,18 +126,11 @@ def scale_by_owm(
             if owm_alpha is None:
                 raise ValueError("scale_by_owm: owm_inputs= was given without owm_alpha=.")
             state = owm_update(state, owm_inputs, owm_alpha, batch_size=owm_batch_size)
-        specs = _common.leaf_specs(updates, layout, project_biases)
+        specs = _common.leaf_specs(updates, layout, project_biases, bias_input=True)
         updates = _common.project_tree("OWM", updates, state.p, specs, jnp.matmul)
         return updates, state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _check_alpha(alpha: Any) -> None:
-    values = alpha.values() if isinstance(alpha, dict) else [alpha]
-    for a in values:
-        if isinstance(a, (int, float, np.number)) and not a > 0:
-            raise ValueError(f"OWM alpha must be positive, got {a}.")
 
 
 def _owm_vectors(name: str, x: Any, p: jax.Array, batch_size: int | None) -> jax.Array:
@@ -161,14 +154,11 @@ def _owm_vectors(name: str, x: Any, p: jax.Array, batch_size: int | None) -> jax
 def _absorb(
     state: OWMState, inputs: dict, alpha: Any, batch_size: int | None, method: str
 ) -> OWMState:
-    table, treedef = _common.matrix_table(state.p)
-    names = [n for n, m in table if not _common.is_placeholder(m)]
-    new_leaves = []
+    matrices = _common.projected(state.p)
+    names = list(matrices)
+    new = {}
     skipped = state.skipped
-    for name, p in table:
-        if _common.is_placeholder(p):
-            new_leaves.append(p)
-            continue
+    for name, p in matrices.items():
         x = inputs.get(name)
         if x is not None:
             v = _owm_vectors(name, x, p, batch_size)
@@ -189,10 +179,10 @@ def _absorb(
             pk, bad = _rls.rls_block(pk, vk, a)
         else:
             pk, bad = _rls.rls_sequential(pk, vk, a)
-        new_leaves.append(pk.reshape(p.shape).astype(p.dtype))
+        new[name] = pk.reshape(p.shape).astype(p.dtype)
         skipped = skipped + jnp.sum(bad, dtype=jnp.int32)
     return OWMState(
-        p=jax.tree_util.tree_unflatten(treedef, new_leaves),
+        p=_common.with_projected(state.p, new),
         count=state.count + 1,
         skipped=skipped,
     )
@@ -238,7 +228,7 @@ def owm_update(
     inputs = _common.path_keyed(inputs, "owm_update inputs")
     if isinstance(alpha, dict):
         alpha = _common.path_keyed(alpha, "owm_update alpha")
-    _check_alpha(alpha)
+    _common.check_alpha(alpha, "OWM owm_update")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(
             f"owm_update: batch_size must be a positive Python int, got {batch_size!r}."

@@ -8,7 +8,6 @@ itself (compiled steps, evaluation, checkpoints) is shared by all of them.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rgo_jax import _input_projection, _transform
+from rgo_jax import _transform
 from rgo_jax._curvature import curvature_vectors
 from rgo_jax.bench import models
 
@@ -38,7 +37,7 @@ class TaskContext:
     config: Any
     curvature_logits_fn: Callable[[Any, jax.Array, Any], jax.Array] | None = None
     """``logits_fn`` whose kernel cotangents come pre-averaged over the output axes
-    (:func:`rgo_jax._fast_curvature.use_reduced_kernel_gradients`): for curvature vectors
+    (:func:`rgo_jax.nnx.use_reduced_kernel_gradients`): for curvature vectors
     only, which it gives exactly and much faster. ``None``: use ``logits_fn``."""
 
 
@@ -87,23 +86,6 @@ def _sample_batches(ctx: TaskContext, num_batches: int, batch_size: int):
     return ctx.x_train[idx], ctx.y_train[idx]
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "per_sample"))
-def _vectors(logits_fn, params, xs, ys, mask, task, per_sample):
-    def one(x, y):
-        return curvature_vectors(
-            lambda p, xb: logits_fn(p, xb, task),
-            params,
-            x,
-            y,
-            class_mask=mask,
-            per_sample=per_sample,
-        )
-
-    vecs = jax.vmap(one)(xs, ys)
-    # [num_batches, n_per_batch, *batch, d] -> [num_batches * n_per_batch, *batch, d]
-    return jax.tree.map(lambda v: v.reshape(-1, *v.shape[2:]), vecs)
-
-
 def rgo_consolidation_vectors(
     ctx: TaskContext, params: Any, *, per_sample: bool, num_batches: int, batch_size: int
 ) -> Any:
@@ -115,35 +97,25 @@ def rgo_consolidation_vectors(
     ``lax.map``: XLA on CPU runs convolutions inside a loop several times slower.
     """
     xs, ys = _sample_batches(ctx, num_batches, batch_size)
-    chunk = ctx.config.vector_chunk
-    mask, task = jnp.asarray(ctx.class_mask), jnp.int32(ctx.task)
     logits_fn = ctx.curvature_logits_fn or ctx.logits_fn
-    parts = [
-        _vectors(
-            logits_fn,
-            params,
-            jnp.asarray(xs[lo : lo + chunk]),
-            jnp.asarray(ys[lo : lo + chunk]),
-            mask,
-            task,
-            per_sample,
-        )
-        for lo in range(0, num_batches, chunk)
-    ]
-    if len(parts) == 1:
-        return parts[0]
-    return jax.tree.map(lambda *v: jnp.concatenate(v), *parts)
+    return curvature_vectors(
+        logits_fn,
+        params,
+        xs,
+        ys,
+        jnp.int32(ctx.task),
+        class_mask=jnp.asarray(ctx.class_mask),
+        per_sample=per_sample,
+        chunk=ctx.config.vector_chunk,
+    )
 
 
 def _make_rgo(
     name: str, description: str, *, fel: bool, per_sample: bool, alpha=None, dtype=None
 ) -> Method:
     def make_tx(cfg):
-        if cfg.input_projection:
-            return _input_projection.rgo_input_projected(
-                cfg.learning_rate, models.LINEAR_KERNELS, dtype=dtype
-            )
-        return _transform.rgo(cfg.learning_rate, dtype=dtype)
+        selected = models.LINEAR_KERNELS if cfg.input_projection else None
+        return _transform.rgo(cfg.learning_rate, dtype=dtype, input_projected=selected)
 
     def after_task(ctx: TaskContext, params, opt_state, extra):
         vecs = rgo_consolidation_vectors(

@@ -26,8 +26,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rgo_jax._fast_curvature import use_reduced_kernel_gradients
-from rgo_jax._input_projection import input_projection_matrices, use_input_projection
 from rgo_jax.bench import _report, data, models
 from rgo_jax.bench._checkpoint import latest_good_checkpoint, restore_checkpoint, save_checkpoint
 from rgo_jax.bench._methods import (
@@ -44,6 +42,7 @@ from rgo_jax.bench._rundir import (
     write_report,
 )
 from rgo_jax.bench._validate import RunError, check_config, check_finite_losses, check_finite_state
+from rgo_jax.nnx import use_input_projection, use_reduced_kernel_gradients
 
 __all__ = [
     "ADDED_KEYS",
@@ -345,9 +344,9 @@ class _Net:
         self.graphdef, self.rest = graphdef, rest
 
     def logits(self, params, x, task, projection=None):
-        """Logits; with ``projection`` (path -> P) those dense layers project their grads."""
+        """Logits; with ``projection`` (the optimizer state) input-projected layers project."""
         model = nnx.merge(self.graphdef, params, self.rest)
-        if not projection:
+        if projection is None:
             return model(x, task)
         with use_input_projection(model, projection):
             return model(x, task)
@@ -387,11 +386,7 @@ def _make_chunk_fn(net: _Net, tx, method: Method, cfg: Config):
         def body(carry, inputs):
             params, opt_state = carry
             (x, y, mask, task), step = inputs
-            projection = (
-                input_projection_matrices(opt_state, models.LINEAR_KERNELS)
-                if input_projected
-                else None
-            )
+            projection = opt_state if input_projected else None
             loss, grads = jax.value_and_grad(loss_fn)(params, extra, x, y, mask, task, projection)
             kwargs = {}
             if method.step_kwargs is not None:

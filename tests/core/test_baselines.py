@@ -6,11 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from flax import nnx
 
 from rgo_jax.baselines import (
-    agem,
     gpm_update_bases,
     owm_update,
     scale_by_gpm,
@@ -121,53 +119,3 @@ def test_owm_nearly_keeps_old_task_logits_of_an_mlp():
     moved_old = np.abs(np.asarray(_logits(model, x_old, 0)) - before_old).max()
     assert moved_new > 1e-2
     assert moved_old < 0.02 * moved_new
-
-
-_PARAMS = {"fc": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)}, "c": jnp.ones((2, 2, 1, 2))}
-
-
-def _with_state(name):
-    """A transformation and a state that is not the trivial initial one."""
-    if name == "owm":
-        tx = scale_by_owm(project_biases=True)
-        state = owm_update(
-            tx.init(_PARAMS), {"fc/kernel": np.ones((2, 4)), "c": np.ones((3, 4))}, 1.0
-        )
-        return tx, state, {}
-    if name == "gpm":
-        tx = scale_by_gpm()
-        reps = {"fc/kernel": np.eye(4)[:2], "c": np.eye(4)[1:2]}
-        return tx, gpm_update_bases(tx.init(_PARAMS), reps, 0.99), {}
-    tx = agem()
-    ref = jax.tree.map(lambda p: -jnp.ones_like(p), _PARAMS)
-    return tx, tx.init(_PARAMS), {"ref_grads": ref}
-
-
-@pytest.mark.parametrize("name", ["owm", "gpm", "agem"])
-def test_optax_battery(name):
-    tx, state, extra = _with_state(name)
-    grads = jax.tree.map(lambda p: jnp.arange(p.size, dtype=jnp.float32).reshape(p.shape), _PARAMS)
-    traces = []
-
-    @jax.jit
-    def step(g, s):
-        traces.append(1)
-        return tx.update(g, s, _PARAMS, unknown_extra_arg=3, **extra)
-
-    out1, s1 = step(grads, state)
-    out2, _ = step(jax.tree.map(lambda g: 2 * g, grads), s1)
-    assert len(traces) == 1  # no recompilation on the second call
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, 2 * a, rtol=1e-6), out1, out2)
-    # The state keeps its structure, shapes and dtypes (usable in lax.cond / scan).
-    sd = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), t)
-    assert sd(s1) == sd(state) == sd(tx.init(_PARAMS))
-    picked = jax.lax.cond(True, lambda: s1, lambda: state)
-    assert sd(picked) == sd(state)
-    # Per-parameter state trees follow the params' structure: map_params reaches them.
-    mapped = optax.tree.map_params(tx, lambda x: x, state)
-    assert sd(mapped) == sd(state)
-    # Works inside optax.chain with other transformations.
-    chained = optax.chain(optax.clip_by_global_norm(1e6), tx, optax.sgd(1.0))
-    cs = chained.init(_PARAMS)
-    out, _ = chained.update(grads, cs, _PARAMS, **extra)
-    assert jax.tree.structure(out) == jax.tree.structure(_PARAMS)

@@ -72,7 +72,6 @@ def test_a_fractional_block_size_is_a_clear_error():
         rgo_jax.update_projection(st, {"w": jnp.ones((3, 4))}, 0.01, block_size=1.5)
 
 
-@pytest.mark.xfail(strict=True, reason=OWNED_ELSEWHERE)
 @pytest.mark.parametrize("alpha", [-1.0, 0.0, np.nan])
 def test_an_alpha_array_that_is_not_positive_is_refused(alpha):
     st = rgo_jax.scale_by_rgo().init({"w": jnp.zeros((4, 2))})

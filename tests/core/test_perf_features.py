@@ -17,15 +17,9 @@ import pytest
 from flax import nnx
 
 import rgo_jax
-from rgo_jax._fast_curvature import batched_curvature_vectors, use_reduced_kernel_gradients
-from rgo_jax._input_projection import (
-    input_projection_matrices,
-    projected_matmul,
-    rgo_input_projected,
-    scale_by_rgo_input_projected,
-    use_input_projection,
-)
+from rgo_jax import projected_matmul
 from rgo_jax.bench.models import MLP
+from rgo_jax.nnx import use_input_projection, use_reduced_kernel_gradients
 from tests.helpers import REPO
 
 
@@ -125,23 +119,28 @@ def mlp():
     return _MLPProblem()
 
 
+def _input_projected_state(tx, state, params):
+    """``tx.init(params)`` holding the matrices of ``state`` (the same leaves, marked)."""
+    fresh = tx.init(params)
+    assert [x.shape for x in jax.tree.leaves(fresh)] == [x.shape for x in jax.tree.leaves(state)]
+    return jax.tree.unflatten(jax.tree.structure(fresh), jax.tree.leaves(state))
+
+
 def test_input_projected_step_equals_plain_rgo_step(mlp):
-    plain, fast = mlp.tx, rgo_input_projected(0.1, r"kernel$")
-    # The same state as scale_by_rgo's (one P per leaf), so consolidate/checkpoints carry over.
-    assert jax.tree.structure(jax.eval_shape(fast.init, mlp.params)) == jax.tree.structure(
-        mlp.state
-    )
+    plain, fast = mlp.tx, rgo_jax.rgo(0.1, input_projected=r"kernel$")
+    # The same leaves as scale_by_rgo's state (one P per leaf): consolidate and checkpoints
+    # carry over; the input-projected P are marked in the structure.
+    fast_state = _input_projected_state(fast, mlp.state, mlp.params)
 
     @jax.jit
-    def steps(params, state, x, y):
+    def steps(params, state, fast_state, x, y):
         g = jax.grad(mlp.loss)(params, x, y)
         u_plain, _ = plain.update(g, state, params)
-        mats = input_projection_matrices(state, r"kernel$")
-        g_in = jax.grad(mlp.loss)(params, x, y, mats)
-        u_fast, _ = fast.update(g_in, state, params)
+        g_in = jax.grad(mlp.loss)(params, x, y, fast_state)
+        u_fast, _ = fast.update(g_in, fast_state, params)
         return u_plain, u_fast, g
 
-    u_plain, u_fast, g = steps(mlp.params, mlp.state, mlp.x, mlp.y)
+    u_plain, u_fast, g = steps(mlp.params, mlp.state, fast_state, mlp.x, mlp.y)
     assert min(float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(u_plain)) > 1e-4
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), u_fast, u_plain
@@ -151,23 +150,34 @@ def test_input_projected_step_equals_plain_rgo_step(mlp):
     expected = -0.1 * 12 / np.trace(p) * p @ np.asarray(g["hidden"][0]["kernel"], np.float64)
     np.testing.assert_allclose(u_fast["hidden"][0]["kernel"], expected, rtol=1e-4, atol=1e-7)
     assert not np.allclose(expected, -0.1 * np.asarray(g["hidden"][0]["kernel"]), atol=1e-5)
+    # Consolidating the marked state updates the same matrices as the plain one.
+    vecs = _random_vectors(mlp.state[0].p, np.random.default_rng(5), 4)
+    a = rgo_jax.consolidate(mlp.state, vecs, 0.1)
+    b = rgo_jax.consolidate(fast_state, vecs, 0.1)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.leaves(a), jax.tree.leaves(b))
 
 
 def test_use_input_projection_with_nnx_grad_restores_layers(mlp):
     model = nnx.merge(mlp.graph, mlp.params, mlp.rest)
-    p = _spd(mlp.rng, 16)
-    mats = {"hidden/1/kernel": jnp.asarray(p, jnp.float32)}
+    tx = rgo_jax.rgo(0.1, input_projected=r"hidden/1/kernel")
+    state = rgo_jax.consolidate(
+        tx.init(nnx.as_pure(mlp.params)),
+        _random_vectors(mlp.state[0].p, np.random.default_rng(3), 20),
+        0.1,
+    )
+    p = np.asarray(state[0].p["hidden"][1]["kernel"].value, np.float64)
+    assert not np.allclose(p, np.eye(16), atol=1e-3)
 
-    def loss(model, mats, project):
+    def loss(model, state, project):
         if not project:
             logits = model(mlp.x, 1)
         else:
-            with use_input_projection(model, mats):
+            with use_input_projection(model, state):
                 logits = model(mlp.x, 1)
         return optax.softmax_cross_entropy_with_integer_labels(logits, mlp.y).mean()
 
     grad = nnx.jit(nnx.grad(loss), static_argnums=2)
-    g_proj, g_plain = grad(model, mats, True), grad(model, mats, False)
+    g_proj, g_plain = grad(model, state, True), grad(model, state, False)
     np.testing.assert_allclose(
         g_proj["hidden"][1]["kernel"][...],
         16 / np.trace(p) * p @ np.asarray(g_plain["hidden"][1]["kernel"][...], np.float64),
@@ -178,24 +188,36 @@ def test_use_input_projection_with_nnx_grad_restores_layers(mlp):
         g_proj["hidden"][0]["kernel"][...], g_plain["hidden"][0]["kernel"][...], rtol=1e-5
     )
     assert model.hidden[1].dot_general is jax.lax.dot_general  # restored after the block
+    # The update passes the (already projected) kernel gradient through, projects the rest.
+    u, _ = tx.update(nnx.as_pure(nnx.state(g_proj)), state)
+    np.testing.assert_allclose(
+        u["hidden"][1]["kernel"], -0.1 * g_proj["hidden"][1]["kernel"][...], rtol=1e-6
+    )
 
 
 def test_input_projection_errors_name_the_problem(mlp):
     graph, params, rest = mlp.graph, mlp.params, mlp.rest
     with pytest.raises(ValueError, match="'head/bias'.*only dense kernels"):
-        scale_by_rgo_input_projected(r"head/").init(params)
+        rgo_jax.scale_by_rgo(input_projected=r"head/").init(params)
     with pytest.raises(ValueError, match="matches none"):
-        scale_by_rgo_input_projected(r"nothing_like_this").init(params)
+        rgo_jax.scale_by_rgo(input_projected=r"nothing_like_this").init(params)
+    with pytest.raises(TypeError, match="regex string or a callable"):
+        rgo_jax.scale_by_rgo(input_projected=3)
     model = nnx.merge(graph, params, rest)
+    other = rgo_jax.scale_by_rgo(input_projected="kernel").init({"fc9": {"kernel": jnp.eye(3)}})
     with pytest.raises(ValueError, match=r"kernel path\(s\) \['fc9/kernel'\]"):
-        with use_input_projection(model, {"fc9/kernel": jnp.eye(3)}):
+        with use_input_projection(model, other):
             pass
+    small = rgo_jax.scale_by_rgo(input_projected="kernel").init(
+        {"hidden": [{"kernel": jnp.eye(3)}]}
+    )
     with pytest.raises(ValueError, match=r"'hidden/0/kernel' has shape \(3, 3\), expected"):
-        with use_input_projection(model, {"hidden/0/kernel": jnp.eye(3)}):
+        with use_input_projection(model, small):
             pass
     assert model.hidden[0].dot_general is jax.lax.dot_general
-    with pytest.raises(ValueError, match="exactly one RGOState"):
-        input_projection_matrices(optax.sgd(0.1).init(params))
+    with pytest.raises(ValueError, match="holds no input-projected P"):
+        with use_input_projection(model, optax.sgd(0.1).init(params)):
+            pass
 
 
 # ---------------------------------------------------------------- fast curvature vectors
@@ -227,8 +249,8 @@ def _vectors_both_ways(model, xs, ys, **kw):
         with use_reduced_kernel_gradients(m):
             return m(x, *args)
 
-    ref = jax.jit(lambda p: batched_curvature_vectors(plain, p, xs, ys, **kw))(params)
-    out = jax.jit(lambda p: batched_curvature_vectors(fast, p, xs, ys, **kw))(params)
+    ref = jax.jit(lambda p: rgo_jax.curvature_vectors(plain, p, xs, ys, **kw))(params)
+    out = jax.jit(lambda p: rgo_jax.curvature_vectors(fast, p, xs, ys, **kw))(params)
     return ref, out, plain, params
 
 
@@ -241,8 +263,10 @@ def test_reduced_kernel_gradients_give_the_same_vectors_dense(mlp):
     # And both equal the core function applied batch by batch.
     third = jax.jit(rgo_jax.curvature_vectors, static_argnums=0)(plain, params, xs[3], ys[3])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a[3], b[0], rtol=1e-5), out, third)
-    # lax.map over chunks of batches gives the same vectors.
-    chunked = jax.jit(lambda p: batched_curvature_vectors(plain, p, xs, ys, chunk=2))(params)
+    # Chunks of batches (4 + 2: the last chunk shorter) give the same vectors, bit for bit.
+    chunked = rgo_jax.curvature_vectors(plain, params, xs, ys, chunk=4)
+    whole = rgo_jax.curvature_vectors(plain, params, xs, ys)
+    jax.tree.map(np.testing.assert_array_equal, chunked, whole)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), chunked, ref)
 
 
@@ -260,10 +284,10 @@ def test_batched_curvature_vectors_errors(mlp):
     xs = jnp.zeros((6, 4, 12), jnp.float32)
     ys = jnp.zeros((6, 4), jnp.int32)
     fn = lambda p, x: nnx.merge(mlp.graph, p, mlp.rest)(x, 1)  # noqa: E731
-    with pytest.raises(ValueError, match="not a multiple of chunk=4"):
-        batched_curvature_vectors(fn, mlp.params, xs, ys, chunk=4)
+    with pytest.raises(ValueError, match="chunk must be a positive int"):
+        rgo_jax.curvature_vectors(fn, mlp.params, xs, ys, chunk=0)
     with pytest.raises(ValueError, match="same \\[num_batches, B\\] axes"):
-        batched_curvature_vectors(fn, mlp.params, xs, ys[:, :3])
+        rgo_jax.curvature_vectors(fn, mlp.params, xs, ys[:, :3])
     model = nnx.merge(mlp.graph, mlp.params, mlp.rest)
     with pytest.raises(ValueError, match=r"kernel path\(s\) \['nope/kernel'\]"):
         with use_reduced_kernel_gradients(model, ["nope/kernel"]):

@@ -1,4 +1,4 @@
-"""scale_by_rgo as an optax transformation: projection maths and the optax battery."""
+"""scale_by_rgo as an optax transformation: projection maths, orders, chains, NNX."""
 
 import jax
 import jax.numpy as jnp
@@ -118,81 +118,11 @@ def test_custom_layout_over_other_axes():
     np.testing.assert_allclose(out["w"], (5 / 15) * (p @ g.T).T, rtol=1e-5)
 
 
-# ----- the optax battery -------------------------------------------------------------------
-
-
-def test_extra_args_are_accepted():
-    tx = rgo_jax.scale_by_rgo()
-    state = tx.init(_params())
-    tx.update(_grads(), state, _params(), value=jnp.ones(()), some_other_arg=3)
-    chained = optax.chain(rgo_jax.scale_by_rgo(), optax.sgd(0.1))
-    chained.update(_grads(), chained.init(_params()), _params(), loss=1.0)
-
-
-def test_no_recompilation_on_second_call():
-    tx = rgo_jax.rgo(0.1)
-    state = _consolidated_state(optax.chain(rgo_jax.scale_by_rgo(), optax.sgd(0.1)))
-    traces = []
-
-    @jax.jit
-    def step(g, s):
-        traces.append(1)
-        return tx.update(g, s)
-
-    _, state = step(_grads(0), state)
-    _, state = step(_grads(1), state)
-    assert len(traces) == 1
-
-
-def test_tree_map_params_and_state_stability():
-    tx = rgo_jax.rgo(0.1)
-    state = tx.init(_params())
-    mapped = optax.tree_map_params(tx, lambda p: p * 2, state)
-    assert jax.tree.structure(mapped) == jax.tree.structure(state)
-    # Under lax.cond the state keeps its shapes and dtypes.
-    g = _grads()
-    out = jax.lax.cond(True, lambda s: tx.update(g, s)[1], lambda s: s, state)
-    jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype) or pytest.fail(), out, state)
-
-
-def test_inject_hyperparams_and_partition():
-    tx = optax.inject_hyperparams(rgo_jax.rgo)(learning_rate=0.1)
-    state = tx.init(_params())
-    vecs = {
-        "dense": {"kernel": jnp.ones((2, 6)), "bias": jnp.ones((2, 4))},
-        "conv": {"kernel": jnp.ones((2, 18)), "bias": jnp.ones((2, 5))},
-    }
-    state = rgo_jax.consolidate(state, vecs)
-    assert int(rgo_jax.rgo_states(state)[0].count) == 2
-    updates, _ = jax.jit(tx.update)(_grads(), state)
-    assert jax.tree.structure(updates) == jax.tree.structure(_params())
-    # partition: conv projected by RGO, dense plain SGD ("leave a head unprojected").
-    labels = {"dense": {"kernel": "head", "bias": "head"}, "conv": {"kernel": "rgo", "bias": "rgo"}}
-    part = optax.partition({"rgo": rgo_jax.rgo(0.1), "head": optax.sgd(0.1)}, labels)
-    pstate = part.init(_params())
-    vecs = {"conv": {"kernel": jnp.ones((3, 18)), "bias": jnp.ones((3, 5))}}
-    pstate = rgo_jax.consolidate(pstate, vecs, 0.1)
-    (rgo_state,) = rgo_jax.rgo_states(pstate)
-    assert rgo_state.p["conv"]["kernel"].shape == (18, 18)
-    g = _grads()
-    updates, _ = jax.jit(part.update)(g, pstate)
-    np.testing.assert_allclose(updates["dense"]["kernel"], -0.1 * g["dense"]["kernel"], rtol=1e-6)
-    expected = rgo_jax.scale_by_rgo().update(
-        {"k": g["conv"]["kernel"]}, rgo_state._replace(p={"k": rgo_state.p["conv"]["kernel"]})
-    )[0]["k"]
-    np.testing.assert_allclose(updates["conv"]["kernel"], -0.1 * expected, rtol=1e-5)
-    # masked works the same way
-    masked = optax.masked(
-        rgo_jax.scale_by_rgo(),
-        {"dense": {"kernel": True, "bias": False}, "conv": {"kernel": False, "bias": False}},
-    )
-    mstate = masked.init(_params())
-    mstate = rgo_jax.consolidate(mstate, {"dense": {"kernel": jnp.ones((1, 6))}})
-    masked.update(_grads(), mstate)
+# ----- optax interplay beyond the common battery (tests/core/test_optax_battery.py) ------
 
 
 def test_no_rgo_state_is_a_clear_error():
-    with pytest.raises(ValueError, match="No RGOState"):
+    with pytest.raises(ValueError, match="no RGOState"):
         rgo_jax.consolidate(optax.sgd(0.1).init(_params()), {})
 
 

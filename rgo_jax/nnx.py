@@ -1,0 +1,243 @@
+"""Flax NNX helpers: layers whose kernel cotangents are replaced, inside a ``with`` block.
+
+One mechanism (:func:`_patched`) swaps the product of selected ``nnx.Linear`` /
+``nnx.Conv`` layers for the custom-VJP products of :mod:`rgo_jax._input_projection` and
+restores them on exit. It serves
+
+- :func:`use_reduced_kernel_gradients`: kernel cotangents pre-averaged over the output
+  axes, for fast curvature vectors;
+- :func:`use_input_projection`: dense kernels whose gradient comes out RGO-projected, the
+  matrices read from the optimizer state (``scale_by_rgo(input_projected=...)``).
+
+Enter either block inside the function being differentiated (the model there is the traced
+copy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rgo_jax import _input_projection, _layout, _matrices, _transform
+
+__all__ = ["use_input_projection", "use_reduced_kernel_gradients"]
+
+
+def _check_dense(what: str, name: str, dimension_numbers, kwargs, lhs, rhs) -> None:
+    (lc, rc), (lb, rb) = dimension_numbers
+    if lb or rb or tuple(rc) != (0,) or tuple(lc) != (lhs.ndim - 1,) or rhs.ndim != 2:
+        raise ValueError(
+            f"{what}: layer '{name}' contracts {dimension_numbers}; only "
+            "x[..., d] @ kernel[d, m] is supported."
+        )
+    for key in ("preferred_element_type", "out_sharding"):
+        if kwargs.get(key) is not None:
+            raise ValueError(f"{what}: layer '{name}' sets {key}, which is not supported.")
+
+
+def _dense(what: str, name: str, product: Callable) -> Callable[..., jax.Array]:
+    """A ``dot_general`` for an ``nnx.Linear``: ``product(x, kernel, precision)``."""
+
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, **kwargs):
+        _check_dense(what, name, dimension_numbers, kwargs, lhs, rhs)
+        return product(lhs, rhs, precision)
+
+    return dot_general
+
+
+def _reduced_conv(what: str, name: str, conv_fn: Callable) -> Callable[..., jax.Array]:
+    def conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs):
+        if kwargs.get("feature_group_count", 1) != 1 or kwargs.get("batch_group_count", 1) != 1:
+            raise ValueError(
+                f"{what}: layer '{name}' is a grouped convolution; only "
+                "feature_group_count == batch_group_count == 1 is supported."
+            )
+        if kwargs.get("preferred_element_type") is not None:
+            raise ValueError(
+                f"{what}: layer '{name}' sets preferred_element_type, which is not supported."
+            )
+        static = dict(kwargs, window_strides=tuple(window_strides))
+        static["padding"] = padding if isinstance(padding, str) else tuple(map(tuple, padding))
+        frozen = tuple(sorted((k, _freeze(v)) for k, v in static.items()))
+        return _input_projection.reduced_conv(lhs, rhs, conv_fn, frozen)
+
+    return conv_general_dilated
+
+
+def _freeze(v: Any) -> Any:
+    if isinstance(v, list):
+        return tuple(_freeze(x) for x in v)
+    return v
+
+
+@contextlib.contextmanager
+def _patched(
+    model: Any,
+    what: str,
+    kinds: tuple[type, ...],
+    chosen: Iterable[str] | None,
+    make: Callable[[str, Any], tuple[str, Callable]],
+) -> Iterator[Any]:
+    """Within the block, each chosen layer's product is ``make(path, layer)``'s.
+
+    Args:
+      model: an NNX module.
+      what: the public name, for errors.
+      kinds: the layer classes that may be chosen.
+      chosen: kernel paths (``"hidden/0/kernel"``); ``None``: every layer of ``kinds``.
+      make: ``(kernel path, layer) -> (attribute, replacement)``, e.g. ``("dot_general", f)``.
+    """
+    from flax import nnx  # noqa: PLC0415
+
+    layers = {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, kinds):
+            layers[_layout.path_str((*path, "kernel"))] = node
+    names = list(layers) if chosen is None else list(chosen)
+    missing = sorted(set(names) - set(layers))
+    if missing:
+        kinds_s = "/".join(f"nnx.{k.__name__}" for k in kinds)
+        raise ValueError(
+            f"{what}: no {kinds_s} layer has the kernel path(s) {missing}; the model's are "
+            f"{sorted(layers)}."
+        )
+    saved = []
+    try:
+        for name in names:
+            layer = layers[name]
+            attr, fn = make(name, layer)
+            saved.append((layer, attr, getattr(layer, attr)))
+            setattr(layer, attr, fn)
+        yield model
+    finally:
+        for layer, attr, fn in reversed(saved):
+            setattr(layer, attr, fn)
+
+
+def use_reduced_kernel_gradients(model: Any, paths: Iterable[str] | None = None):
+    """Within the block, kernel cotangents of Linear/Conv layers are pre-averaged.
+
+    Each selected ``nnx.Linear`` (kernel ``[d, m]``) returns ``broadcast(X^T D 1 / m)``
+    and each ``nnx.Conv`` (HWIO) the mean over output channels of its kernel gradient,
+    broadcast back to the kernel's shape. Averaging such a cotangent over the output axes
+    (what :func:`rgo_jax.curvature_vectors` does with the default ``DENSE``/``CONV``
+    layouts) gives exactly the averaged true gradient, at a fraction of the cost. The
+    cotangent of the layer input, biases and all other values are exact.
+
+    Use it only for curvature vectors, with layouts that put P on the kernels' input axes
+    (the default ones), and enter it inside the function being differentiated.
+
+    Args:
+      model: a Flax NNX module.
+      paths: kernel paths to affect (``"hidden/0/kernel"``); ``None``: every Linear and
+        (ungrouped) Conv layer.
+
+    Returns:
+      A context manager yielding ``model``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from rgo_jax.nnx import use_reduced_kernel_gradients
+      >>> model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+      >>> x = jnp.array([[1.0, 2.0]])
+      >>> def f(model):
+      ...     with use_reduced_kernel_gradients(model):
+      ...         return (model(x) * jnp.array([[1.0, 2.0, 3.0]])).sum()
+      >>> nnx.grad(f)(model)["kernel"][...].tolist()  # rows: x_i * mean(1, 2, 3)
+      [[2.0, 2.0, 2.0], [4.0, 4.0, 4.0]]
+    """
+    from flax import nnx  # noqa: PLC0415
+
+    what = "use_reduced_kernel_gradients"
+
+    def make(name, layer):
+        if isinstance(layer, nnx.Linear):
+            return "dot_general", _dense(what, name, _input_projection.reduced_matmul)
+        conv = _reduced_conv(what, name, layer.conv_general_dilated)
+        return "conv_general_dilated", conv
+
+    return _patched(model, what, (nnx.Linear, nnx.Conv), paths, make)
+
+
+def _input_projected_matrices(opt_state: Any) -> dict[str, jax.Array]:
+    """``{kernel path: P}`` of the input-projected leaves of an optimizer state."""
+    if hasattr(opt_state, "opt_state") and hasattr(opt_state, "tx"):  # an nnx.Optimizer
+        opt_state = opt_state.opt_state
+    out: dict[str, jax.Array] = {}
+    for state in _transform.rgo_states(opt_state):
+        flat = jax.tree_util.tree_flatten_with_path(
+            state.p, is_leaf=lambda x: isinstance(x, _matrices.InputProjected)
+        )[0]
+        for path, node in flat:
+            if isinstance(node, _matrices.InputProjected):
+                name = _layout.path_str(path)
+                if name in out:
+                    raise ValueError(
+                        f"use_input_projection: parameter '{name}' is input-projected by two "
+                        "RGO states in the optimizer state."
+                    )
+                p = node.value
+                out[name] = p[...] if not isinstance(p, jax.Array) else p
+    return out
+
+
+def use_input_projection(model: Any, opt_state: Any):
+    """Within the block, the input-projected dense layers of ``model`` project their grads.
+
+    The layers are those the optimizer was built for (``scale_by_rgo(input_projected=...)``
+    or ``rgo(lr, input_projected=...)``): each ``nnx.Linear`` whose kernel's P is marked
+    input-projected in ``opt_state`` computes ``x @ kernel`` through
+    :func:`rgo_jax.projected_matmul` with that P, so its kernel gradient comes out projected
+    and the optimizer's update passes it through. Its bias and every other layer are
+    untouched. The selection is never repeated: it lives in the state.
+
+    Args:
+      model: a Flax NNX module (the traced copy, inside the differentiated function).
+      opt_state: the optimizer state (any chain holding the RGO state) or an
+        ``nnx.Optimizer``.
+
+    Returns:
+      A context manager yielding ``model``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from flax import nnx
+      >>> import rgo_jax
+      >>> model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+      >>> opt = nnx.Optimizer(model, rgo_jax.rgo(0.1, input_projected=r"kernel$"), wrt=nnx.Param)
+      >>> def loss(model):
+      ...     with rgo_jax.nnx.use_input_projection(model, opt):
+      ...         return model(jnp.ones((4, 3))).sum()
+      >>> nnx.grad(loss)(model)["kernel"][...].tolist()  # P = I: the plain gradient
+      [[4.0, 4.0], [4.0, 4.0], [4.0, 4.0]]
+    """
+    from flax import nnx  # noqa: PLC0415
+
+    what = "use_input_projection"
+    matrices = _input_projected_matrices(opt_state)
+    if not matrices:
+        raise ValueError(
+            f"{what}: the optimizer state holds no input-projected P; build the optimizer "
+            "with scale_by_rgo(input_projected=...) or rgo(lr, input_projected=...)."
+        )
+
+    def make(name, layer):
+        p = matrices[name]
+        d = layer.kernel.shape[0]
+        if jnp.shape(p) != (d, d):
+            raise ValueError(
+                f"{what}: P for '{name}' has shape {jnp.shape(p)}, expected ({d}, {d}) for "
+                f"its kernel of shape {layer.kernel.shape}."
+            )
+
+        def product(x, kernel, precision):
+            return _input_projection.projected_matmul(x, kernel, p, precision=precision)
+
+        return "dot_general", _dense(what, name, product)
+
+    return _patched(model, what, (nnx.Linear,), list(matrices), make)
