@@ -32,8 +32,11 @@ from rgo_jax.bench import _report, data, models
 from rgo_jax.bench._checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
 from rgo_jax.bench._methods import (
     METHODS,
+    OPTION_ALIASES,
     Method,
+    RunInfo,
     TaskContext,
+    bind_options,
     check_method_options,
     get_method,
 )
@@ -84,8 +87,10 @@ class Config:
         ``lecun`` (Flax's default), ``torch`` or ``glorot``; ``init_scale`` multiplies every
         initial kernel. Both change how much RGO forgets (``benchmarks/REPRODUCIBILITY.md``).
       num_tasks, steps_per_task, batch_size, learning_rate: the training budget (SGD).
-      alpha, consolidation_batches, rls_method: RGO's regulariser, the number of batches
-        of its consolidation pass, and the RLS kernel (``block`` or ``sequential``).
+      alpha, consolidation_batches, rls_method: RGO's options ``rgo.alpha``,
+        ``rgo.consolidation_batches``, ``rgo.rls_method``
+        (:class:`rgo_jax.bench._methods.RGOOptions`), kept as fields under their earlier
+        names: every published configuration and checkpoint fingerprint spells them so.
       seeds: seeds of data order, permutations and initialisation.
       data_dir: folder of the data sets (else ``$RGO_DATA_DIR``, then ``~/.cache/rgo_jax``).
       max_train_per_task, max_test_per_task: optional subsampling for quick runs.
@@ -109,7 +114,13 @@ class Config:
         layer's width (wide layers, batch 10). Conv kernels and biases are projected by the
         optimizer as usual.
       checkpoint, plots: write task-boundary checkpoints; draw PNG plots.
-      method_options: method hyperparameters (``ewc_lambda``, ``gpm_threshold``...).
+      method_options: method options, addressed per method family (``ewc.lambda``,
+        ``gpm.threshold``, ``rgo.alpha``) or per preset (``rgo-alpha1.alpha`` overrides the
+        preset's fixed value); the flat names of earlier versions (``ewc_lambda``...) are
+        aliases (:data:`rgo_jax.bench._methods.OPTION_ALIASES`). An addressed option that
+        none of ``methods`` has is an error. Stored under the earlier names where there is
+        one (RGO's as the fields above), so that a configuration's fingerprint does not
+        depend on the spelling.
     """
 
     benchmark: str = "permuted_digits"
@@ -152,7 +163,8 @@ class Config:
             )
         for m in self.methods:
             get_method(m)
-        check_method_options(self.method_options)
+        check_method_options(self.method_options, self.methods)
+        self._store_aliased_options()
         if not self.methods:
             raise ValueError("methods is empty: name at least one (e.g. rgo,sgd).")
         for name in (
@@ -188,6 +200,54 @@ class Config:
             )
         if self.head not in ("masked", "multi"):
             raise ValueError(f"head must be 'masked' or 'multi', got {self.head!r}.")
+        for m in self.methods:  # each method's options pass their own checks
+            self.method(m)
+
+    def _store_aliased_options(self) -> None:
+        """Stores each option under its earlier name (RGO's as the Config fields)."""
+        options = dict(self.method_options)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for old, new in OPTION_ALIASES.items():
+            spellings = [k for k in (new, old) if k in options]
+            if not spellings or spellings == [old] and old not in defaults:
+                continue
+            values = [options.pop(k) for k in spellings]
+            if old not in defaults:  # a flat method option
+                if len({json.dumps(v) for v in values}) > 1:
+                    raise ValueError(f"method option {new!r} given twice: {values}.")
+                options[old] = values[0]
+                continue
+            value = values[0]
+            if isinstance(defaults[old], int) and isinstance(value, float) and value.is_integer():
+                value = int(value)
+            current = getattr(self, old)
+            if len({json.dumps(v) for v in values}) > 1 or current not in (defaults[old], value):
+                raise ValueError(
+                    f"method option {new!r} given twice: {old} = {current!r} and {values}."
+                )
+            object.__setattr__(self, old, value)
+        object.__setattr__(self, "method_options", options)
+
+    def method(self, name: str) -> Method:
+        """The method ``name`` with this configuration's options."""
+        settings = {
+            "rgo.alpha": self.alpha,
+            "rgo.consolidation_batches": self.consolidation_batches,
+            "rgo.rls_method": self.rls_method,
+            **self.method_options,
+        }
+        return bind_options(name, settings)
+
+    def run_info(self) -> RunInfo:
+        """What the methods may know of this run."""
+        return RunInfo(
+            learning_rate=self.learning_rate,
+            batch_size=self.batch_size,
+            num_tasks=self.num_tasks,
+            vector_chunk=self.vector_chunk,
+            input_projection=self.input_projection,
+            convolutional=self.model != "mlp",
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -366,8 +426,9 @@ def _make_chunk_fn(net: _Net, tx, method: Method, cfg: Config):
 
     def loss_fn(params, extra, x, y, mask, task, projection):
         loss = _masked_ce(net.logits(params, x, task, projection), y, mask)
-        if method.penalty is not None:
-            loss = loss + method.penalty(params, extra, cfg)
+        term = method.penalty(params, extra)
+        if term is not None:
+            loss = loss + term
         return loss
 
     def chunk(params, opt_state, extra, xs, ys, masks, tasks, idx, steps):
@@ -385,9 +446,7 @@ def _make_chunk_fn(net: _Net, tx, method: Method, cfg: Config):
                 else None
             )
             loss, grads = jax.value_and_grad(loss_fn)(params, extra, x, y, mask, task, projection)
-            kwargs = {}
-            if method.step_kwargs is not None:
-                kwargs = method.step_kwargs(net, params, x, task, cfg, extra, step)
+            kwargs = method.step_kwargs(net, params, x, task, extra, step)
             updates, opt_state = tx.update(grads, opt_state, params, **kwargs)
             return (optax.apply_updates(params, updates), opt_state), loss
 
@@ -573,14 +632,15 @@ def _run_group(cfg: Config, method: Method, seeds: tuple[int, ...], workdir: Pat
     lanes = [_Lane(cfg, method, seed, workdir) for seed in seeds]
     T = lanes[0].T
     net = _Net(lanes[0].graphdef, lanes[0].rest)
-    tx = method.make_tx(cfg)
+    run_info = cfg.run_info()
+    tx = method.optimizer(run_info)
     correct = _accuracy_fn(net)
 
     def fresh():
         return (
             _stack([ln.params0 for ln in lanes]),
             _stack([tx.init(ln.params0) for ln in lanes]),
-            _stack([method.init_extra(ln.params0, cfg, ln.stream) for ln in lanes]),
+            _stack([method.init_extra(ln.params0, ln.stream, run_info) for ln in lanes]),
         )
 
     params, opt_state, extra = fresh()
@@ -656,20 +716,19 @@ def _run_group(cfg: Config, method: Method, seeds: tuple[int, ...], workdir: Pat
         new_opt, new_extra = [], []
         for i, ln in enumerate(lanes):
             p_i, o_i, e_i = _unstack(params, i), _unstack(opt_state, i), _unstack(extra, i)
-            if method.after_task is not None:
-                ctx = TaskContext(
-                    task=t,
-                    x_train=arrays[i][0],
-                    y_train=arrays[i][1],
-                    class_mask=ln.masks[t],
-                    logits_fn=net.logits,
-                    inputs_fn=net.inputs,
-                    curvature_logits_fn=net.reduced_logits,
-                    rng=np.random.default_rng([ln.seed, t, 2]),
-                    config=cfg,
-                )
-                o_i, e_i = method.after_task(ctx, p_i, o_i, e_i)
-                del ctx
+            ctx = TaskContext(
+                task=t,
+                x_train=arrays[i][0],
+                y_train=arrays[i][1],
+                class_mask=ln.masks[t],
+                logits_fn=net.logits,
+                inputs_fn=net.inputs,
+                curvature_logits_fn=net.reduced_logits,
+                rng=np.random.default_rng([ln.seed, t, 2]),
+                run=run_info,
+            )
+            o_i, e_i = method.after_task(ctx, p_i, o_i, e_i)
+            del ctx
             new_opt.append(o_i)
             new_extra.append(e_i)
             if method.fresh_network_per_task:
@@ -704,6 +763,25 @@ def _run_group(cfg: Config, method: Method, seeds: tuple[int, ...], workdir: Pat
     progress.close()
 
 
+def _fixed_option_notes(cfg: Config) -> list[str]:
+    """A line for each chosen preset that keeps its own value of a family-level option."""
+    notes = []
+    for name in cfg.methods:
+        method = cfg.method(name)
+        if not method.fixed or method.family not in METHODS:
+            continue
+        general = cfg.method(method.family).options  # the family's preset of its own name
+        for field in method.fixed:
+            mine, other = getattr(method.options, field), getattr(general, field)
+            if other != mine and f"{name}.{field}" not in cfg.method_options:
+                notes.append(
+                    f"[{name}] {field} = {mine!r}, fixed by the preset: {method.family}.{field} "
+                    f"= {other!r} applies to the other {method.family} methods; "
+                    f"set {name}.{field} to change it."
+                )
+    return notes
+
+
 def run(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
     """Runs every method and seed of ``cfg``; writes and returns the results.
 
@@ -724,8 +802,10 @@ def run(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
         "scenario": _report.SCENARIO,
     }
     summaries: dict = {}
+    for note in _fixed_option_notes(cfg):
+        log(note)
     for name in cfg.methods:
-        method = METHODS[name]
+        method = cfg.method(name)
         for seeds in _seed_groups(cfg, method):
             t0 = time.time()
             slots = []
