@@ -359,3 +359,27 @@ def test_published_runs_keep_their_fingerprint():
         assert train.Config(**tupled).fingerprint() == want, path
         checked += 1
     assert checked >= 30
+
+
+def test_each_seed_stream_is_built_once_per_method(tmp_path, monkeypatch):
+    """Grouping the seeds measures the first seed's stream; its lane reuses that one."""
+    built = []
+    real = train.build_stream
+
+    def counting(cfg, seed):
+        built.append(seed)
+        return real(cfg, seed)
+
+    monkeypatch.setattr(train, "build_stream", counting)
+    cfg = train.Config(
+        benchmark="permuted_digits",
+        methods=("sgd", "stl"),
+        num_tasks=2,
+        steps_per_task=5,
+        hidden=(8,),
+        seeds=(0, 1),
+        plots=False,
+        checkpoint=False,
+    )
+    train.run(cfg, tmp_path, log=lambda *a: None)
+    assert built == [0, 1, 0, 1]
