@@ -72,10 +72,10 @@ def measure(
     idx = rng.integers(0, n, (chunk, cfg.batch_size))
     cases, after = {}, {}
     for method_name in ("sgd", "rgo"):
-        method = train.METHODS[method_name]
+        method = cfg.method(method_name)
         graphdef, params, rest = train._build(cfg, method, stream, 0)
         net = train._Net(graphdef, rest)
-        tx = method.make_tx(cfg)
+        tx = method.optimizer(cfg.run_info())
         fn = train._over_seeds(train._make_chunk_fn(net, tx, method, cfg), 1)
         args = jax.tree.map(
             lambda a: jnp.asarray(a)[None],
@@ -87,7 +87,7 @@ def measure(
             return p, s
 
         cases[f"{method_name}_chunk"] = (step, args, (0, 1))
-        if method.after_task is not None:
+        if method_name == "rgo":
             after[method_name] = (method, net, params, tx.init(params))
     _log(f"{name}: timing the training steps (compiles first)")
     timed = C.time_cases(cases, rounds=rounds, max_total_s=60.0)
@@ -108,7 +108,7 @@ def measure(
         inputs_fn=net.inputs,
         curvature_logits_fn=net.reduced_logits,
         rng=np.random.default_rng(1),
-        config=cfg,
+        run=cfg.run_info(),
     )
     out["consolidation_s"], out["consolidation_includes_compile"] = None, False
     if consolidation:

@@ -1,15 +1,33 @@
-"""Continual-learning methods as small strategy objects used by :mod:`rgo_jax.bench.train`.
+"""Continual-learning methods: small objects with one protocol, run by :mod:`rgo_jax.bench.train`.
 
-A method chooses the optimizer, whether the network has FEL sites, and what happens at a
-task boundary (RGO's consolidation pass, EWC's Fisher, GPM's bases...). The training loop
-itself (compiled steps, evaluation, checkpoints) is shared by all of them.
+A method is a frozen dataclass: its name, a few flags the trainer reads (FEL sites, a fresh
+network per task, joint training, replayed memory), its own typed hyperparameters
+(``options``, a frozen dataclass per method family) and five hooks:
+
+- :meth:`Method.optimizer`: the optax transformation;
+- :meth:`Method.init_extra`: method state kept outside the optimizer (EWC's Fisher,
+  A-GEM's memory);
+- :meth:`Method.penalty`: an optional loss term (EWC), ``None`` for none;
+- :meth:`Method.step_kwargs`: extra arguments of ``tx.update`` at every step (OWM's layer
+  inputs, A-GEM's reference gradient);
+- :meth:`Method.after_task`: task-boundary work (RGO's consolidation pass, GPM's bases).
+
+A method sees of the run only :class:`RunInfo` (learning rate, batch size, number of
+tasks, ...), never the harness's whole configuration. The presets (``rgo-alpha1``,
+``rgo-nofel``, ``rgo-sample``, ...) are instances of these classes in :data:`METHODS`.
+
+Options are addressed per method family or per preset: ``rgo.alpha`` sets ``alpha`` of
+every chosen RGO preset that does not fix it itself; ``rgo-alpha1.alpha`` overrides the
+value the preset ``rgo-alpha1`` fixes. The flat names of earlier versions (``ewc_lambda``,
+``gpm_threshold``...; for RGO the configuration's own ``alpha``, ``consolidation_batches``
+and ``rls_method``) remain their aliases: :data:`OPTION_ALIASES`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +38,49 @@ from rgo_jax import _transform
 from rgo_jax._curvature import curvature_vectors
 from rgo_jax.bench import models
 
-__all__ = ["METHODS", "Method", "TaskContext", "get_method"]
+__all__ = [
+    "AGEM",
+    "EWC",
+    "GPM",
+    "METHODS",
+    "OPTION_ALIASES",
+    "OWM",
+    "RGO",
+    "AGEMOptions",
+    "EWCOptions",
+    "GPMOptions",
+    "Method",
+    "OWMOptions",
+    "RGOOptions",
+    "RunInfo",
+    "TaskContext",
+    "bind_options",
+    "check_method_options",
+    "get_method",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    """What a method may know of the run it is part of.
+
+    Attributes:
+      learning_rate: the SGD learning rate of every method.
+      batch_size: the training mini-batch size (RGO's consolidation batches have it too).
+      num_tasks: tasks in the stream (A-GEM sizes its memory by it).
+      vector_chunk: consolidation batches per vmapped call (memory only, not the numbers).
+      input_projection: project dense-layer gradients on the input side where the
+        optimizer supports it (RGO).
+      convolutional: the network has convolutions (EWC then computes its Fisher in one
+        compiled call per chunk: XLA on CPU runs convolutions slowly inside loops).
+    """
+
+    learning_rate: float
+    batch_size: int = 10
+    num_tasks: int = 1
+    vector_chunk: int = 50
+    input_projection: bool = False
+    convolutional: bool = False
 
 
 @dataclasses.dataclass
@@ -34,50 +94,128 @@ class TaskContext:
     logits_fn: Callable[[Any, jax.Array, Any], jax.Array]  # (params, x, task) -> logits
     inputs_fn: Callable[[Any, jax.Array, Any], dict] | None  # (params, x, task) -> layer inputs
     rng: np.random.Generator
-    config: Any
+    run: RunInfo
     curvature_logits_fn: Callable[[Any, jax.Array, Any], jax.Array] | None = None
     """``logits_fn`` whose kernel cotangents come pre-averaged over the output axes
     (:func:`rgo_jax.nnx.use_reduced_kernel_gradients`): for curvature vectors
     only, which it gives exactly and much faster. ``None``: use ``logits_fn``."""
 
 
+# --------------------------------------------------------------------------------------------
+# The protocol
+# --------------------------------------------------------------------------------------------
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """A continual-learning method: its optimizer and its task-boundary work.
+    """A continual-learning method: SGD with nothing added (the lower bound), and the base of
+    every other method.
 
     Attributes:
       name: registry name.
+      description: one line for ``--list`` and the results.
+      options: the method's hyperparameters (an instance of the class's ``Options``), or
+        ``None`` for a method without any.
+      fixed: names of ``options`` fields that the preset fixes: a family-level option
+        (``rgo.alpha``) does not apply to them, only the preset's own (``rgo-alpha1.alpha``).
       fel: whether the network gets its FEL sites.
       fresh_network_per_task: single-task learning (STL): a new network for every task.
       joint: train on the union of all tasks seen so far (multi-task upper bound).
       uses_memory: stores and replays past data (reported in results).
-      input_projectable: its optimizer is RGO, whose dense kernels can be projected on the
-        input side (``Config.input_projection``).
-      description: one line for ``--help`` and the results.
-      make_tx: ``cfg -> optax transformation``.
-      init_extra: ``(params, cfg, stream) -> pytree`` of method state kept outside the
-        optimizer (``stream`` gives ``input_shape`` and ``num_classes``).
-      penalty: ``(params, extra, cfg) -> scalar`` added to the loss (EWC).
-      step_kwargs: ``(net, params, x, task, cfg, extra, step) -> dict`` of extra arguments
-        for ``tx.update`` at every step (OWM's layer inputs, A-GEM's reference gradient),
-        traced inside the step; ``step`` is the int32 step number within the task.
-      after_task: ``(ctx, params, opt_state, extra) -> (opt_state, extra)``.
     """
+
+    #: namespace of the family's options (``rgo`` for every RGO preset); ``None``: no options.
+    family: ClassVar[str | None] = None
+    #: the dataclass of the family's options.
+    Options: ClassVar[type | None] = None
+    #: the optimizer is RGO, whose dense kernels can be projected on the input side.
+    input_projectable: ClassVar[bool] = False
 
     name: str
     description: str
+    options: Any = None
+    fixed: tuple[str, ...] = ()
     fel: bool = False
     fresh_network_per_task: bool = False
     joint: bool = False
     uses_memory: bool = False
-    input_projectable: bool = False
-    make_tx: Callable[[Any], optax.GradientTransformation] = lambda cfg: optax.sgd(
-        cfg.learning_rate
-    )
-    init_extra: Callable[[Any, Any, Any], Any] = lambda params, cfg, stream: ()
-    penalty: Callable[[Any, Any, Any], jax.Array] | None = None
-    step_kwargs: Callable[..., dict] | None = None
-    after_task: Callable[[TaskContext, Any, Any, Any], tuple[Any, Any]] | None = None
+
+    def __post_init__(self):
+        if self.Options is not None and self.options is None:
+            object.__setattr__(self, "options", self.Options())
+
+    def optimizer(self, run: RunInfo) -> optax.GradientTransformation:
+        """The optax transformation of this method."""
+        return optax.sgd(run.learning_rate)
+
+    def init_extra(self, params: Any, stream: Any, run: RunInfo) -> Any:
+        """Method state kept outside the optimizer (``stream``: input shape, classes)."""
+        del params, stream, run
+        return ()
+
+    def penalty(self, params: Any, extra: Any) -> jax.Array | None:
+        """A term added to the loss, or ``None`` (traced: decided by the method, not data)."""
+        del params, extra
+        return None
+
+    def step_kwargs(self, net: Any, params: Any, x, task, extra: Any, step) -> dict:
+        """Extra keyword arguments of ``tx.update`` at every step (traced in the step)."""
+        del net, params, x, task, extra, step
+        return {}
+
+    def after_task(self, ctx: TaskContext, params: Any, opt_state: Any, extra: Any):
+        """Task-boundary work: returns the new ``(opt_state, extra)``."""
+        del ctx, params
+        return opt_state, extra
+
+
+class _OptionError(ValueError):
+    """A method option's value is refused: ``problem`` says why (``must be ...``)."""
+
+    def __init__(self, name: str, problem: str):
+        super().__init__(f"{name} {problem}")
+        self.problem = problem
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise _OptionError(name, f"must be one of {', '.join(allowed)}; got {value!r}.")
+
+
+def _number(name: str, value: Any, *, positive: bool = False, integer: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _OptionError(name, f"must be a number; got {value!r}.")
+    if integer and value != int(value):
+        raise _OptionError(name, f"must be an integer; got {value!r}.")
+    if positive and not value > 0:
+        raise _OptionError(name, f"must be positive; got {value!r}.")
+
+
+# --------------------------------------------------------------------------------------------
+# RGO
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RGOOptions:
+    """RGO's hyperparameters.
+
+    Attributes:
+      alpha: the RLS regulariser of the projection (reference code 0.01; paper text 1).
+      consolidation_batches: batches of the consolidation pass at each task's end.
+      rls_method: the RLS kernel, ``block`` (Woodbury) or ``sequential`` (rank-one scan).
+    """
+
+    alpha: float = 0.01
+    consolidation_batches: int = 1000
+    rls_method: str = "block"
+
+    def __post_init__(self):
+        _number("rgo.alpha", self.alpha, positive=True)
+        _number(
+            "rgo.consolidation_batches", self.consolidation_batches, positive=True, integer=True
+        )
+        _choice("rgo.rls_method", self.rls_method, ("block", "sequential"))
 
 
 def _sample_batches(ctx: TaskContext, num_batches: int, batch_size: int):
@@ -93,8 +231,9 @@ def rgo_consolidation_vectors(
 
     ``num_batches`` batches of ``batch_size`` are drawn from the task's training data (the
     task's own FEL permutation); the softmax of the curvature weights is taken over the
-    task's classes (the masked head). The chunks are a Python loop rather than a
-    ``lax.map``: XLA on CPU runs convolutions inside a loop several times slower.
+    task's classes (the masked head). The chunks (``ctx.run.vector_chunk`` batches each) are
+    a Python loop rather than a ``lax.map``: XLA on CPU runs convolutions inside a loop
+    several times slower.
     """
     xs, ys = _sample_batches(ctx, num_batches, batch_size)
     logits_fn = ctx.curvature_logits_fn or ctx.logits_fn
@@ -106,154 +245,49 @@ def rgo_consolidation_vectors(
         jnp.int32(ctx.task),
         class_mask=jnp.asarray(ctx.class_mask),
         per_sample=per_sample,
-        chunk=ctx.config.vector_chunk,
+        chunk=ctx.run.vector_chunk,
     )
 
 
-def _make_rgo(
-    name: str, description: str, *, fel: bool, per_sample: bool, alpha=None, dtype=None
-) -> Method:
-    def make_tx(cfg):
-        selected = models.LINEAR_KERNELS if cfg.input_projection else None
-        return _transform.rgo(cfg.learning_rate, dtype=dtype, input_projected=selected)
+@dataclasses.dataclass(frozen=True)
+class RGO(Method):
+    """RGO: gradients projected by per-layer P matrices, consolidated at each task's end.
 
-    def after_task(ctx: TaskContext, params, opt_state, extra):
+    Attributes:
+      per_sample: one curvature vector per sample (the paper's Alg. 1) instead of one per
+        batch (the reference code).
+      dtype: storage dtype of P (``None``: the parameters' dtype).
+    """
+
+    family: ClassVar[str] = "rgo"
+    Options: ClassVar[type] = RGOOptions
+    input_projectable: ClassVar[bool] = True
+
+    fel: bool = True
+    per_sample: bool = False
+    dtype: Any = None
+
+    def optimizer(self, run: RunInfo) -> optax.GradientTransformation:
+        selected = models.LINEAR_KERNELS if run.input_projection else None
+        return _transform.rgo(run.learning_rate, dtype=self.dtype, input_projected=selected)
+
+    def after_task(self, ctx: TaskContext, params, opt_state, extra):
         vecs = rgo_consolidation_vectors(
             ctx,
             params,
-            per_sample=per_sample,
-            num_batches=ctx.config.consolidation_batches,
-            batch_size=ctx.config.batch_size,
+            per_sample=self.per_sample,
+            num_batches=self.options.consolidation_batches,
+            batch_size=ctx.run.batch_size,
         )
-        a = ctx.config.alpha if alpha is None else alpha
-        opt_state = _transform.consolidate(opt_state, vecs, a, method=ctx.config.rls_method)
+        opt_state = _transform.consolidate(
+            opt_state, vecs, self.options.alpha, method=self.options.rls_method
+        )
         return opt_state, extra
-
-    return Method(
-        name,
-        description,
-        fel=fel,
-        input_projectable=True,
-        make_tx=make_tx,
-        after_task=after_task,
-    )
-
-
-METHODS: dict[str, Method] = {}
-
-
-def register(method: Method) -> Method:
-    """Adds a method to the registry (names are unique)."""
-    if method.name in METHODS:
-        raise ValueError(f"method {method.name!r} is already registered.")
-    METHODS[method.name] = method
-    return method
-
-
-register(
-    _make_rgo(
-        "rgo",
-        "RGO with FEL, per-batch curvature vectors (reference code)",
-        fel=True,
-        per_sample=False,
-    )
-)
-register(
-    _make_rgo(
-        "rgo-sample",
-        "RGO with FEL, per-sample curvature vectors (paper's Alg. 1)",
-        fel=True,
-        per_sample=True,
-    )
-)
-register(
-    _make_rgo(
-        "rgo-nofel", "RGO without FEL (the paper's RGO-2 ablation)", fel=False, per_sample=False
-    )
-)
-register(
-    _make_rgo(
-        "rgo-alpha1",
-        "RGO with FEL and alpha = 1 (the paper's text)",
-        fel=True,
-        per_sample=False,
-        alpha=1.0,
-    )
-)
-register(
-    _make_rgo(
-        "rgo-bf16",
-        "RGO with FEL, P stored in bfloat16 (half the memory)",
-        fel=True,
-        per_sample=False,
-        dtype=jnp.bfloat16,
-    )
-)
-register(Method("sgd", "SGD fine-tuning (lower bound)"))
-register(
-    Method("stl", "single-task learning: a fresh network per task", fresh_network_per_task=True)
-)
-register(
-    Method(
-        "joint",
-        "joint training on all tasks seen so far (upper bound, replays data)",
-        joint=True,
-        uses_memory=True,
-    )
-)
-
-
-def get_method(name: str) -> Method:
-    """The registered method ``name`` (clear error listing the valid names)."""
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(
-            f"Unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}."
-        ) from None
 
 
 # --------------------------------------------------------------------------------------------
 # Baselines (rgo_jax.baselines) wired into the harness
 # --------------------------------------------------------------------------------------------
-
-
-#: Every method option the harness reads (``Config.method_options``, ``--option``) and its
-#: default; for a string option, a tuple of the allowed values, the first the default.
-METHOD_OPTIONS: dict[str, Any] = {
-    "ewc_lambda": 10.0,
-    "ewc_gamma": 1.0,
-    "ewc_samples": 500,
-    "ewc_fisher": ("exact", "sampled", "empirical"),
-    "owm_alpha": 10.0,
-    "gpm_threshold": 0.97,
-    "gpm_threshold_step": 0.0,
-    "gpm_samples": 300,
-    "agem_per_task": 250,
-    "agem_batch": 64,
-}
-
-
-def check_method_options(options: Mapping[str, Any]) -> None:
-    """Raises ``ValueError`` naming any unknown option or a value of the wrong kind."""
-    for key, value in options.items():
-        if key not in METHOD_OPTIONS:
-            raise ValueError(
-                f"Unknown method option {key!r}; valid: {', '.join(sorted(METHOD_OPTIONS))}."
-            )
-        allowed = METHOD_OPTIONS[key]
-        if isinstance(allowed, tuple):
-            if value not in allowed:
-                raise ValueError(
-                    f"Method option {key!r} must be one of {', '.join(allowed)}; got {value!r}."
-                )
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"Method option {key!r} must be a number; got {value!r}.")
-
-
-def _opt(cfg, key):
-    default = METHOD_OPTIONS[key]
-    return cfg.method_options.get(key, default[0] if isinstance(default, tuple) else default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,21 +306,58 @@ class _AtTask:
         return self.logits_fn(params, x, self.task)
 
 
-def _ewc(name: str, online: bool) -> Method:
-    from rgo_jax import baselines  # noqa: PLC0415
+_FISHERS = ("exact", "sampled", "empirical")
 
-    def init_extra(params, cfg, stream):
+
+@dataclasses.dataclass(frozen=True)
+class EWCOptions:
+    """EWC's hyperparameters.
+
+    Attributes:
+      lambda_: strength of the penalty (option name ``ewc.lambda``).
+      gamma: decay of the accumulated Fisher (online EWC).
+      samples: training examples per task for the Fisher.
+      fisher: ``exact`` (expectation over the model's classes), ``sampled`` (one label per
+        example drawn from the model) or ``empirical`` (the true labels).
+    """
+
+    lambda_: float = 10.0
+    gamma: float = 1.0
+    samples: int = 500
+    fisher: str = "exact"
+
+    def __post_init__(self):
+        _number("ewc.lambda", self.lambda_)
+        _number("ewc.gamma", self.gamma)
+        _number("ewc.samples", self.samples, positive=True, integer=True)
+        _choice("ewc.fisher", self.fisher, _FISHERS)
+
+
+@dataclasses.dataclass(frozen=True)
+class EWC(Method):
+    """EWC: a diagonal-Fisher penalty on moving away from earlier tasks' parameters."""
+
+    family: ClassVar[str] = "ewc"
+    Options: ClassVar[type] = EWCOptions
+
+    online: bool = False
+
+    def init_extra(self, params, stream, run):
+        from rgo_jax import baselines  # noqa: PLC0415
+
         zeros = jax.tree.map(jnp.zeros_like, params)
-        state = baselines.ewc_accumulate(None, params, zeros, online=online)
+        state = baselines.ewc_accumulate(None, params, zeros, online=self.online)
         return state._replace(num_tasks=jnp.zeros_like(state.num_tasks))
 
-    def penalty(params, extra, cfg):
-        return extra.penalty(params, _opt(cfg, "ewc_lambda"))
+    def penalty(self, params, extra):
+        return extra.penalty(params, self.options.lambda_)
 
-    def after_task(ctx: TaskContext, params, opt_state, extra):
-        n = min(len(ctx.x_train), int(_opt(ctx.config, "ewc_samples")))
+    def after_task(self, ctx: TaskContext, params, opt_state, extra):
+        from rgo_jax import baselines  # noqa: PLC0415
+
+        n = min(len(ctx.x_train), int(self.options.samples))
         idx = ctx.rng.choice(len(ctx.x_train), size=n, replace=False)
-        kind = _opt(ctx.config, "ewc_fisher")
+        kind = self.options.fisher
         fisher = baselines.diagonal_fisher(
             _AtTask(ctx.logits_fn, int(ctx.task)),
             params,
@@ -299,97 +370,129 @@ def _ewc(name: str, online: bool) -> Method:
             rng=jax.random.key(int(ctx.rng.integers(2**31))) if kind == "sampled" else None,
             # a compiled call per chunk for conv nets: XLA on CPU runs convolutions about
             # 10x slower inside a loop (benchmarks/perf/bench_fisher.py)
-            loop="scan" if ctx.config.model == "mlp" else "calls",
+            loop="calls" if ctx.run.convolutional else "scan",
         )
         extra = baselines.ewc_accumulate(
-            extra, params, fisher, online=online, gamma=_opt(ctx.config, "ewc_gamma")
+            extra, params, fisher, online=self.online, gamma=self.options.gamma
         )
         return opt_state, extra
 
-    kind = "online EWC (Schwarz et al. 2018)" if online else "EWC (Kirkpatrick et al. 2017)"
-    return Method(
-        name,
-        f"{kind}: diagonal-Fisher penalty, lambda from ewc_lambda",
-        init_extra=init_extra,
-        penalty=penalty,
-        after_task=after_task,
-    )
+
+@dataclasses.dataclass(frozen=True)
+class OWMOptions:
+    """OWM's hyperparameters. Attributes: alpha: the RLS regulariser of its projection."""
+
+    alpha: float = 10.0
+
+    def __post_init__(self):
+        _number("owm.alpha", self.alpha, positive=True)
 
 
-def _owm() -> Method:
-    from rgo_jax import baselines  # noqa: PLC0415
+@dataclasses.dataclass(frozen=True)
+class OWM(Method):
+    """OWM: RLS on the batch-mean layer inputs at every step."""
 
-    def make_tx(cfg):
+    family: ClassVar[str] = "owm"
+    Options: ClassVar[type] = OWMOptions
+
+    def optimizer(self, run):
+        from rgo_jax import baselines  # noqa: PLC0415
+
         # Biases projected too (input 1): the reference networks of OWM and GPM have none,
         # and an unprotected bias drifts across tasks.
         return optax.chain(
-            baselines.scale_by_owm(project_biases=True), optax.sgd(cfg.learning_rate)
+            baselines.scale_by_owm(project_biases=True), optax.sgd(run.learning_rate)
         )
 
-    def step_kwargs(net, params, x, task, cfg, extra, step):
-        return {
-            "owm_inputs": net.inputs(params, x, task),
-            "owm_alpha": _opt(cfg, "owm_alpha"),
-        }
-
-    return Method(
-        "owm",
-        "OWM (Zeng et al. 2019): RLS on batch-mean layer inputs every step",
-        make_tx=make_tx,
-        step_kwargs=step_kwargs,
-    )
+    def step_kwargs(self, net, params, x, task, extra, step):
+        return {"owm_inputs": net.inputs(params, x, task), "owm_alpha": self.options.alpha}
 
 
-def _gpm() -> Method:
-    from rgo_jax import baselines  # noqa: PLC0415
+@dataclasses.dataclass(frozen=True)
+class GPMOptions:
+    """GPM's hyperparameters.
 
-    def make_tx(cfg):
+    Attributes:
+      threshold: fraction of the representations' energy the bases keep.
+      threshold_step: added to the threshold per task (GPM's code on CIFAR: 0.003).
+      samples: training examples per task whose layer inputs give the bases.
+    """
+
+    threshold: float = 0.97
+    threshold_step: float = 0.0
+    samples: int = 300
+
+    def __post_init__(self):
+        _number("gpm.threshold", self.threshold)
+        _number("gpm.threshold_step", self.threshold_step)
+        _number("gpm.samples", self.samples, positive=True, integer=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class GPM(Method):
+    """GPM: the gradient kept orthogonal to stored bases of earlier tasks' layer inputs."""
+
+    family: ClassVar[str] = "gpm"
+    Options: ClassVar[type] = GPMOptions
+
+    def optimizer(self, run):
+        from rgo_jax import baselines  # noqa: PLC0415
+
         return optax.chain(
-            baselines.scale_by_gpm(project_biases=True), optax.sgd(cfg.learning_rate)
+            baselines.scale_by_gpm(project_biases=True), optax.sgd(run.learning_rate)
         )
 
-    def after_task(ctx: TaskContext, params, opt_state, extra):
-        n = min(len(ctx.x_train), int(_opt(ctx.config, "gpm_samples")))
+    def after_task(self, ctx: TaskContext, params, opt_state, extra):
+        from rgo_jax import baselines  # noqa: PLC0415
+
+        n = min(len(ctx.x_train), int(self.options.samples))
         idx = ctx.rng.choice(len(ctx.x_train), size=n, replace=False)
         reps = ctx.inputs_fn(params, jnp.asarray(ctx.x_train[idx]), ctx.task)
         reps = jax.tree.map(np.asarray, reps)
         # GPM's code raises the threshold by a fixed step per task on CIFAR / miniImageNet
         # (0.97 + 0.003 t); the default step 0 keeps it fixed (its MNIST setting).
-        threshold = min(
-            1.0,
-            _opt(ctx.config, "gpm_threshold") + ctx.task * _opt(ctx.config, "gpm_threshold_step"),
-        )
+        threshold = min(1.0, self.options.threshold + ctx.task * self.options.threshold_step)
         return baselines.gpm_update_bases(opt_state, reps, threshold), extra
 
-    return Method(
-        "gpm",
-        "GPM (Saha et al. 2021): gradient orthogonal to stored input bases",
-        make_tx=make_tx,
-        after_task=after_task,
-    )
+
+@dataclasses.dataclass(frozen=True)
+class AGEMOptions:
+    """A-GEM's hyperparameters.
+
+    Attributes:
+      per_task: training examples of each task stored in the episodic memory.
+      batch: memory examples per step for the reference gradient.
+    """
+
+    per_task: int = 250
+    batch: int = 64
+
+    def __post_init__(self):
+        _number("agem.per_task", self.per_task, positive=True, integer=True)
+        _number("agem.batch", self.batch, positive=True, integer=True)
 
 
-register(_ewc("ewc", online=False))
-register(_ewc("online-ewc", online=True))
-register(_owm())
-register(_gpm())
-
-
-def _agem() -> Method:
+@dataclasses.dataclass(frozen=True)
+class AGEM(Method):
     """A-GEM with a fixed-size episodic memory kept in the method state (jit-friendly).
 
-    After each task ``agem_per_task`` random training samples of that task are stored (with
-    their class masks); every step of a later task draws ``agem_batch`` of them uniformly
-    (a key folded with the task and step) for the reference gradient.
+    After each task ``per_task`` random training samples of that task are stored (with
+    their class masks); every step of a later task draws ``batch`` of them uniformly (a key
+    folded with the task and step) for the reference gradient.
     """
-    from rgo_jax import baselines  # noqa: PLC0415
 
-    def make_tx(cfg):
-        return optax.chain(baselines.agem(), optax.sgd(cfg.learning_rate))
+    family: ClassVar[str] = "agem"
+    Options: ClassVar[type] = AGEMOptions
 
-    def init_extra(params, cfg, stream):
-        per_task = int(_opt(cfg, "agem_per_task"))
-        cap = per_task * cfg.num_tasks
+    uses_memory: bool = True
+
+    def optimizer(self, run):
+        from rgo_jax import baselines  # noqa: PLC0415
+
+        return optax.chain(baselines.agem(), optax.sgd(run.learning_rate))
+
+    def init_extra(self, params, stream, run):
+        cap = int(self.options.per_task) * run.num_tasks
         return {
             "x": jnp.zeros((cap, *stream.input_shape), jnp.float32),
             "y": jnp.zeros((cap,), jnp.int32),
@@ -397,9 +500,9 @@ def _agem() -> Method:
             "n": jnp.zeros([], jnp.int32),
         }
 
-    def step_kwargs(net, params, x, task, cfg, extra, step):
+    def step_kwargs(self, net, params, x, task, extra, step):
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(17), task), step)
-        size = int(_opt(cfg, "agem_batch"))
+        size = int(self.options.batch)
         idx = jax.random.randint(key, (size,), 0, jnp.maximum(extra["n"], 1))
 
         def mem_loss(p):
@@ -411,9 +514,8 @@ def _agem() -> Method:
         ref = jax.tree.map(lambda g: jnp.where(extra["n"] > 0, g, jnp.zeros_like(g)), ref)
         return {"ref_grads": ref}
 
-    def after_task(ctx: TaskContext, params, opt_state, extra):
-        per_task = int(_opt(ctx.config, "agem_per_task"))
-        n = min(per_task, len(ctx.x_train))
+    def after_task(self, ctx: TaskContext, params, opt_state, extra):
+        n = min(int(self.options.per_task), len(ctx.x_train))
         pick = ctx.rng.choice(len(ctx.x_train), size=n, replace=False)
         lo = int(extra["n"])
         extra = {
@@ -424,15 +526,203 @@ def _agem() -> Method:
         }
         return opt_state, extra
 
-    return Method(
-        "agem",
-        "A-GEM (Chaudhry et al. 2019): gradient corrected by a memory batch",
+
+# --------------------------------------------------------------------------------------------
+# The registry: presets are instances
+# --------------------------------------------------------------------------------------------
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Adds a method to the registry (names are unique)."""
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is already registered.")
+    if method.family is not None and method.name != method.family and method.name in _families():
+        raise ValueError(f"method name {method.name!r} is an option namespace.")
+    METHODS[method.name] = method
+    return method
+
+
+def _families() -> set[str]:
+    return {m.family for m in METHODS.values() if m.family is not None}
+
+
+for _m in (
+    RGO("rgo", "RGO with FEL, per-batch curvature vectors (reference code)"),
+    RGO(
+        "rgo-sample", "RGO with FEL, per-sample curvature vectors (paper's Alg. 1)", per_sample=True
+    ),
+    RGO("rgo-nofel", "RGO without FEL (the paper's RGO-2 ablation)", fel=False),
+    RGO(
+        "rgo-alpha1",
+        "RGO with FEL and alpha = 1 (the paper's text; rgo.alpha does not apply, "
+        "rgo-alpha1.alpha overrides it)",
+        options=RGOOptions(alpha=1.0),
+        fixed=("alpha",),
+    ),
+    RGO("rgo-bf16", "RGO with FEL, P stored in bfloat16 (half the memory)", dtype=jnp.bfloat16),
+    Method("sgd", "SGD fine-tuning (lower bound)"),
+    Method("stl", "single-task learning: a fresh network per task", fresh_network_per_task=True),
+    Method(
+        "joint",
+        "joint training on all tasks seen so far (upper bound, replays data)",
+        joint=True,
         uses_memory=True,
-        make_tx=make_tx,
-        init_extra=init_extra,
-        step_kwargs=step_kwargs,
-        after_task=after_task,
+    ),
+    EWC("ewc", "EWC (Kirkpatrick et al. 2017): diagonal-Fisher penalty, strength ewc.lambda"),
+    EWC(
+        "online-ewc",
+        "online EWC (Schwarz et al. 2018): diagonal-Fisher penalty, strength ewc.lambda",
+        online=True,
+    ),
+    OWM("owm", "OWM (Zeng et al. 2019): RLS on batch-mean layer inputs every step"),
+    GPM("gpm", "GPM (Saha et al. 2021): gradient orthogonal to stored input bases"),
+    AGEM("agem", "A-GEM (Chaudhry et al. 2019): gradient corrected by a memory batch"),
+):
+    register(_m)
+del _m
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name`` with its default options (clear error otherwise)."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}."
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Options: addressed per family or preset; the flat names of earlier versions as aliases
+# --------------------------------------------------------------------------------------------
+
+
+def _field_key(field: dataclasses.Field) -> str:
+    return field.name.rstrip("_")  # EWCOptions.lambda_ is the option "lambda"
+
+
+def _option_fields(options_cls: type) -> dict[str, dataclasses.Field]:
+    return {_field_key(f): f for f in dataclasses.fields(options_cls)}
+
+
+#: The flat option names of earlier versions (``Config.method_options``) and the
+#: configuration fields that were RGO's, each with the addressed option it stands for.
+OPTION_ALIASES: dict[str, str] = {
+    "alpha": "rgo.alpha",
+    "consolidation_batches": "rgo.consolidation_batches",
+    "rls_method": "rgo.rls_method",
+    "ewc_lambda": "ewc.lambda",
+    "ewc_gamma": "ewc.gamma",
+    "ewc_samples": "ewc.samples",
+    "ewc_fisher": "ewc.fisher",
+    "owm_alpha": "owm.alpha",
+    "gpm_threshold": "gpm.threshold",
+    "gpm_threshold_step": "gpm.threshold_step",
+    "gpm_samples": "gpm.samples",
+    "agem_per_task": "agem.per_task",
+    "agem_batch": "agem.batch",
+}
+
+
+def _family_options(family: str) -> type:
+    return next(m.Options for m in METHODS.values() if m.family == family)
+
+
+def _parse_key(key: str) -> tuple[str, str]:
+    """``key`` (addressed or an alias) as ``(scope, option)``; scope a family or a preset."""
+    key = OPTION_ALIASES.get(key, key)
+    scope, sep, option = key.partition(".")
+    families = _families()
+    known = sorted(OPTION_ALIASES) + sorted(
+        f"{fam}.{k}" for fam in families for k in _option_fields(_family_options(fam))
     )
+    if not sep or (scope not in families and scope not in METHODS):
+        raise ValueError(f"Unknown method option {key!r}; valid: {', '.join(known)}.")
+    method_family = scope if scope in families else METHODS[scope].family
+    if method_family is None:
+        raise ValueError(f"Method {scope!r} has no options (option {key!r}).")
+    fields = _option_fields(_family_options(method_family))
+    if option not in fields:
+        raise ValueError(
+            f"Method option {key!r}: {scope} has no option {option!r}; its options: "
+            f"{', '.join(f'{scope}.{k}' for k in fields)}."
+        )
+    return scope, option
 
 
-register(_agem())
+def check_method_options(options: Mapping[str, Any], methods: tuple[str, ...] = ()) -> None:
+    """Raises ``ValueError`` naming an unknown option, a value of the wrong kind, or (for an
+    addressed option, ``scope.name``) one that none of ``methods`` has.
+
+    The flat names of earlier versions (:data:`OPTION_ALIASES`) are accepted whichever
+    methods run, so that one configuration file serves several method subsets.
+
+    Examples:
+      >>> check_method_options({"ewc.lambda": 5.0}, ("ewc", "sgd"))
+      >>> check_method_options({"ewc.lambda": 5.0}, ("rgo",))
+      Traceback (most recent call last):
+      ...
+      ValueError: Method option 'ewc.lambda' applies to none of the methods rgo.
+    """
+    for key, value in options.items():
+        scope, option = _parse_key(key)
+        if key not in OPTION_ALIASES and methods:
+            chosen = [get_method(m) for m in methods]
+            if not any(scope in (m.name, m.family) for m in chosen):
+                raise ValueError(
+                    f"Method option {key!r} applies to none of the methods {', '.join(methods)}."
+                )
+        family = scope if scope in _families() else METHODS[scope].family
+        # the options dataclass checks the value's kind and range, naming the option
+        try:
+            _family_options(family)(**{_option_fields(_family_options(family))[option].name: value})
+        except _OptionError as err:
+            raise ValueError(f"Method option {key!r} {err.problem}") from None
+
+
+def bind_options(name: str, options: Mapping[str, Any]) -> Method:
+    """The method ``name`` with ``options`` applied (keys addressed or aliases).
+
+    A family-level value (``rgo.alpha``, or its alias ``alpha``) sets the field on the
+    preset unless the preset fixes it (``Method.fixed``); a preset-level value
+    (``rgo-alpha1.alpha``) always does.
+
+    Examples:
+      >>> bind_options("rgo", {"rgo.alpha": 0.5}).options.alpha
+      0.5
+      >>> bind_options("rgo-alpha1", {"rgo.alpha": 0.5}).options.alpha
+      1.0
+      >>> bind_options("rgo-alpha1", {"rgo-alpha1.alpha": 0.5}).options.alpha
+      0.5
+    """
+    method = get_method(name)
+    if method.family is None:
+        return method
+    fields = _option_fields(method.Options)
+    family_level, preset_level = {}, {}
+    for key, value in options.items():
+        scope, option = _parse_key(key)
+        if scope == method.name and scope != method.family:
+            preset_level[fields[option].name] = value
+        elif scope == method.family and fields[option].name not in method.fixed:
+            family_level[fields[option].name] = value
+    changes = {**family_level, **preset_level}
+    if not changes:
+        return method
+    return dataclasses.replace(method, options=dataclasses.replace(method.options, **changes))
+
+
+def option_help() -> str:
+    """One line per family: its options and their defaults (for ``--help``)."""
+    lines = []
+    for family in sorted(_families()):
+        defaults = _family_options(family)()
+        items = ", ".join(
+            f"{family}.{k}={getattr(defaults, f.name)!r}"
+            for k, f in _option_fields(type(defaults)).items()
+        )
+        lines.append(items)
+    return "; ".join(lines)

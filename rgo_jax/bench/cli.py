@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from rgo_jax.bench._methods import METHOD_OPTIONS, METHODS
+from rgo_jax.bench._methods import METHODS, OPTION_ALIASES, option_help
 from rgo_jax.bench._rundir import end_progress_bars, interrupted_message
 from rgo_jax.bench._validate import RunError, check_fields, config_root
 from rgo_jax.bench.train import BENCHMARKS, Config, run
@@ -45,13 +45,22 @@ _FLAGS = {
     "--steps": ("steps_per_task", int, "SGD steps per task (paper: 1000 MNIST, 2000 CIFAR)"),
     "--batch-size": ("batch_size", int, "mini-batch size (paper: 10)"),
     "--lr": ("learning_rate", float, "SGD learning rate (paper: 0.1 MNIST, 0.03 CIFAR)"),
-    "--alpha": ("alpha", float, "RGO's RLS regulariser (reference code 0.01; paper text 1)"),
+    "--alpha": (
+        "alpha",
+        float,
+        "RGO's RLS regulariser, option rgo.alpha (reference code 0.01; paper text 1)",
+    ),
     "--consolidation-batches": (
         "consolidation_batches",
         int,
-        "batches in RGO's consolidation pass (reference: 1000 MNIST)",
+        "batches in RGO's consolidation pass, option rgo.consolidation_batches "
+        "(reference: 1000 MNIST)",
     ),
-    "--rls-method": ("rls_method", str, "block (Woodbury, fast) or sequential (rank-one scan)"),
+    "--rls-method": (
+        "rls_method",
+        str,
+        "RGO's RLS kernel, option rgo.rls_method: block (Woodbury, fast) or sequential",
+    ),
     "--seeds": ("seeds", "intlist", "comma-separated seeds, e.g. 0,1,2,3,4"),
     "--data-dir": (
         "data_dir",
@@ -108,11 +117,13 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="method option, repeatable: "
-        + ", ".join(
-            f"{k} ({'|'.join(v)})" if isinstance(v, tuple) else f"{k} (default {v:g})"
-            for k, v in METHOD_OPTIONS.items()
-        ),
+        help="method option, repeatable, addressed per method family (every chosen preset "
+        "of it that does not fix the value) or per preset (overrides the preset's value, "
+        "e.g. rgo-alpha1.alpha=0.5); an option none of the chosen methods has is an error. "
+        "Options and defaults: "
+        + option_help()
+        + ". The flat names of earlier versions remain aliases: "
+        + ", ".join(f"{k}={v}" for k, v in OPTION_ALIASES.items() if not v.startswith("rgo.")),
     )
     p.add_argument("--no-checkpoint", action="store_true", help="do not write checkpoints")
     p.add_argument(
@@ -140,6 +151,14 @@ def _convert(value: str, typ, flag: str):
         return typ(value)
     except ValueError:
         raise SystemExit(f"rgo-bench: {flag} {value!r} is not a valid value.") from None
+
+
+#: RGO's options, stored as Config fields, and the flags that set them.
+_RGO_FIELDS = {
+    "rgo.alpha": "--alpha",
+    "rgo.consolidation_batches": "--consolidation-batches",
+    "rgo.rls_method": "--rls-method",
+}
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -177,6 +196,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"rgo-bench: --option {item!r} must be KEY=VALUE.")
+        flag = _RGO_FIELDS.get(OPTION_ALIASES.get(key, key))
+        if flag is not None:  # RGO's options are Config fields (their flags' spelling)
+            field, typ, _ = _FLAGS[flag]
+            given = getattr(args, flag.lstrip("-").replace("-", "_"))
+            if given is not None and _convert(given, typ, flag) != _convert(value, typ, key):
+                raise SystemExit(f"rgo-bench: --option {item} contradicts {flag} {given}.")
+            fields[field] = _convert(value, typ, f"--option {key}")
+            continue
         try:
             options[key] = float(value)
         except ValueError:
@@ -205,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         print("benchmarks:", ", ".join(sorted(BENCHMARKS)))
         for name, m in sorted(METHODS.items()):
             print(f"  {name:12s} {m.description}{'  [uses memory]' if m.uses_memory else ''}")
+        print("method options (--option KEY=VALUE):", option_help())
         return 0
     cfg = config_from_args(args)
     try:

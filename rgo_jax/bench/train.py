@@ -30,8 +30,11 @@ from rgo_jax.bench import _report, data, models
 from rgo_jax.bench._checkpoint import latest_good_checkpoint, restore_checkpoint, save_checkpoint
 from rgo_jax.bench._methods import (
     METHODS,
+    OPTION_ALIASES,
     Method,
+    RunInfo,
     TaskContext,
+    bind_options,
     check_method_options,
     get_method,
 )
@@ -41,6 +44,7 @@ from rgo_jax.bench._rundir import (
     split_by_resume_point,
     write_report,
 )
+from rgo_jax.bench._stream_transforms import MultiHead
 from rgo_jax.bench._validate import RunError, check_config, check_finite_losses, check_finite_state
 from rgo_jax.nnx import use_input_projection, use_reduced_kernel_gradients
 
@@ -90,8 +94,10 @@ class Config:
         ``lecun`` (Flax's default), ``torch`` or ``glorot``; ``init_scale`` multiplies every
         initial kernel. Both change how much RGO forgets (``benchmarks/REPRODUCIBILITY.md``).
       num_tasks, steps_per_task, batch_size, learning_rate: the training budget (SGD).
-      alpha, consolidation_batches, rls_method: RGO's regulariser, the number of batches
-        of its consolidation pass, and the RLS kernel (``block`` or ``sequential``).
+      alpha, consolidation_batches, rls_method: RGO's options ``rgo.alpha``,
+        ``rgo.consolidation_batches``, ``rgo.rls_method``
+        (:class:`rgo_jax.bench._methods.RGOOptions`), kept as fields under their earlier
+        names: every published configuration and checkpoint fingerprint spells them so.
       seeds: seeds of data order, permutations and initialisation.
       data_dir: folder of the data sets (else ``$RGO_DATA_DIR``, then ``~/.cache/rgo_jax``).
       max_train_per_task, max_test_per_task: optional subsampling for quick runs.
@@ -115,7 +121,13 @@ class Config:
         layer's width (wide layers, batch 10). Conv kernels and biases are projected by the
         optimizer as usual.
       checkpoint, plots: write task-boundary checkpoints; draw PNG plots.
-      method_options: method hyperparameters (``ewc_lambda``, ``gpm_threshold``...).
+      method_options: method options, addressed per method family (``ewc.lambda``,
+        ``gpm.threshold``, ``rgo.alpha``) or per preset (``rgo-alpha1.alpha`` overrides the
+        preset's fixed value); the flat names of earlier versions (``ewc_lambda``...) are
+        aliases (:data:`rgo_jax.bench._methods.OPTION_ALIASES`). An addressed option that
+        none of ``methods`` has is an error. Stored under the earlier names where there is
+        one (RGO's as the fields above), so that a configuration's fingerprint does not
+        depend on the spelling.
     """
 
     benchmark: str = "permuted_digits"
@@ -159,7 +171,8 @@ class Config:
             )
         for m in self.methods:
             get_method(m)
-        check_method_options(self.method_options)
+        check_method_options(self.method_options, self.methods)
+        self._store_aliased_options()
         if not self.methods:
             raise ValueError("methods is empty: name at least one (e.g. rgo,sgd).")
         for name in (
@@ -195,6 +208,54 @@ class Config:
             )
         if self.head not in ("masked", "multi"):
             raise ValueError(f"head must be 'masked' or 'multi', got {self.head!r}.")
+        for m in self.methods:  # each method's options pass their own checks
+            self.method(m)
+
+    def _store_aliased_options(self) -> None:
+        """Stores each option under its earlier name (RGO's as the Config fields)."""
+        options = dict(self.method_options)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for old, new in OPTION_ALIASES.items():
+            spellings = [k for k in (new, old) if k in options]
+            if not spellings or spellings == [old] and old not in defaults:
+                continue
+            values = [options.pop(k) for k in spellings]
+            if old not in defaults:  # a flat method option
+                if len({json.dumps(v) for v in values}) > 1:
+                    raise ValueError(f"method option {new!r} given twice: {values}.")
+                options[old] = values[0]
+                continue
+            value = values[0]
+            if isinstance(defaults[old], int) and isinstance(value, float) and value.is_integer():
+                value = int(value)
+            current = getattr(self, old)
+            if len({json.dumps(v) for v in values}) > 1 or current not in (defaults[old], value):
+                raise ValueError(
+                    f"method option {new!r} given twice: {old} = {current!r} and {values}."
+                )
+            object.__setattr__(self, old, value)
+        object.__setattr__(self, "method_options", options)
+
+    def method(self, name: str) -> Method:
+        """The method ``name`` with this configuration's options."""
+        settings = {
+            "rgo.alpha": self.alpha,
+            "rgo.consolidation_batches": self.consolidation_batches,
+            "rgo.rls_method": self.rls_method,
+            **self.method_options,
+        }
+        return bind_options(name, settings)
+
+    def run_info(self) -> RunInfo:
+        """What the methods may know of this run."""
+        return RunInfo(
+            learning_rate=self.learning_rate,
+            batch_size=self.batch_size,
+            num_tasks=self.num_tasks,
+            vector_chunk=self.vector_chunk,
+            input_projection=self.input_projection,
+            convolutional=self.model != "mlp",
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -270,41 +331,12 @@ BENCHMARKS = {
 }
 
 
-class _MultiHead:
-    """A stream whose tasks get disjoint output units: task ``t``'s labels move by ``t * C``.
-
-    With the masked loss this is the multi-head setting (one head per task); for streams
-    whose tasks already have disjoint classes (class splits) it changes nothing.
-    """
-
-    def __init__(self, stream: data.TaskStream):
-        self.stream = stream
-        classes = [stream.task_classes(t) for t in range(len(stream))]
-        overlap = len(np.unique(np.concatenate(classes))) < sum(len(c) for c in classes)
-        self.offset = stream.num_classes if overlap else 0
-        self.num_classes = stream.num_classes + self.offset * (len(stream) - 1)
-        self.input_shape = stream.input_shape
-
-    def __len__(self):
-        return len(self.stream)
-
-    def class_masks(self) -> np.ndarray:
-        masks = np.zeros((len(self), self.num_classes), bool)
-        for t in range(len(self)):
-            masks[t, self.stream.task_classes(t) + t * self.offset] = True
-        return masks
-
-    def get_split(self, t: int, split: str):
-        x, y = self.stream.get_split(t, split)
-        return x, y + np.int32(t * self.offset)
-
-
 def build_stream(cfg: Config, seed: int) -> data.TaskStream:
     """The task stream of ``cfg.benchmark`` for one seed (multi-head if ``cfg.head``)."""
     stream = BENCHMARKS[cfg.benchmark](cfg, seed)
     if len(stream) < cfg.num_tasks and cfg.benchmark != "multi_dataset":
         raise ValueError(f"{cfg.benchmark} has {len(stream)} tasks, fewer than {cfg.num_tasks}.")
-    return _MultiHead(stream) if cfg.head == "multi" else stream
+    return MultiHead(stream) if cfg.head == "multi" else stream
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,7 +376,7 @@ class _Net:
         self.graphdef, self.rest = graphdef, rest
 
     def logits(self, params, x, task, projection=None):
-        """Logits; with ``projection`` (the optimizer state) input-projected layers project."""
+        """Logits; with ``projection`` (path -> P) those dense layers project their grads."""
         model = nnx.merge(self.graphdef, params, self.rest)
         if projection is None:
             return model(x, task)
@@ -373,8 +405,9 @@ def _make_chunk_fn(net: _Net, tx, method: Method, cfg: Config):
 
     def loss_fn(params, extra, x, y, mask, task, projection):
         loss = _masked_ce(net.logits(params, x, task, projection), y, mask)
-        if method.penalty is not None:
-            loss = loss + method.penalty(params, extra, cfg)
+        term = method.penalty(params, extra)
+        if term is not None:
+            loss = loss + term
         return loss
 
     def chunk(params, opt_state, extra, xs, ys, masks, tasks, idx, steps):
@@ -388,9 +421,7 @@ def _make_chunk_fn(net: _Net, tx, method: Method, cfg: Config):
             (x, y, mask, task), step = inputs
             projection = opt_state if input_projected else None
             loss, grads = jax.value_and_grad(loss_fn)(params, extra, x, y, mask, task, projection)
-            kwargs = {}
-            if method.step_kwargs is not None:
-                kwargs = method.step_kwargs(net, params, x, task, cfg, extra, step)
+            kwargs = method.step_kwargs(net, params, x, task, extra, step)
             updates, opt_state = tx.update(grads, opt_state, params, **kwargs)
             return (optax.apply_updates(params, updates), opt_state), loss
 
@@ -521,9 +552,9 @@ def _unstack(tree, i):
 class _Lane:
     """One seed's stream, results and checkpoints inside a group of seeds run together."""
 
-    def __init__(self, cfg: Config, method: Method, seed: int, workdir: Path):
+    def __init__(self, cfg: Config, method: Method, seed: int, workdir: Path, stream=None):
         self.seed = seed
-        self.stream = build_stream(cfg, seed)
+        self.stream = build_stream(cfg, seed) if stream is None else stream
         self.T = min(cfg.num_tasks, len(self.stream))
         self.graphdef, self.params0, self.rest = _build(cfg, method, self.stream, seed)
         self.masks = self.stream.class_masks()
@@ -538,11 +569,18 @@ class _Lane:
         return self._test[j]
 
 
-def _seed_groups(cfg: Config, method: Method) -> list[tuple[int, ...]]:
-    """Seeds batched by ``vmap`` as far as their training data fits ``vmap_memory_gb``."""
+def _seed_groups(cfg: Config, method: Method, streams: dict | None = None) -> list[tuple[int, ...]]:
+    """Seeds batched by ``vmap`` as far as their training data fits ``vmap_memory_gb``.
+
+    The size is measured on the first seed's stream, which is left in ``streams`` for its
+    lane (so that it is built once).
+    """
     if not cfg.vmap_seeds:
         return [(s,) for s in cfg.seeds]
-    stream = build_stream(cfg, cfg.seeds[0])
+    streams = {} if streams is None else streams
+    if cfg.seeds[0] not in streams:
+        streams[cfg.seeds[0]] = build_stream(cfg, cfg.seeds[0])
+    stream = streams[cfg.seeds[0]]
     x, _ = stream.get_split(0, "train")
     per_seed = x.nbytes * (min(cfg.num_tasks, len(stream)) if method.joint else 1)
     k = max(1, int(cfg.vmap_memory_gb * 2**30 // max(per_seed, 1)))
@@ -567,64 +605,163 @@ def _resume_point(cfg: Config, lanes: list[_Lane], log=print) -> int:
     return min(done) + 1
 
 
-def _run_group(cfg: Config, method: Method, seeds: tuple[int, ...], workdir: Path, log):
+@dataclasses.dataclass
+class _Group:
+    """A group of seeds trained in lockstep: their lanes and what they share."""
+
+    cfg: Config
+    method: Method
+    lanes: list[_Lane]
+    net: _Net
+    tx: Any
+    run_info: RunInfo
+    correct: Any
+
+    @property
+    def T(self) -> int:
+        return self.lanes[0].T
+
+    def fresh_state(self):
+        """Stacked initial ``(params, opt_state, extra)`` of every lane."""
+        lanes, tx, method = self.lanes, self.tx, self.method
+        return (
+            _stack([ln.params0 for ln in lanes]),
+            _stack([tx.init(ln.params0) for ln in lanes]),
+            _stack([method.init_extra(ln.params0, ln.stream, self.run_info) for ln in lanes]),
+        )
+
+    def accuracy(self, lane: _Lane, params, j: int) -> float:
+        """Test accuracy of ``params`` on task ``j`` of ``lane``."""
+        x, y = lane.test_split(j)
+        return _evaluate(self.correct, params, x, y, lane.masks[j], j, self.cfg.eval_batch_size)
+
+
+def _set_up_lanes(cfg, method, seeds, workdir, streams) -> _Group:
+    """Step 1: each seed's stream, network and result slots; the shared optimizer."""
+    lanes = [_Lane(cfg, method, s, workdir, streams.pop(s, None)) for s in seeds]
+    net = _Net(lanes[0].graphdef, lanes[0].rest)
+    run_info = cfg.run_info()
+    return _Group(cfg, method, lanes, net, method.optimizer(run_info), run_info, _accuracy_fn(net))
+
+
+def _resume(group: _Group, state, log):
+    """Step 2: the first task to train, and the state restored from the checkpoints."""
+    start = _resume_point(group.cfg, group.lanes, log)
+    if start == 0:
+        return 0, state
+    params, opt_state, extra = state
+    restored = []
+    for i, ln in enumerate(group.lanes):
+        path = ln.ckpt_root / f"task_{start - 1:03d}"
+        meta = json.loads((path / "meta.json").read_text())
+        template = {
+            "params": ln.params0,
+            "opt_state": _unstack(opt_state, i),
+            "extra": _unstack(extra, i),
+            "per_task": [ln.params0] * meta["per_task"],
+        }
+        restored.append(restore_checkpoint(path, template))
+        ln.per_task = list(restored[-1]["per_task"])
+        ln.R = np.array(meta["R"], dtype=np.float64)
+        log(f"[{group.method.name} seed {ln.seed}] resumed after task {start - 1} from {path}")
+    return start, tuple(_stack([s[k] for s in restored]) for k in ("params", "opt_state", "extra"))
+
+
+def _train_task(group: _Group, chunk_fn, t: int, arrays, state, progress):
+    """Step 3: ``steps_per_task`` SGD steps of task ``t`` for every lane at once."""
+    cfg = group.cfg
+    params, opt_state, extra = state
+    idx = np.stack(
+        [
+            _step_indices(len(a[1]), cfg.steps_per_task, cfg.batch_size, ln.seed, t)
+            for a, ln in zip(arrays, group.lanes, strict=True)
+        ]
+    )
+    # One seed: a view, not a stacked copy (joint training's data is GBs); device_put
+    # copies once, where jnp.asarray holds a second transient copy on CPU.
+    dx, dy, dm, dt = (
+        jax.device_put(np.stack(col) if len(col) > 1 else col[0][None])
+        for col in zip(*arrays, strict=True)
+    )
+    for lo in range(0, cfg.steps_per_task, cfg.chunk_steps):
+        sl = jnp.asarray(idx[:, lo : lo + cfg.chunk_steps])
+        steps = jnp.broadcast_to(jnp.arange(lo, lo + sl.shape[1], dtype=jnp.int32), sl.shape[:2])
+        params, opt_state, losses = chunk_fn(params, opt_state, extra, dx, dy, dm, dt, sl, steps)
+        check_finite_losses(losses, group.method.name, tuple(ln.seed for ln in group.lanes), t, lo)
+        progress.update(int(sl.shape[1]), task=t, loss=f"{float(losses[:, -1].mean()):.3f}")
+    return params, opt_state
+
+
+def _end_task(group: _Group, t: int, lane: _Lane, arrays, params, opt_state, extra):
+    """Step 4: one lane's task-boundary work (the method's), returning its new state."""
+    ctx = TaskContext(
+        task=t,
+        x_train=arrays[0],
+        y_train=arrays[1],
+        class_mask=lane.masks[t],
+        logits_fn=group.net.logits,
+        inputs_fn=group.net.inputs,
+        curvature_logits_fn=group.net.reduced_logits,
+        rng=np.random.default_rng([lane.seed, t, 2]),
+        run=group.run_info,
+    )
+    opt_state, extra = group.method.after_task(ctx, params, opt_state, extra)
+    del ctx
+    check_finite_state(
+        {"params": params, "opt_state": opt_state, "extra": extra}, group.method.name, lane.seed, t
+    )
+    if group.method.fresh_network_per_task:
+        lane.per_task.append(params)
+    return opt_state, extra
+
+
+def _evaluate_task(group: _Group, t: int, lane: _Lane, params) -> None:
+    """Step 5: row ``t`` of the lane's accuracy matrix (and the next task's zero-shot)."""
+    for j in range(min(t + 2, group.T)):
+        pj = lane.per_task[j] if (group.method.fresh_network_per_task and j <= t) else params
+        lane.R[t, j] = group.accuracy(lane, pj, j)
+
+
+def _save_task(group: _Group, t: int, lane: _Lane, params, opt_state, extra) -> None:
+    """The lane's checkpoint after task ``t`` (with its results so far)."""
+    if not group.cfg.checkpoint:
+        return
+    save_checkpoint(
+        lane.ckpt_root / f"task_{t:03d}",
+        {"params": params, "opt_state": opt_state, "extra": extra, "per_task": lane.per_task},
+        {
+            "task": t,
+            "seed": lane.seed,
+            "method": group.method.name,
+            "R": lane.R.tolist(),
+            "per_task": len(lane.per_task),
+            "fingerprint": group.cfg.fingerprint(),
+            "rng": {"kind": "numpy default_rng keyed by [seed, task, stream]", "seed": lane.seed},
+        },
+    )
+
+
+def _run_group(
+    cfg: Config, method: Method, seeds: tuple[int, ...], workdir: Path, log, streams=None
+):
     """Trains ``seeds`` in lockstep, the training steps ``vmap``-ed over the seed axis.
 
     Yields ``(t, lanes, random_init)`` after every task. Consolidation, evaluation and
     checkpoints are per seed (one checkpoint directory per seed, as in a sequential run).
+    ``streams`` may hold already built streams by seed (each is taken by its lane).
     """
-    lanes = [_Lane(cfg, method, seed, workdir) for seed in seeds]
-    T = lanes[0].T
-    net = _Net(lanes[0].graphdef, lanes[0].rest)
-    tx = method.make_tx(cfg)
-    correct = _accuracy_fn(net)
-
-    def fresh():
-        return (
-            _stack([ln.params0 for ln in lanes]),
-            _stack([tx.init(ln.params0) for ln in lanes]),
-            _stack([method.init_extra(ln.params0, cfg, ln.stream) for ln in lanes]),
-        )
-
-    params, opt_state, extra = fresh()
-    random_init = [
-        np.array(
-            [
-                _evaluate(
-                    correct, ln.params0, *ln.test_split(j), ln.masks[j], j, cfg.eval_batch_size
-                )
-                for j in range(T)
-            ]
-        )
-        for ln in lanes
-    ]
-    start = _resume_point(cfg, lanes, log)
-    if start > 0:
-        restored = []
-        for i, ln in enumerate(lanes):
-            path = ln.ckpt_root / f"task_{start - 1:03d}"
-            meta = json.loads((path / "meta.json").read_text())
-            template = {
-                "params": ln.params0,
-                "opt_state": _unstack(opt_state, i),
-                "extra": _unstack(extra, i),
-                "per_task": [ln.params0] * meta["per_task"],
-            }
-            state = restore_checkpoint(path, template)
-            restored.append(state)
-            ln.per_task = list(state["per_task"])
-            ln.R = np.array(meta["R"], dtype=np.float64)
-            log(f"[{method.name} seed {ln.seed}] resumed after task {start - 1} from {path}")
-        params = _stack([s["params"] for s in restored])
-        opt_state = _stack([s["opt_state"] for s in restored])
-        extra = _stack([s["extra"] for s in restored])
-
+    group = _set_up_lanes(cfg, method, seeds, workdir, {} if streams is None else streams)
+    lanes, T = group.lanes, group.T
+    state = group.fresh_state()
+    random_init = [np.array([group.accuracy(ln, ln.params0, j) for j in range(T)]) for ln in lanes]
+    start, state = _resume(group, state, log)
     if start >= T:  # finished earlier: report the restored results
         yield T - 1, lanes, random_init
         return
     # Params and optimizer state are donated: the step updates P-sized buffers in place.
     chunk_fn = jax.jit(
-        _over_seeds(_make_chunk_fn(net, tx, method, cfg), len(seeds)), donate_argnums=(0, 1)
+        _over_seeds(_make_chunk_fn(group.net, group.tx, method, cfg), len(seeds)),
+        donate_argnums=(0, 1),
     )
     label = ",".join(map(str, seeds))
     progress = _Progress(
@@ -632,83 +769,43 @@ def _run_group(cfg: Config, method: Method, seeds: tuple[int, ...], workdir: Pat
     )
     for t in range(start, T):
         if method.fresh_network_per_task and t > 0:
-            params, opt_state, extra = fresh()
+            state = group.fresh_state()
         arrays = [_task_arrays(ln.stream, t, cfg, method) for ln in lanes]
-        idx = np.stack(
-            [
-                _step_indices(len(a[1]), cfg.steps_per_task, cfg.batch_size, ln.seed, t)
-                for a, ln in zip(arrays, lanes, strict=True)
-            ]
-        )
-        # One seed: a view, not a stacked copy (joint training's data is GBs); device_put
-        # copies once, where jnp.asarray holds a second transient copy on CPU.
-        dx, dy, dm, dt = (
-            jax.device_put(np.stack(col) if len(col) > 1 else col[0][None])
-            for col in zip(*arrays, strict=True)
-        )
-        for lo in range(0, cfg.steps_per_task, cfg.chunk_steps):
-            sl = jnp.asarray(idx[:, lo : lo + cfg.chunk_steps])
-            steps = jnp.broadcast_to(
-                jnp.arange(lo, lo + sl.shape[1], dtype=jnp.int32), sl.shape[:2]
-            )
-            params, opt_state, losses = chunk_fn(
-                params, opt_state, extra, dx, dy, dm, dt, sl, steps
-            )
-            check_finite_losses(losses, method.name, seeds, t, lo)
-            progress.update(int(sl.shape[1]), task=t, loss=f"{float(losses[:, -1].mean()):.3f}")
-        del dx, dy, dm, dt
+        params, opt_state = _train_task(group, chunk_fn, t, arrays, state, progress)
+        extra = state[2]
         new_opt, new_extra = [], []
         for i, ln in enumerate(lanes):
             p_i, o_i, e_i = _unstack(params, i), _unstack(opt_state, i), _unstack(extra, i)
-            if method.after_task is not None:
-                ctx = TaskContext(
-                    task=t,
-                    x_train=arrays[i][0],
-                    y_train=arrays[i][1],
-                    class_mask=ln.masks[t],
-                    logits_fn=net.logits,
-                    inputs_fn=net.inputs,
-                    curvature_logits_fn=net.reduced_logits,
-                    rng=np.random.default_rng([ln.seed, t, 2]),
-                    config=cfg,
-                )
-                o_i, e_i = method.after_task(ctx, p_i, o_i, e_i)
-                del ctx
-            check_finite_state(
-                {"params": p_i, "opt_state": o_i, "extra": e_i}, method.name, ln.seed, t
-            )
+            o_i, e_i = _end_task(group, t, ln, arrays[i], p_i, o_i, e_i)
+            _evaluate_task(group, t, ln, p_i)
+            _save_task(group, t, ln, p_i, o_i, e_i)
             new_opt.append(o_i)
             new_extra.append(e_i)
-            if method.fresh_network_per_task:
-                ln.per_task.append(p_i)
-            for j in range(min(t + 2, T)):
-                pj = ln.per_task[j] if (method.fresh_network_per_task and j <= t) else p_i
-                ln.R[t, j] = _evaluate(
-                    correct, pj, *ln.test_split(j), ln.masks[j], j, cfg.eval_batch_size
-                )
-            if cfg.checkpoint:
-                save_checkpoint(
-                    ln.ckpt_root / f"task_{t:03d}",
-                    {"params": p_i, "opt_state": o_i, "extra": e_i, "per_task": ln.per_task},
-                    {
-                        "task": t,
-                        "seed": ln.seed,
-                        "method": method.name,
-                        "R": ln.R.tolist(),
-                        "per_task": len(ln.per_task),
-                        "fingerprint": cfg.fingerprint(),
-                        "rng": {
-                            "kind": "numpy default_rng keyed by [seed, task, stream]",
-                            "seed": ln.seed,
-                        },
-                    },
-                )
         # Drop this task's training data before the next task's is built (joint training:
         # otherwise both tasks' GBs are held at once).
         del arrays
-        opt_state, extra = _stack(new_opt), _stack(new_extra)
+        state = (params, _stack(new_opt), _stack(new_extra))
         yield t, lanes, random_init
     progress.close()
+
+
+def _fixed_option_notes(cfg: Config) -> list[str]:
+    """A line for each chosen preset that keeps its own value of a family-level option."""
+    notes = []
+    for name in cfg.methods:
+        method = cfg.method(name)
+        if not method.fixed or method.family not in METHODS:
+            continue
+        general = cfg.method(method.family).options  # the family's preset of its own name
+        for field in method.fixed:
+            mine, other = getattr(method.options, field), getattr(general, field)
+            if other != mine and f"{name}.{field}" not in cfg.method_options:
+                notes.append(
+                    f"[{name}] {field} = {mine!r}, fixed by the preset: {method.family}.{field} "
+                    f"= {other!r} applies to the other {method.family} methods; "
+                    f"set {name}.{field} to change it."
+                )
+    return notes
 
 
 def run(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
@@ -731,9 +828,12 @@ def run(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
         "scenario": _report.SCENARIO,
     }
     summaries: dict = {}
+    for note in _fixed_option_notes(cfg):
+        log(note)
     for name in cfg.methods:
-        method = METHODS[name]
-        groups = _seed_groups(cfg, method)
+        method = cfg.method(name)
+        streams: dict = {}  # built by _seed_groups, taken by the lanes: once per seed
+        groups = _seed_groups(cfg, method, streams)
         for seeds in [
             g for s in groups for g in split_by_resume_point(s, workdir, cfg, method.name, log)
         ]:
@@ -744,7 +844,7 @@ def run(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
                 matrices[name].append(None)
                 random_init[name].append(None)
             lanes: list[_Lane] = []
-            for t, lanes, b in _run_group(cfg, method, seeds, workdir, log):
+            for t, lanes, b in _run_group(cfg, method, seeds, workdir, log, streams):
                 for slot, ln, b_i in zip(slots, lanes, b, strict=True):
                     matrices[name][slot] = ln.R[: t + 1, : t + 1].copy()
                     random_init[name][slot] = b_i

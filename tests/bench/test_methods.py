@@ -1,10 +1,12 @@
 """Every registered method runs through the harness; method-specific state behaves."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 
-from rgo_jax.bench import train
+from rgo_jax.bench import _methods, cli, train
 from rgo_jax.bench._methods import METHODS
 
 TINY = dict(
@@ -47,10 +49,10 @@ def test_methods_resume_with_their_state(all_methods):
 def test_agem_memory_holds_each_task():
     from rgo_jax.bench._methods import TaskContext
 
-    method = METHODS["agem"]
     cfg = train.Config(**{**TINY, "num_tasks": 3}, method_options={"agem_per_task": 5})
+    method = cfg.method("agem")
     stream = train.build_stream(cfg, 0)
-    extra = method.init_extra(None, cfg, stream)
+    extra = method.init_extra(None, stream, cfg.run_info())
     assert extra["x"].shape == (15, 8, 8, 1)
     for t in range(2):
         x, y = stream.get_split(t, "train")
@@ -62,7 +64,7 @@ def test_agem_memory_holds_each_task():
             logits_fn=None,
             inputs_fn=None,
             rng=np.random.default_rng(t),
-            config=cfg,
+            run=cfg.run_info(),
         )
         _, extra = method.after_task(ctx, None, None, extra)
     assert int(extra["n"]) == 10
@@ -93,7 +95,13 @@ def test_gpm_threshold_rises_per_task_when_asked(monkeypatch, tmp_path):
     np.testing.assert_allclose(seen, [0.9, 0.96, 1.0])  # capped at 1
 
 
-@pytest.mark.parametrize("name", sorted(n for n, m in METHODS.items() if m.after_task))
+def _has_task_boundary_work(m):
+    return type(m).after_task is not _methods.Method.after_task
+
+
+@pytest.mark.parametrize(
+    "name", sorted(n for n, m in METHODS.items() if _has_task_boundary_work(m))
+)
 def test_after_task_keeps_no_reference_to_the_task_data(name):
     """JAX's caches must not keep a finished task's data alive (a leak of one training set
     per task and seed: EWC once grew by 0.35 GB per task on permuted MNIST)."""
@@ -102,13 +110,13 @@ def test_after_task_keeps_no_reference_to_the_task_data(name):
 
     from rgo_jax.bench._methods import TaskContext
 
-    method = METHODS[name]
     cfg = train.Config(**TINY)
+    method = cfg.method(name)
     stream = train.build_stream(cfg, 0)
     graphdef, params, rest = train._build(cfg, method, stream, 0)
     net = train._Net(graphdef, rest)
-    opt_state = method.make_tx(cfg).init(params)
-    extra = method.init_extra(params, cfg, stream)
+    opt_state = method.optimizer(cfg.run_info()).init(params)
+    extra = method.init_extra(params, stream, cfg.run_info())
     refs = []
     for t in range(2):
         x, y = stream.get_split(t, "train")
@@ -123,7 +131,7 @@ def test_after_task_keeps_no_reference_to_the_task_data(name):
             inputs_fn=net.inputs,
             curvature_logits_fn=net.reduced_logits,
             rng=np.random.default_rng(t),
-            config=cfg,
+            run=cfg.run_info(),
         )
         opt_state, extra = method.after_task(ctx, params, opt_state, extra)
         del ctx, x
@@ -135,12 +143,12 @@ def _ewc_fisher(kind: str, samples: int):
     """The Fisher that the harness's EWC stores after task 0 of the digits, by ``kind``."""
     from rgo_jax.bench._methods import TaskContext
 
-    method = METHODS["ewc"]
     cfg = train.Config(**TINY, method_options={"ewc_fisher": kind, "ewc_samples": samples})
+    method = cfg.method("ewc")
     stream = train.build_stream(cfg, 0)
     graphdef, params, rest = train._build(cfg, method, stream, 0)
     net = train._Net(graphdef, rest)
-    extra = method.init_extra(params, cfg, stream)
+    extra = method.init_extra(params, stream, cfg.run_info())
     x, y = stream.get_split(0, "train")
     ctx = TaskContext(
         task=0,
@@ -150,9 +158,9 @@ def _ewc_fisher(kind: str, samples: int):
         logits_fn=net.logits,
         inputs_fn=net.inputs,
         rng=np.random.default_rng(0),
-        config=cfg,
+        run=cfg.run_info(),
     )
-    _, extra = method.after_task(ctx, params, method.make_tx(cfg).init(params), extra)
+    _, extra = method.after_task(ctx, params, method.optimizer(cfg.run_info()).init(params), extra)
     return np.concatenate([np.ravel(v) for v in jax.tree.leaves(extra.fisher)])
 
 
@@ -168,3 +176,70 @@ def test_ewc_fisher_option_picks_the_estimator():
     assert np.corrcoef(sampled, exact)[0, 1] > 0.9
     # at random init the model is far from the labels: the empirical Fisher differs
     assert not np.allclose(empirical, exact, rtol=0.1)
+
+
+def test_options_are_addressed_per_family_and_per_preset():
+    cfg = train.Config(
+        **TINY,
+        methods=("rgo", "rgo-sample", "rgo-alpha1", "ewc"),
+        method_options={"rgo.alpha": 0.1, "ewc.lambda": 3.0},
+    )
+    assert cfg.method("rgo").options == _methods.RGOOptions(alpha=0.1, consolidation_batches=20)
+    assert cfg.method("rgo-sample").options.alpha == 0.1
+    assert cfg.method("ewc").options.lambda_ == 3.0
+    # rgo-alpha1 fixes alpha = 1: the family's value does not apply to it, and the run says so
+    assert cfg.method("rgo-alpha1").options.alpha == 1.0
+    (note,) = train._fixed_option_notes(cfg)
+    assert "[rgo-alpha1] alpha = 1.0" in note and "rgo-alpha1.alpha" in note
+    # ...unless the preset itself is addressed: an override
+    cfg = train.Config(**TINY, methods=("rgo-alpha1",), method_options={"rgo-alpha1.alpha": 0.5})
+    assert cfg.method("rgo-alpha1").options.alpha == 0.5
+    assert train._fixed_option_notes(cfg) == []
+    # a preset's options are its own: the registered instance is unchanged
+    assert _methods.get_method("rgo-alpha1").options.alpha == 1.0
+
+
+def test_each_spelling_of_an_option_gives_one_configuration():
+    """Addressed names and the earlier flat names are one option: same fingerprint and file."""
+
+    def cfg(*argv):
+        return cli.config_from_args(cli._parser().parse_args(["--methods", "rgo,ewc", *argv]))
+
+    flat = cfg("--alpha", "0.1", "--consolidation-batches", "7", "--option", "ewc_lambda=3")
+    addressed = cfg(
+        "--option", "rgo.alpha=0.1", "--option", "rgo.consolidation_batches=7",
+        "--option", "ewc.lambda=3",
+    )  # fmt: skip
+    assert addressed.to_dict() == flat.to_dict()
+    assert addressed.fingerprint() == flat.fingerprint()
+    assert (addressed.alpha, addressed.consolidation_batches) == (0.1, 7)
+    assert addressed.method_options == {"ewc_lambda": 3.0}
+    python = train.Config(methods=("rgo", "ewc"), method_options={"ewc.lambda": 3.0})
+    assert python.method_options == {"ewc_lambda": 3.0}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--methods", "rgo,sgd", "--option", "ewc.lambda=3"], "applies to none of the methods"),
+        (["--option", "rgo.lambda=3"], "rgo has no option 'lambda'; its options: rgo.alpha"),
+        (["--option", "sgd.lr=3"], "Method 'sgd' has no options"),
+        (["--option", "adam.beta=3"], "Unknown method option 'adam.beta'"),
+        (["--methods", "ewc", "--option", "ewc.fisher=x"], "'ewc.fisher' must be one of exact"),
+        (["--methods", "gpm", "--option", "gpm.samples=2.5"], "'gpm.samples' must be an integer"),
+        (["--alpha", "0.1", "--option", "rgo.alpha=0.2"], "contradicts --alpha 0.1"),
+        (["--option", "rgo.alpha=-1"], "alpha must be positive"),
+    ],
+)
+def test_an_option_the_chosen_methods_lack_is_an_error(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        cli.config_from_args(cli._parser().parse_args(argv))
+
+
+def test_methods_read_only_what_the_run_tells_them():
+    """No hook gets the harness Config: EWC's Fisher loop follows ``RunInfo.convolutional``."""
+    fields = {f.name for f in dataclasses.fields(_methods.TaskContext)}
+    assert "config" not in fields and "run" in fields
+    mlp, alexnet = train.Config(**TINY).run_info(), train.Config(model="alexnet").run_info()
+    assert (mlp.convolutional, alexnet.convolutional) == (False, True)
+    assert (mlp.batch_size, mlp.num_tasks, mlp.learning_rate) == (10, 2, 0.1)

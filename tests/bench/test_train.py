@@ -330,3 +330,56 @@ def test_initialisation_is_a_protocol_key_that_older_runs_read_as_flax_default()
     got = dict(nnx.to_flat_state(params))
     for path, v in nnx.to_flat_state(nnx.state(want, nnx.Param)):
         np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(v[...]))
+
+
+def test_published_runs_keep_their_fingerprint():
+    """Every published run's configuration hashes as the versions that wrote it hashed it
+    (their formula applied to the stored ``config.json``), so its checkpoints still resume."""
+    import hashlib
+
+    defaults = {
+        f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+        for f in dataclasses.fields(train.Config)
+    }
+    root = Path(__file__).parents[2] / "benchmarks" / "results"
+    checked = 0
+    for path in sorted(root.glob("*/config.json")):
+        raw = json.loads(path.read_text())
+        if "merged_from" in raw:  # a merged report, not a run
+            continue
+        # keys missing from the oldest files read as today's defaults
+        stored = {k: raw.get(k, v) for k, v in defaults.items()}
+        old = {
+            k: v
+            for k, v in stored.items()
+            if k not in train.OUTPUT_KEYS and train.ADDED_KEYS.get(k, object()) != v
+        }
+        want = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+        tupled = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
+        assert train.Config(**tupled).fingerprint() == want, path
+        checked += 1
+    assert checked >= 30
+
+
+def test_each_seed_stream_is_built_once_per_method(tmp_path, monkeypatch):
+    """Grouping the seeds measures the first seed's stream; its lane reuses that one."""
+    built = []
+    real = train.build_stream
+
+    def counting(cfg, seed):
+        built.append(seed)
+        return real(cfg, seed)
+
+    monkeypatch.setattr(train, "build_stream", counting)
+    cfg = train.Config(
+        benchmark="permuted_digits",
+        methods=("sgd", "stl"),
+        num_tasks=2,
+        steps_per_task=5,
+        hidden=(8,),
+        seeds=(0, 1),
+        plots=False,
+        checkpoint=False,
+    )
+    train.run(cfg, tmp_path, log=lambda *a: None)
+    assert built == [0, 1, 0, 1]

@@ -32,23 +32,23 @@ def _after_first_task(cfg, method, net, params, state, stream):
         logits_fn=net.logits,
         inputs_fn=net.inputs,
         rng=np.random.default_rng(0),
-        config=cfg,
+        run=cfg.run_info(),
     )
     vecs = _methods.rgo_consolidation_vectors(
         ctx, params, per_sample=False, num_batches=40, batch_size=10
     )
-    return _transform.consolidate(state, vecs, cfg.alpha)
+    return _transform.consolidate(state, vecs, method.options.alpha)
 
 
 def _train_task_1(method_name, steps=30, **options):
     cfg = train.Config(**BASE, methods=(method_name,), **options)
-    method = train.METHODS[method_name]
+    method = cfg.method(method_name)
     stream = train.build_stream(cfg, 0)
     graphdef, params, rest = train._build(cfg, method, stream, 0)
     net = train._Net(graphdef, rest)
-    tx = method.make_tx(cfg)
+    tx = method.optimizer(cfg.run_info())
     state = tx.init(params)
-    if method.after_task is not None:
+    if method.family == "rgo":
         state = _after_first_task(cfg, method, net, params, state, stream)
     x, y = stream.get_split(1, "train")
     n, c = len(y), stream.num_classes
@@ -126,7 +126,7 @@ def test_reduced_cotangents_give_the_same_curvature_vectors(name, shape, per_sam
             inputs_fn=net.inputs,
             rng=np.random.default_rng(1),
             # uneven chunks (30 + 30 + 10 batches) for the fast path, one chunk for the plain
-            config=train.Config(vector_chunk=30 if fast else 70),
+            run=train.Config(vector_chunk=30 if fast else 70).run_info(),
             curvature_logits_fn=net.reduced_logits if fast else None,
         )
         return _methods.rgo_consolidation_vectors(
