@@ -90,8 +90,7 @@ def main() -> None:
         runs = f"- command: `{args.command[0]}`\n- commit: `{commits[0]}`\n"
     else:
         runs = (
-            f"- merged from {len(srcs)} runs (`rgo_jax.bench.merge_run_reports`), "
-            "in this order:\n"
+            f"- merged from {len(srcs)} runs (`rgo_jax.bench.merge_run_reports`), in this order:\n"
         )
         runs += "".join(
             f"  - `{c}` at commit `{k}`\n" for c, k in zip(args.command, commits, strict=True)

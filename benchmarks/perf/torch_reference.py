@@ -47,7 +47,9 @@ class MLP(nn.Module):
     def __init__(self, hidden=(256, 256), in_features=784, classes=10, projected=None):
         super().__init__()
         dims = (in_features, *hidden)
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.hidden = nn.ModuleList(
+            nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True)
+        )
         self.head = nn.Linear(dims[-1], classes)
         self.projected = projected  # {weight: P}: input-side projection in the backward pass
         self.perms = None  # [layers] of [tasks, width] permutations, or None (no FEL)
@@ -160,7 +162,7 @@ def _weights(z, y):
 def curvature_vectors_loop(model, xs, ys, task=0):
     """Straightforward: one backward pass per batch; ``{param: [n, d]}`` vectors."""
     out = {w: [] for w in model.parameters()}
-    for x, y in zip(xs, ys):
+    for x, y in zip(xs, ys, strict=True):
         z = model(x, task)
         f = (_weights(z, y) * z.gather(1, y[:, None])[:, 0]).sum()
         model.zero_grad(set_to_none=True)
@@ -196,7 +198,7 @@ def curvature_vectors_batched(model, xs, ys, task=0):
     f.backward()
     vecs = {}
     with torch.no_grad():
-        for layer, xi, zi in zip(model.layers(), inputs, outs):
+        for layer, xi, zi in zip(model.layers(), inputs, outs, strict=True):
             delta = zi.grad  # [n B, out]
             vecs[layer.weight] = (delta.mean(1, keepdim=True) * xi).reshape(n, b, -1).sum(1)
             vecs[layer.bias] = delta.reshape(n, b, -1).sum(1)
