@@ -32,7 +32,11 @@ _T_START = time.perf_counter()
 
 import argparse  # noqa: E402
 import gzip  # noqa: E402
+import os  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+# Passive OpenMP threads: spinning ones made the MLP step 200x slower on a loaded machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
