@@ -32,6 +32,7 @@ minutes on a quiet machine). Results: ``benchmarks/results/perf/compare_torch.{j
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -47,6 +48,7 @@ import optax
 from flax import nnx
 
 import rgo_jax
+from rgo_jax.bench._profile import format_profile
 from rgo_jax.bench.models import build_model
 
 HERE = Path(__file__).resolve().parent
@@ -207,9 +209,13 @@ def _run(cmd: list[str], env: dict) -> float:
     return wall
 
 
-def time_to_result(data_dir: str, reps: int, tasks=(1, 4)) -> dict:
-    """Fresh-process wall time of rgo-bench (cold and warm compilation cache) and PyTorch."""
+def time_to_result(data_dir: str, reps: int, tasks=(1, 4)) -> tuple[dict, dict]:
+    """Fresh-process wall time of rgo-bench (cold and warm compilation cache) and PyTorch.
+
+    Returns the timings and the harness's ``--profile`` breakdowns of the first repetition.
+    """
     out: dict[str, list[float]] = {}
+    profiles: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, PYTHONPATH=str(C.REPO))
         for rep in range(reps):
@@ -230,23 +236,29 @@ def time_to_result(data_dir: str, reps: int, tasks=(1, 4)) -> dict:
                     "--input-projection",
                     "--no-checkpoint",
                     "--no-plots",
+                    "--profile",
                     "--data-dir",
                     data_dir,
                     "--out",
                     str(Path(tmp) / f"run_{rep}_{n}"),
                 ]
                 jenv = dict(env, RGO_JAX_COMPILATION_CACHE=str(cache))
+                prof = Path(jax_cmd[-1]) / "profile.json"
                 out.setdefault(f"jax_{n}_cold", []).append(_run(jax_cmd, jenv))
+                if rep == 0:
+                    profiles[f"jax_{n}_cold"] = json.loads(prof.read_text())
                 torch_cmd = [sys.executable, str(HERE / "torch_reference.py")]
                 torch_cmd += ["--data-dir", data_dir, "--tasks", str(n)]
                 out.setdefault(f"torch_{n}", []).append(_run(torch_cmd, env))
                 out.setdefault(f"jax_{n}_warm", []).append(_run(jax_cmd, jenv))
+                if rep == 0:
+                    profiles[f"jax_{n}_warm"] = json.loads(prof.read_text())
                 print(
                     f"  [ttr] rep {rep} tasks {n}: "
                     + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in out.items() if f"_{n}" in k),
                     flush=True,
                 )
-    return {k: C.summarize(v) for k, v in out.items()}
+    return {k: C.summarize(v) for k, v in out.items()}, profiles
 
 
 ROWS = [
@@ -282,7 +294,7 @@ ROWS = [
 ]
 
 
-def markdown(res: dict, quick: bool, load: list[float]) -> str:
+def markdown(res: dict, quick: bool, load: list[float], profiles: dict) -> str:
     rows = []
     for label, j, t in ROWS:
         if j not in res or t not in res:
@@ -316,6 +328,10 @@ def markdown(res: dict, quick: bool, load: list[float]) -> str:
             "",
             C.md_table(["measure", "rgo_jax", "PyTorch", "ratio (median)", "ratio (min)"], rows),
             slope,
+            *(
+                f"\n### `--profile` of the first {k} run\n\n```{format_profile(v)}\n```"
+                for k, v in profiles.items()
+            ),
         ]
     )
 
@@ -345,13 +361,16 @@ def main() -> None:
         for k, v in part.items():
             print(f"  {k:38s} {C.fmt_s(v['median_s']):>10s}", flush=True)
         res |= part
+    profiles: dict = {}
     if not args.no_ttr:
         print("[compare_torch] time to result ...", flush=True)
-        res |= time_to_result(args.data_dir, 1 if args.quick else 3)
+        ttr, profiles = time_to_result(args.data_dir, 1 if args.quick else 3)
+        res |= ttr
     load = [load0, os.getloadavg()[0]]
-    md = markdown(res, args.quick, load)
+    md = markdown(res, args.quick, load, profiles)
     print(md)
-    path = C.write_results(args.out, prov, {"results": res, "quick": args.quick}, md)
+    data = {"results": res, "quick": args.quick, "profiles": profiles}
+    path = C.write_results(args.out, prov, data, md)
     print(f"[compare_torch] wrote {path}")
 
 

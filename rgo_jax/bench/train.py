@@ -28,7 +28,7 @@ from flax import nnx
 
 from rgo_jax._fast_curvature import use_reduced_kernel_gradients
 from rgo_jax._input_projection import input_projection_matrices, use_input_projection
-from rgo_jax.bench import _report, data, models
+from rgo_jax.bench import _profile, _report, data, models
 from rgo_jax.bench._checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
 from rgo_jax.bench._methods import (
     METHODS,
@@ -570,6 +570,7 @@ def _run_group(cfg: Config, method: Method, seeds: tuple[int, ...], workdir: Pat
     Yields ``(t, lanes, random_init)`` after every task. Consolidation, evaluation and
     checkpoints are per seed (one checkpoint directory per seed, as in a sequential run).
     """
+    _profile.lap("setup (data, model)")
     lanes = [_Lane(cfg, method, seed, workdir) for seed in seeds]
     T = lanes[0].T
     net = _Net(lanes[0].graphdef, lanes[0].rest)
@@ -584,6 +585,7 @@ def _run_group(cfg: Config, method: Method, seeds: tuple[int, ...], workdir: Pat
         )
 
     params, opt_state, extra = fresh()
+    _profile.lap("evaluation (initial)")
     random_init = [
         np.array(
             [
@@ -630,6 +632,7 @@ def _run_group(cfg: Config, method: Method, seeds: tuple[int, ...], workdir: Pat
     for t in range(start, T):
         if method.fresh_network_per_task and t > 0:
             params, opt_state, extra = fresh()
+        _profile.lap("data", t)
         arrays = [_task_arrays(ln.stream, t, cfg, method) for ln in lanes]
         idx = np.stack(
             [
@@ -643,6 +646,7 @@ def _run_group(cfg: Config, method: Method, seeds: tuple[int, ...], workdir: Pat
             jax.device_put(np.stack(col) if len(col) > 1 else col[0][None])
             for col in zip(*arrays, strict=True)
         )
+        _profile.lap("train", t)
         for lo in range(0, cfg.steps_per_task, cfg.chunk_steps):
             sl = jnp.asarray(idx[:, lo : lo + cfg.chunk_steps])
             steps = jnp.broadcast_to(
@@ -656,6 +660,7 @@ def _run_group(cfg: Config, method: Method, seeds: tuple[int, ...], workdir: Pat
         new_opt, new_extra = [], []
         for i, ln in enumerate(lanes):
             p_i, o_i, e_i = _unstack(params, i), _unstack(opt_state, i), _unstack(extra, i)
+            _profile.lap("task boundary", t)
             if method.after_task is not None:
                 ctx = TaskContext(
                     task=t,
@@ -674,11 +679,13 @@ def _run_group(cfg: Config, method: Method, seeds: tuple[int, ...], workdir: Pat
             new_extra.append(e_i)
             if method.fresh_network_per_task:
                 ln.per_task.append(p_i)
+            _profile.lap("evaluation", t)
             for j in range(min(t + 2, T)):
                 pj = ln.per_task[j] if (method.fresh_network_per_task and j <= t) else p_i
                 ln.R[t, j] = _evaluate(
                     correct, pj, *ln.test_split(j), ln.masks[j], j, cfg.eval_batch_size
                 )
+            _profile.lap("checkpoint", t)
             if cfg.checkpoint:
                 save_checkpoint(
                     ln.ckpt_root / f"task_{t:03d}",
@@ -738,6 +745,7 @@ def run(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
                 for slot, ln, b_i in zip(slots, lanes, b, strict=True):
                     matrices[name][slot] = ln.R[: t + 1, : t + 1].copy()
                     random_init[name][slot] = b_i
+                _profile.lap("report", t)
                 summaries = _report.write_run_report(
                     workdir,
                     config=config,
