@@ -31,9 +31,14 @@ minutes on a quiet machine). Results: ``benchmarks/results/perf/compare_torch.{j
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
+
+# Before anything loads an OpenMP runtime (scikit-learn does, via the harness): PyTorch's
+# threads then wait passively (torch_reference sets the same when it runs alone).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
 import subprocess
 import sys
 import tempfile
@@ -95,7 +100,7 @@ def steps_row(rounds: int, budget: float) -> dict:
     }
     built = {k: C._Case(*v) for k, v in jax_cases.items()}
     tm, tps = _torch_model((256, 256))
-    tx = torch.from_numpy(np.asarray(x).reshape(10, -1))
+    tx = torch.from_numpy(np.array(x).reshape(10, -1))
     ty = torch.from_numpy(np.asarray(y).astype(np.int64))
 
     def t_input():
@@ -124,7 +129,7 @@ def wide_row(rounds: int, budget: float, width: int = 2048) -> dict:
     rgo = rgo_jax.rgo(LR)
     case = C._Case(_step(rgo, ce), (params, rgo.init(params), x, y), (0, 1))
     tm, tps = _torch_model((width, width))
-    tx = torch.from_numpy(np.asarray(x).reshape(10, -1))
+    tx = torch.from_numpy(np.array(x).reshape(10, -1))
     ty = torch.from_numpy(np.asarray(y).astype(np.int64))
     samples, _ = C.time_calls(
         {
@@ -176,7 +181,7 @@ def consolidation_rows(rounds: int, budget: float, batches: int = 1000) -> dict:
     public()  # compiles both
     first_s = time.perf_counter() - t0
     tm, tps = _torch_model((256, 256))
-    txs = torch.from_numpy(np.asarray(xs).reshape(batches, 10, -1))
+    txs = torch.from_numpy(np.array(xs).reshape(batches, 10, -1))
     tys = torch.from_numpy(np.asarray(ys).astype(np.int64))
     tvecs = T.curvature_vectors_batched(tm, txs, tys)
 
