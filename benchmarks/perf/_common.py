@@ -150,6 +150,52 @@ class _Case:
         _block(out)
 
 
+def time_calls(
+    calls: dict[str, Callable[[], Any]],
+    *,
+    rounds: int = 15,
+    min_sample_s: float = 0.005,
+    max_total_s: float = 30.0,
+) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Interleaved samples of ready-to-run calls (each must block until its result is done).
+
+    The protocol of the module docstring without the compilation: each call is made once to
+    calibrate ``inner`` (calls per sample), then ``rounds`` rounds run every call in turn.
+
+    Returns:
+      ``(samples, inner)``: name -> list of seconds per call, name -> calls per sample.
+    """
+    inner, samples = {}, {name: [] for name in calls}
+    per_round = 0.0
+    for name, call in calls.items():  # calibrate the number of calls per sample
+        t0 = time.perf_counter()
+        call()
+        one = max(time.perf_counter() - t0, 1e-7)
+        inner[name] = max(1, min(1000, math.ceil(min_sample_s / one)))
+        per_round += inner[name] * one
+    rounds = max(3, min(rounds, int(max_total_s / max(per_round, 1e-9))))
+    for _ in range(rounds):
+        for name, call in calls.items():
+            k = inner[name]
+            t0 = time.perf_counter()
+            for _ in range(k):
+                call()
+            samples[name].append((time.perf_counter() - t0) / k)
+    return samples, inner
+
+
+def summarize(samples: Sequence[float]) -> dict[str, Any]:
+    """Median, min and quartiles of timing samples (seconds)."""
+    s = np.asarray(samples)
+    return {
+        "median_s": float(np.median(s)),
+        "min_s": float(np.min(s)),
+        "q25_s": float(np.percentile(s, 25)),
+        "q75_s": float(np.percentile(s, 75)),
+        "samples": len(s),
+    }
+
+
 def time_cases(
     cases: dict[str, tuple],
     *,
@@ -174,33 +220,18 @@ def time_cases(
       ``compile_s``, ``trace_s``, ``first_call_s``, ``xla_flops`` and ``temp_bytes``.
     """
     built = {name: _Case(*spec) for name, spec in cases.items()}
-    inner, samples = {}, {name: [] for name in built}
-    per_round = 0.0
-    for name, c in built.items():  # calibrate the number of calls per sample
-        t0 = time.perf_counter()
-        c.call()
-        one = max(time.perf_counter() - t0, 1e-7)
-        inner[name] = max(1, min(1000, math.ceil(min_sample_s / one)))
-        per_round += inner[name] * one
-    rounds = max(3, min(rounds, int(max_total_s / max(per_round, 1e-9))))
-    for _ in range(rounds):
-        for name, c in built.items():
-            k = inner[name]
-            t0 = time.perf_counter()
-            for _ in range(k):
-                c.call()
-            samples[name].append((time.perf_counter() - t0) / k)
+    samples, inner = time_calls(
+        {name: c.call for name, c in built.items()},
+        rounds=rounds,
+        min_sample_s=min_sample_s,
+        max_total_s=max_total_s,
+    )
     out = {}
     for name, c in built.items():
         if outputs is not None:
             outputs[name] = c.last
-        s = np.asarray(samples[name])
         out[name] = {
-            "median_s": float(np.median(s)),
-            "min_s": float(np.min(s)),
-            "q25_s": float(np.percentile(s, 25)),
-            "q75_s": float(np.percentile(s, 75)),
-            "samples": len(s),
+            **summarize(samples[name]),
             "inner": inner[name],
             "compile_s": c.compile_s,
             "trace_s": c.trace_s,

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from rgo_jax.bench import _profile
 from rgo_jax.bench._methods import METHODS, OPTION_ALIASES, option_help
 from rgo_jax.bench._rundir import end_progress_bars, interrupted_message
 from rgo_jax.bench._validate import RunError, check_fields, config_root
@@ -138,6 +139,18 @@ def _parser() -> argparse.ArgumentParser:
         "the same update, much faster for wide layers and small batches",
     )
     p.add_argument("--no-plots", action="store_true", help="do not draw PNG plots")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="print where the time went (import, data, compilation per function, train, "
+        "task boundary, evaluation, checkpoint, report, per task); also OUT/profile.json",
+    )
+    p.add_argument(
+        "--compilation-cache",
+        metavar="DIR|off",
+        help=f"JAX persistent compilation cache (default ${_profile.CACHE_ENV} or "
+        "~/.cache/rgo_jax/jax_compilation_cache; off disables it)",
+    )
     p.add_argument("--list", action="store_true", help="list benchmarks and methods, then exit")
     return p
 
@@ -235,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         print("method options (--option KEY=VALUE):", option_help())
         return 0
     cfg = config_from_args(args)
+    _profile.enable_compilation_cache(_profile.compilation_cache_dir(args.compilation_cache))
+    if args.profile:
+        _profile.start()
     try:
         run(cfg, args.out)
     except (FileNotFoundError, RunError) as err:
@@ -245,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         end_progress_bars()
         print(interrupted_message(args.out, cfg.checkpoint), file=sys.stderr)
         return 130
+    if args.profile:
+        print(_profile.finish(args.out))
     print(f"\nResults in {args.out}/ (summary.md, results.json, *.png, checkpoints/)")
     return 0
 

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rgo_jax.bench import _report, data, models
+from rgo_jax.bench import _profile, _report, data, models
 from rgo_jax.bench._checkpoint import latest_good_checkpoint, restore_checkpoint, save_checkpoint
 from rgo_jax.bench._methods import (
     METHODS,
@@ -683,6 +683,7 @@ def _train_task(group: _Group, chunk_fn, t: int, arrays, state, progress):
         jax.device_put(np.stack(col) if len(col) > 1 else col[0][None])
         for col in zip(*arrays, strict=True)
     )
+    _profile.lap("train", t)
     for lo in range(0, cfg.steps_per_task, cfg.chunk_steps):
         sl = jnp.asarray(idx[:, lo : lo + cfg.chunk_steps])
         steps = jnp.broadcast_to(jnp.arange(lo, lo + sl.shape[1], dtype=jnp.int32), sl.shape[:2])
@@ -750,9 +751,11 @@ def _run_group(
     checkpoints are per seed (one checkpoint directory per seed, as in a sequential run).
     ``streams`` may hold already built streams by seed (each is taken by its lane).
     """
+    _profile.lap("setup (data, model)")
     group = _set_up_lanes(cfg, method, seeds, workdir, {} if streams is None else streams)
     lanes, T = group.lanes, group.T
     state = group.fresh_state()
+    _profile.lap("evaluation (initial)")
     random_init = [np.array([group.accuracy(ln, ln.params0, j) for j in range(T)]) for ln in lanes]
     start, state = _resume(group, state, log)
     if start >= T:  # finished earlier: report the restored results
@@ -770,14 +773,18 @@ def _run_group(
     for t in range(start, T):
         if method.fresh_network_per_task and t > 0:
             state = group.fresh_state()
+        _profile.lap("data", t)
         arrays = [_task_arrays(ln.stream, t, cfg, method) for ln in lanes]
         params, opt_state = _train_task(group, chunk_fn, t, arrays, state, progress)
         extra = state[2]
         new_opt, new_extra = [], []
         for i, ln in enumerate(lanes):
             p_i, o_i, e_i = _unstack(params, i), _unstack(opt_state, i), _unstack(extra, i)
+            _profile.lap("task boundary", t)
             o_i, e_i = _end_task(group, t, ln, arrays[i], p_i, o_i, e_i)
+            _profile.lap("evaluation", t)
             _evaluate_task(group, t, ln, p_i)
+            _profile.lap("checkpoint", t)
             _save_task(group, t, ln, p_i, o_i, e_i)
             new_opt.append(o_i)
             new_extra.append(e_i)
@@ -848,6 +855,7 @@ def run(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
                 for slot, ln, b_i in zip(slots, lanes, b, strict=True):
                     matrices[name][slot] = ln.R[: t + 1, : t + 1].copy()
                     random_init[name][slot] = b_i
+                _profile.lap("report", t)
                 summaries = write_report(
                     workdir,
                     previous,

@@ -76,3 +76,22 @@ def test_state_can_be_donated(make):
     step = jax.jit(step, donate_argnums=(0, 1))
     p, s = step(params, tx.init(params))  # no "donate the same buffer twice"
     assert jax.tree.leaves(p)[0].shape == (3, 2)
+
+
+def test_gpm_update_under_vmap_with_different_ranks_per_lane():
+    # The harness vmaps the step over seeds: each lane has its own rank (a batched trip count).
+    rng = np.random.default_rng(3)
+    d, m = 140, 3
+    tx = scale_by_gpm()
+    params = {"w": jnp.zeros((d, m))}
+    lanes = []
+    for k in (0, 37, 140):
+        q = jnp.asarray(_padded_basis(rng, (), d, k), jnp.float32)
+        lanes.append(tx.init(params)._replace(bases={"w": q}, rank={"w": jnp.int32(k)}))
+    g = jnp.asarray(rng.normal(size=(3, d, m)), jnp.float32)
+    state = jax.tree.map(lambda *xs: jnp.stack(xs), *lanes)
+    out, _ = jax.jit(jax.vmap(tx.update))({"w": g}, state)
+    for i, lane in enumerate(lanes):
+        q = np.asarray(lane.bases["w"], np.float64)
+        gi = np.asarray(g[i], np.float64)
+        np.testing.assert_allclose(np.asarray(out["w"][i]), gi - q @ (q.T @ gi), atol=2e-5)
