@@ -126,7 +126,7 @@ def run(steps: int = 3) -> dict:
         vectors = {k: global_batch(v[::-1].copy()) for k, v in v_all.items()}
         state = rgo_jax.consolidate(state, vectors, alpha=1.0)
         p = rgo_jax.rgo_states(state)[0].p
-        layout = {k: str(v.sharding.spec) for k, v in p.items()}
+        layout = {k: str(tuple(v.sharding.spec)) for k, v in p.items()}
 
     def gather(a):  # the global value of a (possibly cross-process) array, on every host
         return multihost_utils.process_allgather(a, tiled=True)
