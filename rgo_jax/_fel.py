@@ -192,8 +192,10 @@ class FEL(nnx.Module):
     ):
         key = _as_key(seed)
         index = _check_index("layer", layer)
-        concrete = not isinstance(index, jax.core.Tracer)
-        self.layer = int(index) if concrete else None  # the id when known (None if traced)
+        if isinstance(layer, (int, np.integer)):
+            self.layer = int(layer)  # the id when known (also under nnx.eval_shape)
+        else:
+            self.layer = None if isinstance(layer, jax.core.Tracer) else int(index)
         self.identity_first_task = identity_first_task
         self.impl = str(jax.random.key_impl(key))
         self.key = FELKey(jax.random.key_data(jax.random.fold_in(key, index)))

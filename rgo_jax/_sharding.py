@@ -1,13 +1,19 @@
 """Data-parallel RGO across devices with ``jax.sharding``.
 
 The recipe: one 1-D device mesh; the batch sharded along its leading axis; parameters and
-optimizer state replicated (or, for large P, P sharded by rows). A ``jax.jit``-ed training
-step written for one device then runs data-parallel unchanged: XLA's SPMD partitioner
-reduces the gradients (and the batch-summed curvature vectors) across devices where the
-loss sums over the sharded batch, and applies the replicated (or row-sharded) P locally.
-Nothing in the step needs to name a device or call a collective. With row-sharded P the
-projected update comes out row-sharded too, and the parameters would follow it: pin the
-step's outputs with ``jax.jit(step, out_shardings=shardings_of((params, opt_state)))``.
+optimizer state replicated (or, for large P, P sharded by rows; :func:`state_shardings`
+gives every leaf of the state its sharding). A ``jax.jit``-ed training step written for one
+device then runs data-parallel unchanged: XLA's SPMD partitioner reduces the gradients
+(and the batch-summed curvature vectors) across devices where the loss sums over the
+sharded batch, and applies the replicated (or row-sharded) P locally. Nothing in the step
+needs to name a device or call a collective.
+
+Meshes with Explicit axes (``jax.make_mesh``'s default, and :func:`data_mesh`'s), Auto
+meshes and ``shard_map`` all work: the projection, the consolidation kernels and the FEL
+gather pass through :func:`sharding_boundary`. On an Explicit mesh the projected update
+keeps the gradient's sharding; on an Auto mesh it comes out row-sharded with row-sharded
+P, so pin the step's outputs with
+``jax.jit(step, out_shardings=shardings_of((params, opt_state)))``.
 
 Examples:
   >>> import jax, jax.numpy as jnp
@@ -37,7 +43,6 @@ __all__ = [
     "replicate_state",
     "shard_batch",
     "shard_projection_rows",
-    "sharding_boundary",
     "shardings_of",
     "state_shardings",
 ]
@@ -273,6 +278,16 @@ def _vma(x: Any) -> frozenset:
     return frozenset(mat.varying if mat is not None else getattr(aval, "vma", None) or ())
 
 
+def _vary(x: jax.Array, axes: frozenset) -> jax.Array:
+    """``x`` cast to vary over the Manual ``axes`` too (``pcast``; ``pvary`` on older jax)."""
+    if not axes:
+        return x
+    axes = tuple(sorted(axes))
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(x, axes, to="varying")
+    return jax.lax.pvary(x, axes)
+
+
 def sharding_boundary(like: int) -> Callable:
     """Makes a kernel sharding-agnostic at its boundary (Auto, Explicit, ``shard_map``).
 
@@ -300,10 +315,7 @@ def sharding_boundary(like: int) -> Callable:
                 if not varying:
                     return fn(*args)
                 args = list(args)
-                args[like] = jax.tree.map(
-                    lambda x: jax.lax.pcast(x, tuple(sorted(varying - _vma(x))), to="varying"),
-                    args[like],
-                )
+                args[like] = jax.tree.map(lambda x: _vary(x, varying - _vma(x)), args[like])
                 return fn(*args)
 
             def spec(x):

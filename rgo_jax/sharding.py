@@ -1,4 +1,4 @@
-"""Multi-device helpers for RGO: a data mesh, sharded batches, replicated or row-sharded P."""
+"""Multi-device helpers for RGO: data mesh, sharded batches, row-sharded P, state shardings."""
 
 from rgo_jax._sharding import DATA_AXIS as DATA_AXIS
 from rgo_jax._sharding import data_mesh as data_mesh

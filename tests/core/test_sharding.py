@@ -1,12 +1,12 @@
 """Sharded RGO on 4 host devices: Auto and Explicit meshes, and inside ``shard_map``.
 
-Every result is compared with the same computation on one device. Bitwise-equal paths
-(checked with ``assert_array_equal``): FEL on a sharded feature axis, and consolidation with
-batch-sharded vectors (XLA gathers the vectors and runs the one-device kernel). The others
-reduce over devices in another order or split P's products and are compared with
-``rtol=1e-5, atol=1e-6`` (steps) and ``rtol=1e-4, atol=1e-6`` (consolidation with
-row-sharded P), the float32 tolerances of the existing one-device tests.
-"""
+Every result is compared with the same computation on one device. FEL on a sharded feature
+axis is checked bitwise (``assert_array_equal``: a permutation only moves values). The
+others reduce over devices in another order or split P's products: steps are compared with
+``rtol=1e-5, atol=1e-6`` and consolidations with ``rtol=1e-4, atol=1e-6``. Measured on jax
+0.10.2 (max abs difference): steps 3e-8, block consolidation 3e-8 (batch-sharded vectors)
+and 2e-8 (row-sharded P), sequential consolidation 0 (batch-sharded vectors, bitwise) and
+4e-9 (row-sharded P), the same on Auto and Explicit meshes."""
 
 import jax
 import jax.numpy as jnp
@@ -170,7 +170,7 @@ def test_consolidation_with_batch_sharded_vectors(prob, ref_p, kind, method):
     assert np.abs(np.asarray(rgo_jax.rgo_states(out)[0].p["l1"]["kernel"]) - before).max() > 1e-3
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", STEP_KINDS)
 def test_row_sharded_projection_step_and_consolidation(prob, ref_step, ref_p, kind):
     mesh = make_mesh(kind)
     rows = P("data", None)
