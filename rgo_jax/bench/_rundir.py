@@ -55,7 +55,16 @@ def _fmt(v: Any) -> str:
 
 
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """``"key: old -> new"`` for every protocol key that differs between two JSON configs."""
+    """``"key: old -> new"`` for every protocol key that differs between two JSON configs.
+
+    Keys that do not change the numbers (:data:`rgo_jax.bench.train.OUTPUT_KEYS`) are not
+    compared; a key an older run lacks reads as its value in
+    :data:`rgo_jax.bench.train.ADDED_KEYS`.
+
+    Examples:
+      >>> config_changes({"steps_per_task": 1000, "seeds": [0]}, {"steps_per_task": 500})
+      ['steps_per_task: 1000 -> 500']
+    """
     a, b = _protocol(old), _protocol(new)
     return [f"{k}: {_fmt(a[k])} -> {_fmt(b[k])}" for k in a if a[k] != b[k]]
 

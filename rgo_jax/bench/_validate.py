@@ -234,6 +234,14 @@ def check_finite_losses(losses: Any, method: str, seeds: Sequence[int], task: in
       losses: the chunk's losses, ``[len(seeds), steps]``.
       method, seeds, task: what ran (for the message).
       step0: the step (within the task) of the chunk's first loss.
+
+    Examples:
+      >>> import numpy as np
+      >>> check_finite_losses(np.array([[0.5, 0.4]]), "sgd", (0,), 2, 100)  # finite: silent
+      >>> check_finite_losses(np.array([[0.5, np.nan]]), "sgd", (0,), 2, 100)
+      Traceback (most recent call last):
+      ...
+      rgo_jax.bench._validate.NonFiniteError: method sgd, seed 0, task 2, step 101: ...
     """
     values = np.asarray(losses)
     bad = ~np.isfinite(values)
