@@ -277,8 +277,8 @@ def interrupted_message(workdir: str | Path, checkpoint: bool = True) -> str:
         last = None
         for method, entry in results["methods"].items():
             sizes = [len(R) for R in entry.get("matrices") or [] if R]
-            if sizes:
-                last = (method, max(sizes) - 1)
+            if sizes:  # the seeds still training are the ones with the fewest tasks
+                last = (method, min(sizes) - 1)
         if last is not None:
             where = f"after task {last[1]} ({last[0]})"
     tail = (

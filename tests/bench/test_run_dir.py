@@ -75,6 +75,9 @@ def test_a_read_only_out_fails_before_training(tmp_path, capsys):
     assert io.err.startswith("rgo-bench: --out ") and "is not writable" in io.err
     assert len(io.err.strip().splitlines()) == 1
     assert "accuracy matrix" not in io.out  # nothing trained
+    with _read_only(out):
+        code, io = _main(capsys, out / "sub", "--methods", "sgd")
+    assert code == 2 and "sub cannot be created" in io.err
 
 
 @pytest.mark.slow
