@@ -152,3 +152,23 @@ def test_a_diverging_run_stops_naming_method_seed_task_and_step(tmp_path, capsys
     assert (
         io.err.strip().splitlines()[-1].startswith("rgo-bench: method sgd, seed 0, task 0, step ")
     )
+
+
+@pytest.mark.slow
+def test_a_non_finite_state_stops_the_run_before_its_checkpoint(tmp_path, monkeypatch):
+    # A method whose task-boundary work leaves NaN in its state (as a broken P would).
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    sgd = train.METHODS["sgd"]
+    broken = dataclasses.replace(
+        sgd,
+        init_extra=lambda params, cfg, stream: {"p": jnp.eye(3)},
+        after_task=lambda ctx, params, opt, extra: (opt, {"p": extra["p"] * jnp.nan}),
+    )
+    monkeypatch.setitem(train.METHODS, "sgd", broken)
+    cfg = train.Config(**QUICK, methods=("sgd",))
+    with pytest.raises(NonFiniteError, match=r"method sgd, seed 0, task 0 .*\['p'\] \(3, 3\)"):
+        train.run(cfg, tmp_path, log=lambda *a: None)
+    assert not (tmp_path / "checkpoints" / "sgd" / "seed0" / "task_000").exists()
