@@ -42,16 +42,19 @@ __all__ = [
 PARTIAL_NOTE = "**Partial results**"
 
 
+_ABSENT = object()
+
+
 def _protocol(config: Mapping[str, Any]) -> dict[str, Any]:
     """The keys of a (JSON) config that must agree for a run to resume: the fingerprint's."""
     from rgo_jax.bench import train  # noqa: PLC0415  (train imports this module)
 
     names = [f.name for f in dataclasses.fields(train.Config) if f.name not in train.OUTPUT_KEYS]
-    return {k: config.get(k, train.ADDED_KEYS.get(k)) for k in names}
+    return {k: config.get(k, train.ADDED_KEYS.get(k, _ABSENT)) for k in names}
 
 
 def _fmt(v: Any) -> str:
-    return json.dumps(v, sort_keys=True)
+    return "(absent)" if v is _ABSENT else json.dumps(v, sort_keys=True)
 
 
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
