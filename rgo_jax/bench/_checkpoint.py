@@ -151,8 +151,9 @@ def verify_checkpoint(directory: str | Path) -> dict:
 
     Raises:
       CheckpointError: naming the file: ``meta.json`` missing, unreadable, edited or
-        lacking ``task``/``num_leaves``; a file under ``arrays/`` missing, added or with
-        another SHA-256 (e.g. one flipped byte, or another task's arrays copied in).
+        lacking ``task``/``num_leaves``, or of another task than the folder's name
+        (``task_003``) says; a file under ``arrays/`` missing, added or with another
+        SHA-256 (e.g. one flipped byte, or another task's arrays copied in).
 
     Examples:
       >>> import os, tempfile, numpy as np
@@ -169,6 +170,12 @@ def verify_checkpoint(directory: str | Path) -> dict:
     """
     directory = Path(directory)
     meta = _read_meta(directory)
+    number = directory.name.removeprefix("task_")
+    if directory.name.startswith("task_") and number.isdigit() and int(number) != meta["task"]:
+        raise CheckpointError(
+            f"{directory / _META}: holds the checkpoint of task {meta['task']}, not of task "
+            f"{int(number)} (copied from another folder?)."
+        )
     sums = meta.get(_CHECKSUMS)
     if sums is None:  # written before checksums existed
         return meta
