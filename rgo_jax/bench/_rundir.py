@@ -225,7 +225,7 @@ def write_report(
     merged_b: dict[str, list] = {}
     per_method: dict[str, list[int]] = {}
     carried = False
-    for m in dict.fromkeys([*previous, *matrices]):
+    for m in dict.fromkeys([*matrices, *previous]):
         rows: dict[int, tuple[Any, Any]] = {}
         current = list(matrices.get(m, []))
         inits = random_init.get(m)

@@ -172,3 +172,13 @@ def test_a_non_finite_state_stops_the_run_before_its_checkpoint(tmp_path, monkey
     with pytest.raises(NonFiniteError, match=r"method sgd, seed 0, task 0 .*\['p'\] \(3, 3\)"):
         train.run(cfg, tmp_path, log=lambda *a: None)
     assert not (tmp_path / "checkpoints" / "sgd" / "seed0" / "task_000").exists()
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_run_rewrites_the_same_report(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _main(capsys, out, "--methods", "sgd,stl", "--seeds", "0,1")[0] == 0
+    before = {n: (out / n).read_bytes() for n in ("config.json", "results.json", "summary.md")}
+    code, io = _main(capsys, out, "--methods", "sgd,stl", "--seeds", "0,1")
+    assert code == 0 and io.out.count("resumed after task 1") == 4
+    assert {n: (out / n).read_bytes() for n in before} == before
