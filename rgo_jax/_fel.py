@@ -152,7 +152,8 @@ class FEL(nnx.Module):
         seed: int | jax.Array = 0,
         identity_first_task: bool = True,
     ):
-        self.layer = int(_check_index("layer", layer))
+        _check_index("layer", layer)  # a clear error for "a", 1.5 or -1
+        self.layer = int(layer)
         self.identity_first_task = identity_first_task
         self.key = FELKey(_as_key(seed))
 
