@@ -151,11 +151,31 @@ def verify_checkpoint(directory: str | Path) -> dict:
 
     Raises:
       CheckpointError: naming the file: ``meta.json`` missing, unreadable, edited or
-        lacking ``task``/``num_leaves``; a file under ``arrays/`` missing, added or with
-        another SHA-256 (e.g. one flipped byte, or another task's arrays copied in).
+        lacking ``task``/``num_leaves``, or of another task than the folder's name
+        (``task_003``) says; a file under ``arrays/`` missing, added or with another
+        SHA-256 (e.g. one flipped byte, or another task's arrays copied in).
+
+    Examples:
+      >>> import os, tempfile, numpy as np
+      >>> d = save_checkpoint(os.path.join(tempfile.mkdtemp(), "task_000"),
+      ...                     {"p": np.eye(3, dtype=np.float32)}, {"task": 0})
+      >>> verify_checkpoint(d)["task"]
+      0
+      >>> f = max((d / "arrays").rglob("*"), key=lambda p: p.is_file() and p.stat().st_size)
+      >>> raw = bytearray(f.read_bytes()); raw[len(raw) // 2] ^= 1; _ = f.write_bytes(raw)
+      >>> verify_checkpoint(d)  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      rgo_jax.bench._checkpoint.CheckpointError: .../task_000/arrays/...: SHA-256 ... differs ...
     """
     directory = Path(directory)
     meta = _read_meta(directory)
+    number = directory.name.removeprefix("task_")
+    if directory.name.startswith("task_") and number.isdigit() and int(number) != meta["task"]:
+        raise CheckpointError(
+            f"{directory / _META}: holds the checkpoint of task {meta['task']}, not of task "
+            f"{int(number)} (copied from another folder?)."
+        )
     sums = meta.get(_CHECKSUMS)
     if sums is None:  # written before checksums existed
         return meta

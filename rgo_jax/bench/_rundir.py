@@ -42,20 +42,32 @@ __all__ = [
 PARTIAL_NOTE = "**Partial results**"
 
 
+_ABSENT = object()
+
+
 def _protocol(config: Mapping[str, Any]) -> dict[str, Any]:
     """The keys of a (JSON) config that must agree for a run to resume: the fingerprint's."""
     from rgo_jax.bench import train  # noqa: PLC0415  (train imports this module)
 
     names = [f.name for f in dataclasses.fields(train.Config) if f.name not in train.OUTPUT_KEYS]
-    return {k: config.get(k, train.ADDED_KEYS.get(k)) for k in names}
+    return {k: config.get(k, train.ADDED_KEYS.get(k, _ABSENT)) for k in names}
 
 
 def _fmt(v: Any) -> str:
-    return json.dumps(v, sort_keys=True)
+    return "(absent)" if v is _ABSENT else json.dumps(v, sort_keys=True)
 
 
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """``"key: old -> new"`` for every protocol key that differs between two JSON configs."""
+    """``"key: old -> new"`` for every protocol key that differs between two JSON configs.
+
+    Keys that do not change the numbers (:data:`rgo_jax.bench.train.OUTPUT_KEYS`) are not
+    compared; a key an older run lacks reads as its value in
+    :data:`rgo_jax.bench.train.ADDED_KEYS`.
+
+    Examples:
+      >>> config_changes({"steps_per_task": 1000, "seeds": [0]}, {"steps_per_task": 500})
+      ['steps_per_task: 1000 -> 500']
+    """
     a, b = _protocol(old), _protocol(new)
     return [f"{k}: {_fmt(a[k])} -> {_fmt(b[k])}" for k in a if a[k] != b[k]]
 
@@ -213,7 +225,7 @@ def write_report(
     merged_b: dict[str, list] = {}
     per_method: dict[str, list[int]] = {}
     carried = False
-    for m in dict.fromkeys([*previous, *matrices]):
+    for m in dict.fromkeys([*matrices, *previous]):
         rows: dict[int, tuple[Any, Any]] = {}
         current = list(matrices.get(m, []))
         inits = random_init.get(m)
@@ -268,8 +280,8 @@ def interrupted_message(workdir: str | Path, checkpoint: bool = True) -> str:
         last = None
         for method, entry in results["methods"].items():
             sizes = [len(R) for R in entry.get("matrices") or [] if R]
-            if sizes:
-                last = (method, max(sizes) - 1)
+            if sizes:  # the seeds still training are the ones with the fewest tasks
+                last = (method, min(sizes) - 1)
         if last is not None:
             where = f"after task {last[1]} ({last[0]})"
     tail = (

@@ -108,6 +108,13 @@ def _optional(check):
     return run
 
 
+def _count(key: str, v: Any) -> None:
+    # ``--option KEY=VALUE`` reads numbers as floats: 256.0 is a count, 2.5 is not.
+    if isinstance(v, (float, np.floating)) and math.isfinite(v) and float(v).is_integer():
+        v = int(v)
+    _int(key, v)
+
+
 def _seed(key: str, v: Any) -> None:
     _int(key, v, 0, MAX_SEED)
 
@@ -154,13 +161,13 @@ _FIELDS = {
 _OPTION_RANGES = {
     "ewc_lambda": lambda k, v: _real(k, v, lo=0.0, lo_open=False),
     "ewc_gamma": lambda k, v: _real(k, v, lo=0.0, lo_open=False, hi=1.0),
-    "ewc_samples": _int,
+    "ewc_samples": _count,
     "owm_alpha": _real,
     "gpm_threshold": lambda k, v: _real(k, v, lo=0.0, hi=1.0),
     "gpm_threshold_step": lambda k, v: _real(k, v, lo=0.0, lo_open=False, hi=1.0),
-    "gpm_samples": _int,
-    "agem_per_task": _int,
-    "agem_batch": _int,
+    "gpm_samples": _count,
+    "agem_per_task": _count,
+    "agem_batch": _count,
 }
 
 
@@ -234,6 +241,14 @@ def check_finite_losses(losses: Any, method: str, seeds: Sequence[int], task: in
       losses: the chunk's losses, ``[len(seeds), steps]``.
       method, seeds, task: what ran (for the message).
       step0: the step (within the task) of the chunk's first loss.
+
+    Examples:
+      >>> import numpy as np
+      >>> check_finite_losses(np.array([[0.5, 0.4]]), "sgd", (0,), 2, 100)  # finite: silent
+      >>> check_finite_losses(np.array([[0.5, np.nan]]), "sgd", (0,), 2, 100)
+      Traceback (most recent call last):
+      ...
+      rgo_jax.bench._validate.NonFiniteError: method sgd, seed 0, task 2, step 101: ...
     """
     values = np.asarray(losses)
     bad = ~np.isfinite(values)

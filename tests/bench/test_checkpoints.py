@@ -64,6 +64,13 @@ def test_another_tasks_arrays_copied_in_are_refused(tmp_path):
         ckpt.restore_checkpoint(b, STATE)
 
 
+def test_another_tasks_whole_folder_copied_in_is_refused(tmp_path):
+    a = _save(tmp_path, "task_000", 0)
+    shutil.copytree(a, tmp_path / "task_001")
+    with pytest.raises(ckpt.CheckpointError, match="holds the checkpoint of task 0, not of task 1"):
+        ckpt.verify_checkpoint(tmp_path / "task_001")
+
+
 def test_an_edited_meta_json_is_refused(tmp_path):
     d = _save(tmp_path)
     meta = json.loads((d / "meta.json").read_text())

@@ -1,12 +1,19 @@
 """Config fields are checked for type and range when read, each error naming the key."""
 
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from rgo_jax.bench import cli, train
-from rgo_jax.bench._validate import NonFiniteError, check_finite_losses, check_finite_state
+from rgo_jax.bench._validate import (
+    NonFiniteError,
+    check_fields,
+    check_finite_losses,
+    check_finite_state,
+)
 
 
 def _from_file(tmp_path, text):
@@ -41,6 +48,7 @@ def _from_file(tmp_path, text):
         ('{"method_options": {"gpm_threshold": -5}}', "method_options.gpm_threshold must be > 0"),
         ('{"method_options": {"ewc_gamma": 2}}', "method_options.ewc_gamma must be >= 0 and <= 1"),
         ('{"method_options": [1]}', "method_options must be an object"),
+        ('{"method_options": {"agem_batch": 2.5}}', "method_options.agem_batch must be an integer"),
         ('{"max_train_per_task": -5}', "max_train_per_task must be a positive integer, got -5"),
         ('{"validation_fraction": "0.1"}', "validation_fraction must be a numbe"),
         # item 4: non-finite or non-positive training values
@@ -73,6 +81,21 @@ def test_the_shipped_configs_still_read_to_the_same_fingerprint(tmp_path):
     assert cfg.hidden == (64, 32) and cfg.seeds == (0, 3) and cfg.alpha == 1
     same = train.Config(**{**fields, "hidden": (64, 32), "seeds": (0, 3)})
     assert cfg.fingerprint() == same.fingerprint()
+
+
+def test_every_published_run_configuration_passes_the_checks():
+    # --option reads numbers as floats, so published runs hold counts such as 256.0.
+    root = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    names = {f.name for f in dataclasses.fields(train.Config)}
+    paths = sorted(root.glob("*/config.json"))
+    assert paths, root
+    for path in paths:
+        fields = {k: v for k, v in json.loads(path.read_text()).items() if k in names}
+        check_fields(fields)
+        for k in ("methods", "seeds", "hidden"):
+            if fields.get(k) is not None:
+                fields[k] = tuple(fields[k])
+        train.Config(**fields)
 
 
 @pytest.mark.parametrize(

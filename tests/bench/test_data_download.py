@@ -373,6 +373,28 @@ def test_a_trickling_server_is_cut_off_at_the_total_deadline(scripted, tmp_path)
     assert _leftovers(tmp_path / "mnist") == []
 
 
+def test_a_server_trickling_its_headers_is_cut_off_at_the_total_deadline(scripted, tmp_path):
+    routes, url, _ = scripted
+    payloads = _payloads()
+    sums = {k: _sha(v) for k, v in payloads.items()}
+
+    def slow_headers(h):
+        for c in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 10_000:
+            try:
+                h.wfile.write(bytes([c]))
+                h.wfile.flush()
+            except OSError:
+                return
+            time.sleep(0.05)
+
+    _mnist_routes(routes, "a", payloads, first=lambda b: slow_headers)
+    t0 = time.monotonic()
+    with pytest.raises(OSError, match="deadline"):
+        data.download("mnist", tmp_path, base_url=f"{url}/a", checksums=sums, total_timeout=0.5)
+    assert time.monotonic() - t0 < 5
+    assert _leftovers(tmp_path / "mnist") == []
+
+
 def test_a_response_over_the_size_cap_is_refused(scripted, tmp_path):
     routes, url, _ = scripted
     payloads = _payloads()

@@ -222,3 +222,12 @@ def test_npy_bytes_named_npz_are_a_clear_error(tmp_path):
         np.save(fh, np.zeros(3))
     with pytest.raises(ValueError, match="toy.npz: holds a single .npy array, not an .npz"):
         data.load_npz(f)
+
+
+def test_a_class_split_task_without_test_samples_is_named():
+    x = np.zeros((4, 2), np.float32)
+    ds = Dataset("toy", x, np.arange(4, dtype=np.int32), x, np.array([0, 0, 1, 1], np.int32), 4)
+    stream = data.class_split(ds, 2, shuffle_classes=False)
+    assert len(stream.get_split(0, "test")[1]) == 4
+    with pytest.raises(ValueError, match=r"task 1 has no test samples \(its classes \[2, 3\]"):
+        stream.get_split(1, "test")

@@ -4,6 +4,7 @@ methods or seeds, and a diverging run each get one clear line, and no result is 
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -35,6 +36,20 @@ QUICK = dict(
     hidden=(16,),
     plots=False,
 )
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished run of SGD, seed 0 (copied by the tests that rerun into it)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert cli.main([*ARGS, "--out", str(out), "--methods", "sgd", "--seeds", "0"]) == 0
+    return out
+
+
+def _copy(finished, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    return out
 
 
 def _main(capsys, out, *extra):
@@ -75,12 +90,14 @@ def test_a_read_only_out_fails_before_training(tmp_path, capsys):
     assert io.err.startswith("rgo-bench: --out ") and "is not writable" in io.err
     assert len(io.err.strip().splitlines()) == 1
     assert "accuracy matrix" not in io.out  # nothing trained
+    with _read_only(out):
+        code, io = _main(capsys, out / "sub", "--methods", "sgd")
+    assert code == 2 and "sub cannot be created" in io.err
 
 
 @pytest.mark.slow
-def test_a_changed_config_names_the_differing_keys(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert _main(capsys, out, "--methods", "sgd")[0] == 0
+def test_a_changed_config_names_the_differing_keys(finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path)
     code, io = _main(capsys, out, "--methods", "sgd", "--steps", "10", "--lr", "0.05")
     assert code == 2
     line = io.err.strip()
@@ -112,9 +129,8 @@ def test_ctrl_c_says_where_it_stopped_and_the_summary_says_partial(tmp_path, cap
 
 
 @pytest.mark.slow
-def test_other_methods_and_seeds_keep_the_finished_results(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert _main(capsys, out, "--methods", "sgd", "--seeds", "0")[0] == 0
+def test_other_methods_and_seeds_keep_the_finished_results(finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path)
     first = np.array(_results(out)["methods"]["sgd"]["matrices"][0], dtype=float)
     # Another method: sgd's seed 0 stays in the report.
     assert _main(capsys, out, "--methods", "stl", "--seeds", "0")[0] == 0
@@ -140,12 +156,39 @@ def test_other_methods_and_seeds_keep_the_finished_results(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_diverging_run_stops_naming_method_seed_task_and_step(tmp_path, capsys):
-    cfg = train.Config(**QUICK, methods=("sgd",), learning_rate=1e308)
-    with pytest.raises(NonFiniteError, match=r"method sgd, seed 0, task 0, step \d+: the training"):
-        train.run(cfg, tmp_path / "a", log=lambda *a: None)
-    assert not (tmp_path / "a" / "checkpoints" / "sgd" / "seed0" / "task_000").exists()
-    code, io = _main(capsys, tmp_path / "b", "--methods", "sgd", "--lr", "1e308")
+    code, io = _main(capsys, tmp_path, "--methods", "sgd", "--lr", "1e308")
     assert code == 2
-    assert (
-        io.err.strip().splitlines()[-1].startswith("rgo-bench: method sgd, seed 0, task 0, step ")
+    line = io.err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"rgo-bench: method sgd, seed 0, task 0, step \d+: the training loss .*", line
     )
+    assert not (tmp_path / "checkpoints" / "sgd" / "seed0" / "task_000").exists()
+
+
+@pytest.mark.slow
+def test_a_non_finite_state_stops_the_run_before_its_checkpoint(tmp_path, monkeypatch):
+    # A method whose task-boundary work leaves NaN in its state (as a broken P would).
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    sgd = train.METHODS["sgd"]
+    broken = dataclasses.replace(
+        sgd,
+        init_extra=lambda params, cfg, stream: {"p": jnp.eye(3)},
+        after_task=lambda ctx, params, opt, extra: (opt, {"p": extra["p"] * jnp.nan}),
+    )
+    monkeypatch.setitem(train.METHODS, "sgd", broken)
+    cfg = train.Config(**QUICK, methods=("sgd",))
+    with pytest.raises(NonFiniteError, match=r"method sgd, seed 0, task 0 .*\['p'\] \(3, 3\)"):
+        train.run(cfg, tmp_path, log=lambda *a: None)
+    assert not (tmp_path / "checkpoints" / "sgd" / "seed0" / "task_000").exists()
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_run_rewrites_the_same_report(finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path)
+    before = {n: (out / n).read_bytes() for n in ("config.json", "results.json", "summary.md")}
+    code, io = _main(capsys, out, "--methods", "sgd", "--seeds", "0")
+    assert code == 0 and "[sgd seed 0] resumed after task 1" in io.out
+    assert {n: (out / n).read_bytes() for n in before} == before

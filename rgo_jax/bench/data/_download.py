@@ -25,8 +25,10 @@ import hashlib
 import http.client
 import os
 import shutil
+import socket
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -177,13 +179,65 @@ def _clean_stale_parts(dest: Path) -> None:
         part.unlink(missing_ok=True)
 
 
+class _Watchdog:
+    """Shuts the connections of one download down when its deadline passes, so that a
+    server trickling its headers (or body) cannot keep a read waiting past it."""
+
+    def __init__(self, deadline: float):
+        self.sockets: list[socket.socket] = []
+        self.fired = False
+        self._timer = threading.Timer(max(deadline - time.monotonic(), 0.0), self._fire)
+        self._timer.daemon = True
+
+    def _fire(self) -> None:
+        self.fired = True
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        """An opener (proxies and redirects as usual) whose connections the watchdog sees."""
+        watchdog = self
+
+        def watched(base):
+            class Connection(base):
+                def connect(self):
+                    super().connect()
+                    watchdog.sockets.append(self.sock)
+
+            return Connection
+
+        http_conn = watched(http.client.HTTPConnection)
+        https_conn = watched(http.client.HTTPSConnection)
+
+        class HTTP(urllib.request.HTTPHandler):
+            def http_open(self, req):
+                return self.do_open(http_conn, req)
+
+        class HTTPS(urllib.request.HTTPSHandler):
+            def https_open(self, req):
+                return self.do_open(https_conn, req, context=self._context)
+
+        return urllib.request.build_opener(HTTP, HTTPS)
+
+    def __enter__(self) -> _Watchdog:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+
+
 def _fetch(
     url: str, dest: Path, expected: str, timeout: float, deadline: float, max_bytes: int
 ) -> None:
     """Streams ``url`` into a temp file beside ``dest``, checks SHA-256, then renames.
 
     ``timeout`` bounds each network operation; ``deadline`` (a ``time.monotonic()`` value)
-    the whole download; more than ``max_bytes`` is refused.
+    the whole download, headers included (a watchdog shuts the connection down when it
+    passes); more than ``max_bytes`` is refused.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(
@@ -191,33 +245,45 @@ def _fetch(
     )
     tmp = Path(tmp_name)
     try:
-        digest = hashlib.sha256()
-        size = 0
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            declared = resp.headers.get("Content-Length")
-            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-                raise OSError(f"the server announces {declared} bytes, over the cap {max_bytes}")
-            while True:
-                if time.monotonic() > deadline:
-                    raise _TooSlow(f"not finished within the deadline ({size} bytes so far)")
-                block = resp.read1(1 << 20)  # returns what has arrived: the deadline is seen
-                if not block:
-                    break
-                size += len(block)
-                if size > max_bytes:
-                    raise OSError(f"the response exceeds the size cap of {max_bytes} bytes")
-                digest.update(block)
-                out.write(block)
-        actual = digest.hexdigest()
-        if actual != expected.lower():
-            raise ChecksumError(
-                f"{dest.name}: SHA-256 mismatch for {url}: expected {expected.lower()}, "
-                f"got {actual}. The file was discarded."
-            )
+        with _Watchdog(deadline) as watchdog:
+            try:
+                _stream(watchdog.opener(), url, fd, timeout, deadline, max_bytes, expected, dest)
+            except (OSError, http.client.HTTPException, ValueError):
+                if watchdog.fired:
+                    raise _TooSlow("not finished within the deadline") from None
+                raise
         os.replace(tmp, dest)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _stream(opener, url, fd, timeout, deadline, max_bytes, expected, dest) -> None:
+    """Writes the body of ``url`` to ``fd`` within the deadline and the size cap, and
+    checks its SHA-256."""
+    digest = hashlib.sha256()
+    size = 0
+    with os.fdopen(fd, "wb") as out, opener.open(url, timeout=timeout) as resp:
+        declared = resp.headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            raise OSError(f"the server announces {declared} bytes, over the cap {max_bytes}")
+        while True:
+            if time.monotonic() > deadline:
+                raise _TooSlow(f"not finished within the deadline ({size} bytes so far)")
+            block = resp.read1(1 << 20)  # returns what has arrived: the deadline is seen
+            if not block:
+                break
+            size += len(block)
+            if size > max_bytes:
+                raise OSError(f"the response exceeds the size cap of {max_bytes} bytes")
+            digest.update(block)
+            out.write(block)
+    actual = digest.hexdigest()
+    if actual != expected.lower():
+        raise ChecksumError(
+            f"{dest.name}: SHA-256 mismatch for {url}: expected {expected.lower()}, "
+            f"got {actual}. The file was discarded."
+        )
 
 
 def _check_member(member: tarfile.TarInfo, archive: Path, top: str) -> None:

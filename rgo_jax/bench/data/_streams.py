@@ -507,6 +507,11 @@ def class_split(
     def build(t: int, split: str) -> Split:
         y_all = dataset.y_train if split == "train" else dataset.y_test
         index = np.flatnonzero(np.isin(y_all, groups[t]))
+        if len(index) == 0:  # evaluating it would divide by zero
+            raise ValueError(
+                f"class_split of {dataset.name!r}: task {t} has no {split} samples (its "
+                f"classes {groups[t].tolist()} are absent from the {split} set)."
+            )
         return _pick(dataset, split, t, seed, max_train, max_test, index)
 
     return TaskStream(
