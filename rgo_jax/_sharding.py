@@ -136,7 +136,7 @@ def shard_projection_rows(
         if isinstance(s, _transform.RGOState):
             return _transform.RGOState(
                 p=jax.tree.map(place_p, s.p),
-                count=jax.device_put(s.count, replicated),
+                num_vectors=jax.device_put(s.num_vectors, replicated),
                 skipped=jax.device_put(s.skipped, replicated),
             )
         return jax.device_put(s, replicated)

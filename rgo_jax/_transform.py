@@ -38,8 +38,9 @@ class RGOState(NamedTuple):
     """State of :func:`scale_by_rgo`: one RLS matrix P per projected parameter tensor."""
 
     p: Any
-    """Tree like params: ``[*batch, d, d]`` per projected leaf, ``zeros((0, 0))`` otherwise."""
-    count: jax.Array  # int32 [], consolidation vectors absorbed
+    """Tree like params: ``[*batch, d, d]`` per projected leaf, ``optax.MaskedNode()`` for
+    an unprojected one (optax's empty node: Orbax and ``flax.serialization`` save it)."""
+    num_vectors: jax.Array  # int32 [], consolidation vectors absorbed (not a step counter)
     skipped: jax.Array  # int32 [], non-finite consolidation vectors skipped
 
 
@@ -118,7 +119,8 @@ def scale_by_rgo(
                 p, {name: _matrices.InputProjected(mats[name]) for name in marked}
             )
         # Two distinct buffers, so that the state can be donated to a jitted step.
-        return RGOState(p=p, count=jnp.zeros([], jnp.int32), skipped=jnp.zeros([], jnp.int32))
+        zero = (jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32))
+        return RGOState(p=p, num_vectors=zero[0], skipped=zero[1])
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -256,7 +258,7 @@ def _update_projection(state, vectors, alpha, method, block_size):
     num_bad = jnp.sum(bad, dtype=jnp.int32)
     return RGOState(
         p=_matrices.with_projected(state.p, new),
-        count=state.count + (n - num_bad),
+        num_vectors=state.num_vectors + (n - num_bad),
         skipped=state.skipped + num_bad,
     )
 
@@ -336,7 +338,7 @@ def consolidate(
       >>> tx = optax.chain(optax.clip_by_global_norm(1.0), rgo(0.1))
       >>> state = tx.init({"w": jnp.zeros((3, 2))})
       >>> state = consolidate(state, {"w": jnp.ones((5, 3))})
-      >>> int(rgo_states(state)[0].count)
+      >>> int(rgo_states(state)[0].num_vectors)
       5
     """
     return _matrices.map_states(
