@@ -16,6 +16,7 @@ __all__ = [
     "CONV",
     "DENSE",
     "MatrixLayout",
+    "LayoutRules",
     "LayoutSpec",
     "default_layout",
     "layout_rules",
@@ -123,7 +124,8 @@ _NAMED = {"dense": DENSE, "conv": CONV, "bias": BIAS}
 
 LayoutLike: TypeAlias = MatrixLayout | str | None
 LayoutSpec: TypeAlias = Callable[[str, Any], LayoutLike] | Any | None
-"""``None`` (default rules), a callable ``(path, leaf) -> layout``, or a tree of layouts."""
+"""``None`` (default rules), :func:`layout_rules`, a callable ``(path, leaf) -> layout``,
+or a tree of layouts."""
 
 
 def _as_layout(x: LayoutLike, name: str) -> MatrixLayout | None:
@@ -181,29 +183,43 @@ def default_layout(path: str, leaf: Any, *, project_biases: bool = True) -> Matr
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class LayoutRules:
+    """``(regex, layout)`` rules over parameter paths; see :func:`layout_rules`.
+
+    Deliberately not callable: ``optax.inject_hyperparams`` takes every callable argument
+    for a schedule, so ``inject_hyperparams(rgo)(learning_rate=..., layout=rules)`` keeps a
+    rules object as a static argument (a plain layout function there needs
+    ``static_args=("layout",)``).
+    """
+
+    rules: tuple[tuple[re.Pattern, MatrixLayout | None], ...]
+    project_biases: bool = True
+
+    def layout_of(self, path: str, leaf: Any) -> MatrixLayout | None:
+        """The layout of the leaf at ``path``: the first matching rule's, else the default."""
+        for rx, lay in self.rules:
+            if rx.search(path):
+                return lay
+        return default_layout(path, leaf, project_biases=self.project_biases)
+
+
 def layout_rules(
     rules: Sequence[tuple[str, LayoutLike]], *, project_biases: bool = True
-) -> Callable[[str, Any], MatrixLayout | None]:
-    """A layout callable from ``(regex, layout)`` rules over parameter paths.
+) -> LayoutRules:
+    """Layouts from ``(regex, layout)`` rules over parameter paths.
 
     The first rule whose regex ``re.search``-es the path wins; leaves matching no rule use
     :func:`default_layout`. ``None`` as the layout leaves the leaf unprojected.
 
     Examples:
       >>> from rgo_jax import layouts
-      >>> fn = layouts.layout_rules([(r"^head/", None), (r"blocks/.*kernel", "dense")])
-      >>> fn("head/kernel", jnp.zeros((4, 2))) is None
+      >>> rules = layouts.layout_rules([(r"^head/", None), (r"blocks/.*kernel", "dense")])
+      >>> rules.layout_of("head/kernel", jnp.zeros((4, 2))) is None
       True
     """
-    compiled = [(re.compile(rx), _as_layout(lay, f"rule {rx!r}")) for rx, lay in rules]
-
-    def fn(path: str, leaf: Any) -> MatrixLayout | None:
-        for rx, lay in compiled:
-            if rx.search(path):
-                return lay
-        return default_layout(path, leaf, project_biases=project_biases)
-
-    return fn
+    compiled = tuple((re.compile(rx), _as_layout(lay, f"rule {rx!r}")) for rx, lay in rules)
+    return LayoutRules(compiled, project_biases)
 
 
 def _is_layout_leaf(x: Any) -> bool:
@@ -226,6 +242,8 @@ def resolve_layouts(
       A dict ``path -> (layout, shape)`` in the order of ``jax.tree.leaves(params)``.
     """
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    if isinstance(layout, LayoutRules):
+        layout = layout.layout_of
     if layout is None or callable(layout):
         fn = layout or (lambda p, x: default_layout(p, x, project_biases=project_biases))
         chosen = {path_str(p): fn(path_str(p), x) for p, x in flat}

@@ -207,7 +207,8 @@ def _input_projected_leaves(specs: dict, selected: Callable[[str], bool]) -> set
 def _update_projection(state, vectors, alpha, method, block_size):
     table = {name: v for name, v in _matrices.projected(vectors).items() if v is not None}
     entries = []  # (name, p, v)
-    for name, p in _matrices.projected(state.p).items():
+    matrices = _matrices.projected(state.p)
+    for name, p in matrices.items():
         if name not in table:
             raise ValueError(
                 f"RGO update_projection: no curvature vectors for projected parameter "
@@ -237,21 +238,22 @@ def _update_projection(state, vectors, alpha, method, block_size):
     for *_, v in entries:
         bad = bad | ~jnp.all(jnp.isfinite(v.reshape(n, -1)), axis=1)
 
-    # Bucket matrices of equal size (and stacked layers) into one vmapped kernel call.
-    buckets: dict[tuple[int, Any], list] = {}
+    # Bucket matrices of equal size (and stacked layers, and alpha) into one vmapped call.
+    per_leaf = isinstance(alpha, dict)
+    names = list(matrices)
+    buckets: dict[tuple[int, Any, str | None], list] = {}
     for e in entries:
-        buckets.setdefault((e[1].shape[-1], e[1].dtype), []).append(e)
+        buckets.setdefault((e[1].shape[-1], e[1].dtype, e[0] if per_leaf else None), []).append(e)
     new = {}
-    for (d, dtype), group in buckets.items():
+    for (d, dtype, leaf), group in buckets.items():
+        a = alpha if leaf is None else _matrices.per_leaf(alpha, leaf, "RGO alpha", names)
         ps = [p.reshape(-1, d, d) for _, p, _ in group]
         vs = [v.reshape(n, -1, d) for *_, v in group]
         sizes = [x.shape[0] for x in ps]
         pk = jnp.concatenate(ps, axis=0)
         vk = jnp.concatenate(vs, axis=1).astype(jnp.float32)
         vk = jnp.where(bad[:, None, None], 0.0, vk)
-        pk, _ = _rls.run_rls(
-            pk.astype(jnp.float32), vk, alpha, method=method, block_size=block_size
-        )
+        pk, _ = _rls.run_rls(pk.astype(jnp.float32), vk, a, method=method, block_size=block_size)
         offsets = np.cumsum([0, *sizes])
         for (name, p, _), lo, hi in zip(group, offsets[:-1], offsets[1:], strict=True):
             new[name] = pk[lo:hi].reshape(p.shape).astype(dtype)
@@ -266,7 +268,7 @@ def _update_projection(state, vectors, alpha, method, block_size):
 def update_projection(
     state: RGOState,
     vectors: Any,
-    alpha: float | jax.Array = DEFAULT_ALPHA,
+    alpha: float | jax.Array | dict[str, float | jax.Array] = DEFAULT_ALPHA,
     *,
     method: str = "block",
     block_size: int = 64,
@@ -288,8 +290,13 @@ def update_projection(
       vectors: tree keyed like params (missing or ``None`` leaves are allowed only for
         unprojected parameters) with ``[n, *batch, d]`` per projected leaf, e.g. from
         :func:`rgo_jax.curvature_vectors`.
-      alpha: RLS regulariser (> 0). Default 0.01, the reference code's value (the paper's
-        text says 1).
+      alpha: RLS regulariser, a finite positive scalar, or a dict ``path -> scalar``
+        covering every projected parameter (one alpha per layer). Default 0.01, the
+        reference code's value (the paper's text says 1). Concrete values (Python numbers,
+        NumPy or JAX arrays) are checked at once: an array that is not a scalar, or a value
+        that is zero, negative or NaN raises ``ValueError``. A traced alpha (``update_projection``
+        called inside ``jit``) cannot be checked: a non-positive or NaN value there makes the
+        RLS denominator ``alpha + v^T P v`` vanish or NaN, and P non-finite.
       method: ``"block"`` (Woodbury, ``block_size`` vectors per solve; the default, fast) or
         ``"sequential"`` (a ``lax.scan`` of rank-one steps, the literal Algorithm 1). Both
         give the same P up to float32 rounding.
@@ -310,10 +317,13 @@ def update_projection(
             f"update_projection expects an RGOState, got {type(state).__name__}; use "
             "consolidate(opt_state, ...) for a chained optimizer state."
         )
+    if isinstance(alpha, dict):
+        alpha = _matrices.path_keyed(alpha, "RGO alpha")
     _matrices.check_alpha(alpha, "RGO update_projection")
     if method not in ("sequential", "block"):
         raise ValueError(f"Unknown RLS method {method!r}; use 'sequential' or 'block'.")
-    return _update_projection(state, vectors, jnp.asarray(alpha, jnp.float32), method, block_size)
+    alpha = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), alpha)
+    return _update_projection(state, vectors, alpha, method, block_size)
 
 
 def rgo_states(opt_state: Any) -> list[RGOState]:
@@ -331,6 +341,11 @@ def consolidate(
 
     The task-boundary step of Algorithm 1 for an optimizer built with ``optax.chain``,
     ``optax.partition``, ``optax.masked`` or ``optax.inject_hyperparams``.
+
+    alpha belongs to this step, not to the transformation: ``update`` never reads it (it
+    only applies the P it is given), so it is neither stored in the state nor injected. It
+    may change from task to task, and may be given per layer as a dict ``path -> alpha``
+    (see :func:`update_projection`, which also says how it is validated).
 
     Examples:
       >>> import jax.numpy as jnp, optax
