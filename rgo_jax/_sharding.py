@@ -134,7 +134,7 @@ def shard_projection_rows(
 
     def place(s: Any) -> Any:
         if isinstance(s, _transform.RGOState):
-            return _transform.RGOState(
+            return s._replace(
                 p=jax.tree.map(place_p, s.p),
                 num_vectors=jax.device_put(s.num_vectors, replicated),
                 skipped=jax.device_put(s.skipped, replicated),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections.abc import Callable
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import serialization
 
 from rgo_jax import _layout, _matrices, _rls
 
@@ -34,6 +36,25 @@ the curvature scale matters. ``rgo-bench --methods rgo,rgo-alpha1`` compares the
 """
 
 
+@dataclasses.dataclass(frozen=True)
+class Layouts:
+    """The layout of every leaf, kept in the state's structure (no arrays, no leaves).
+
+    ``items`` is ``((path, MatrixLayout | None), ...)`` in leaf order. It lets a task
+    boundary (:func:`rgo_jax.nnx.consolidate`) compute curvature vectors with exactly the
+    transformation's layouts, so they are never repeated.
+    """
+
+    items: tuple[tuple[str, _layout.MatrixLayout | None], ...]
+
+    def as_dict(self) -> dict[str, _layout.MatrixLayout | None]:
+        return dict(self.items)
+
+
+jax.tree_util.register_static(Layouts)
+serialization.register_serialization_state(Layouts, lambda x: {}, lambda target, state: target)
+
+
 class RGOState(NamedTuple):
     """State of :func:`scale_by_rgo`: one RLS matrix P per projected parameter tensor."""
 
@@ -42,6 +63,8 @@ class RGOState(NamedTuple):
     an unprojected one (optax's empty node: Orbax and ``flax.serialization`` save it)."""
     num_vectors: jax.Array  # int32 [], consolidation vectors absorbed (not a step counter)
     skipped: jax.Array  # int32 [], non-finite consolidation vectors skipped
+    layouts: Any = None
+    """:class:`Layouts` of the transformation (static: part of the tree's structure)."""
 
 
 def scale_by_rgo(
@@ -120,7 +143,11 @@ def scale_by_rgo(
             )
         # Two distinct buffers, so that the state can be donated to a jitted step.
         zero = (jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32))
-        return RGOState(p=p, num_vectors=zero[0], skipped=zero[1])
+        if _matrices.is_params_stand_in(params):
+            layouts = _matrices.NOT_PARAMS
+        else:
+            layouts = Layouts(tuple((n, s if s is None else s.layout) for n, s in specs.items()))
+        return RGOState(p=p, num_vectors=zero[0], skipped=zero[1], layouts=layouts)
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -258,7 +285,7 @@ def _update_projection(state, vectors, alpha, method, block_size):
         for (name, p, _), lo, hi in zip(group, offsets[:-1], offsets[1:], strict=True):
             new[name] = pk[lo:hi].reshape(p.shape).astype(dtype)
     num_bad = jnp.sum(bad, dtype=jnp.int32)
-    return RGOState(
+    return state._replace(
         p=_matrices.with_projected(state.p, new),
         num_vectors=state.num_vectors + (n - num_bad),
         skipped=state.skipped + num_bad,
