@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -73,6 +74,8 @@ def scale_by_rgo(
     project_biases: bool = True,
     dtype: Any = None,
     input_projected: str | Callable[[str], bool] | None = None,
+    max_p_bytes: int | None = None,
+    max_total_bytes: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Projects each gradient by the trace-normalised RGO matrix of its layer.
 
@@ -101,6 +104,23 @@ def scale_by_rgo(
       dtype: storage dtype of P (``None`` means ``float32``; ``jnp.bfloat16`` halves the
         memory). The product is computed in the gradient's dtype. (``None`` rather than a
         dtype default keeps ``optax.inject_hyperparams`` from mistaking it for a schedule.)
+      input_projected: dense kernels whose gradient the *layer* projects, ``(P X^T) D``
+        instead of ``P (X^T D)`` (cheaper when the batch is smaller than the layer's width):
+        a regex ``re.search``-ed against parameter paths (``r"kernel$"``) or a predicate
+        ``path -> bool`` (with ``optax.inject_hyperparams`` use a regex: a callable is
+        taken for a schedule). Each selected leaf must have the ``DENSE`` layout. Its P is
+        kept in the state, marked as input-projected, and ``update`` passes its
+        gradient through: compute the loss under :func:`rgo_jax.nnx.use_input_projection`
+        (which reads the marked P from the optimizer state) or with
+        :func:`rgo_jax.projected_matmul`. :func:`consolidate` is unchanged.
+      max_p_bytes, max_total_bytes: memory guard. ``init`` raises ``ValueError`` naming the
+        leaf, its P's shape and bytes when one P (all stacked layers of a leaf together)
+        would exceed ``max_p_bytes``, or all P together ``max_total_bytes``. ``None``: the
+        defaults :data:`MAX_P_BYTES` (1 GiB) and :data:`MAX_TOTAL_BYTES` (8 GiB); pass a
+        larger number to allow more, or leave the leaf unprojected (a ``None`` layout).
+        The default rule gives every 2-D leaf a P over its first axis, so an embedding
+        table ``[vocab, dim]`` would get a ``vocab x vocab`` P: see
+        :data:`rgo_jax.layouts.TRANSFORMER_RULES` for transformer blocks and embeddings.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; extra keyword arguments are ignored.
@@ -126,6 +146,7 @@ def scale_by_rgo(
 
     def init_fn(params):
         specs = _matrices.leaf_specs(params, layout, project_biases)
+        _check_memory(specs, dtype, max_p_bytes, max_total_bytes)
         marked = set()
         if selected is not None and not _matrices.is_params_stand_in(params):
             marked = _input_projected_leaves(specs, selected)
@@ -168,6 +189,8 @@ def rgo(
     project_biases: bool = True,
     dtype: Any = None,
     input_projected: str | Callable[[str], bool] | None = None,
+    max_p_bytes: int | None = None,
+    max_total_bytes: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The reference optimizer: RGO projection of the gradient, then plain SGD.
 
@@ -182,10 +205,55 @@ def rgo(
     """
     return optax.chain(
         scale_by_rgo(
-            layout, project_biases=project_biases, dtype=dtype, input_projected=input_projected
+            layout,
+            project_biases=project_biases,
+            dtype=dtype,
+            input_projected=input_projected,
+            max_p_bytes=max_p_bytes,
+            max_total_bytes=max_total_bytes,
         ),
         optax.sgd(learning_rate),
     )
+
+
+MAX_P_BYTES = 2**30
+"""Default largest P of one leaf (bytes): 1 GiB, a float32 P of 16384 x 16384."""
+MAX_TOTAL_BYTES = 8 * 2**30
+"""Default largest memory of all P of one :func:`scale_by_rgo` together (bytes): 8 GiB."""
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def _check_memory(specs: dict, dtype: Any, max_p: Any, max_total: Any) -> None:
+    """Raises ``ValueError`` naming the first P over ``max_p`` bytes, or the total."""
+    max_p = MAX_P_BYTES if max_p is None else max_p
+    max_total = MAX_TOTAL_BYTES if max_total is None else max_total
+    itemsize = jnp.dtype(dtype).itemsize
+    total, sizes = 0, []
+    for name, spec in specs.items():
+        if spec is None:
+            continue
+        shape = (*spec.batch_shape, spec.d, spec.d)
+        nbytes = math.prod(shape) * itemsize
+        total += nbytes
+        sizes.append((nbytes, name, shape))
+        if nbytes > max_p:
+            raise ValueError(
+                f"RGO: parameter '{name}' of shape {spec.shape} would get a P of shape {shape} "
+                f"({nbytes} bytes, {_size(nbytes)} in {jnp.dtype(dtype).name}), over "
+                f"max_p_bytes={max_p}. Leave it unprojected with a None layout (e.g. "
+                f"layout_rules([(r'^{name}$', None)]); embeddings usually should be), choose "
+                "another layout, or raise max_p_bytes."
+            )
+    if total > max_total:
+        largest = ", ".join(f"'{n}' {s} {_size(b)}" for b, n, s in sorted(sizes)[::-1][:3])
+        raise ValueError(
+            f"RGO: the P matrices would take {total} bytes ({_size(total)}), over "
+            f"max_total_bytes={max_total}; the largest: {largest}. Leave leaves unprojected "
+            "(None layouts), store P in bfloat16 (dtype=), or raise max_total_bytes."
+        )
 
 
 def trace_scale(p: jax.Array) -> jax.Array:

@@ -98,8 +98,8 @@ def test_unknown_leaf_raises_naming_path_and_shape():
     tx = rgo_jax.scale_by_rgo()
     with pytest.raises(ValueError, match=r"'mlp/w3'.*\(2, 3, 4\)"):
         tx.init({"mlp": {"w3": jnp.zeros((2, 3, 4))}})
-    with pytest.raises(ValueError, match=r"'scale'.*\(\)"):
-        tx.init({"scale": jnp.zeros(())})
+    # A scalar is left unprojected (its trace-normalised 1 x 1 P is the identity).
+    assert tx.init({"scale": jnp.zeros(())}).p["scale"] == optax.MaskedNode()
     with pytest.raises(ValueError, match="no entry for parameter 'b'"):
         rgo_jax.scale_by_rgo(layout={"a": "dense"}).init({"a": jnp.zeros((2, 2)), "b": jnp.ones(2)})
     with pytest.raises(TypeError, match="'a'.*MatrixLayout"):
