@@ -22,7 +22,7 @@ from rgo_jax import projected_matmul, sharding
 from rgo_jax.bench.models import MLP
 from rgo_jax.nnx import use_input_projection, use_reduced_kernel_gradients
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _spd(rng, d, n=None, alpha=0.1):
