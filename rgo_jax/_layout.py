@@ -16,6 +16,8 @@ __all__ = [
     "CONV",
     "DENSE",
     "MatrixLayout",
+    "TRANSFORMER_RULES",
+    "LayoutRules",
     "LayoutSpec",
     "default_layout",
     "layout_rules",
@@ -123,7 +125,8 @@ _NAMED = {"dense": DENSE, "conv": CONV, "bias": BIAS}
 
 LayoutLike: TypeAlias = MatrixLayout | str | None
 LayoutSpec: TypeAlias = Callable[[str, Any], LayoutLike] | Any | None
-"""``None`` (default rules), a callable ``(path, leaf) -> layout``, or a tree of layouts."""
+"""``None`` (default rules), :func:`layout_rules`, a callable ``(path, leaf) -> layout``,
+or a tree of layouts."""
 
 
 def _as_layout(x: LayoutLike, name: str) -> MatrixLayout | None:
@@ -161,12 +164,18 @@ def path_str(path: Sequence[Any]) -> str:
 
 
 def default_layout(path: str, leaf: Any, *, project_biases: bool = True) -> MatrixLayout | None:
-    """The default rule: 1-D bias, 2-D dense ``[in, out]``, 4-D conv HWIO.
+    """The default rule: 1-D bias, 2-D dense ``[in, out]``, 4-D conv HWIO, scalars none.
 
-    Any other rank is ambiguous (a 3-D leaf may be a 1-D conv or stacked dense layers) and
-    raises an error naming the leaf: pass ``layout=`` for it.
+    A scalar leaf is left unprojected: its P would be ``1 x 1`` and, trace-normalised, the
+    identity. Any other rank is ambiguous (a 3-D leaf may be a 1-D conv, stacked dense
+    layers or an attention kernel ``[in, heads, head_dim]``) and raises an error naming the
+    leaf: pass ``layout=`` for it (see :data:`TRANSFORMER_RULES`). The rule decides by rank
+    alone: an embedding table ``[vocab, dim]`` is 2-D and would get a ``vocab x vocab`` P
+    (the memory guard of :func:`rgo_jax.scale_by_rgo` stops a large one at ``init``).
     """
     shape = jnp.shape(leaf)
+    if len(shape) == 0:
+        return None
     if len(shape) == 1:
         return BIAS if project_biases else None
     if len(shape) == 2:
@@ -181,29 +190,73 @@ def default_layout(path: str, leaf: Any, *, project_biases: bool = True) -> Matr
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class LayoutRules:
+    """``(regex, layout)`` rules over parameter paths; see :func:`layout_rules`.
+
+    Deliberately not callable: ``optax.inject_hyperparams`` takes every callable argument
+    for a schedule, so ``inject_hyperparams(rgo)(learning_rate=..., layout=rules)`` keeps a
+    rules object as a static argument (a plain layout function there needs
+    ``static_args=("layout",)``).
+    """
+
+    rules: tuple[tuple[re.Pattern, MatrixLayout | None], ...]
+    project_biases: bool = True
+
+    def layout_of(self, path: str, leaf: Any) -> MatrixLayout | None:
+        """The layout of the leaf at ``path``: the first matching rule's, else the default."""
+        for rx, lay in self.rules:
+            if rx.search(path):
+                return lay
+        return default_layout(path, leaf, project_biases=self.project_biases)
+
+
 def layout_rules(
     rules: Sequence[tuple[str, LayoutLike]], *, project_biases: bool = True
-) -> Callable[[str, Any], MatrixLayout | None]:
-    """A layout callable from ``(regex, layout)`` rules over parameter paths.
+) -> LayoutRules:
+    """Layouts from ``(regex, layout)`` rules over parameter paths.
 
     The first rule whose regex ``re.search``-es the path wins; leaves matching no rule use
     :func:`default_layout`. ``None`` as the layout leaves the leaf unprojected.
 
     Examples:
       >>> from rgo_jax import layouts
-      >>> fn = layouts.layout_rules([(r"^head/", None), (r"blocks/.*kernel", "dense")])
-      >>> fn("head/kernel", jnp.zeros((4, 2))) is None
+      >>> rules = layouts.layout_rules([(r"^head/", None), (r"blocks/.*kernel", "dense")])
+      >>> rules.layout_of("head/kernel", jnp.zeros((4, 2))) is None
       True
     """
-    compiled = [(re.compile(rx), _as_layout(lay, f"rule {rx!r}")) for rx, lay in rules]
+    compiled = tuple((re.compile(rx), _as_layout(lay, f"rule {rx!r}")) for rx, lay in rules)
+    return LayoutRules(compiled, project_biases)
 
-    def fn(path: str, leaf: Any) -> MatrixLayout | None:
-        for rx, lay in compiled:
-            if rx.search(path):
-                return lay
-        return default_layout(path, leaf, project_biases=project_biases)
 
-    return fn
+TRANSFORMER_RULES: tuple[tuple[str, LayoutLike], ...] = (
+    (r"(^|/)embedding$", None),
+    (r"(^|/)(query|key|value)/kernel$", MatrixLayout(in_axes=(0,))),
+    (r"(^|/)(query|key|value)/bias$", None),
+    (r"(^|/)out/kernel$", MatrixLayout(in_axes=(0, 1))),
+    (r"(^|/)scale$", None),
+    (r"norm[^/]*/bias$", None),
+)
+"""The layout policy for Flax transformer blocks, for :func:`layout_rules`.
+
+- Embedding tables (``nnx.Embed``'s ``embedding [vocab, dim]``): no P. Their input is a
+  one-hot token, so a ``vocab x vocab`` P would be enormous and nearly diagonal; protect
+  the blocks on top instead (or give a custom layout over ``dim``).
+- Attention (``nnx.MultiHeadAttention``): ``query``/``key``/``value`` kernels
+  ``[d_model, heads, head_dim]`` get a P over ``d_model``; the ``out`` kernel
+  ``[heads, head_dim, d_model]`` a P over ``heads * head_dim``; their ``[heads,
+  head_dim]`` biases none.
+- Normalisation (``nnx.LayerNorm``/``nnx.RMSNorm``): the ``scale`` and the biases of
+  modules whose name contains ``norm`` get no P (per-feature gains, not layer inputs).
+- Everything else by :func:`default_layout`: MLP kernels are dense, their biases get
+  their own P (``project_biases=False`` frees them).
+
+Examples:
+  >>> from rgo_jax import layouts
+  >>> rules = layouts.layout_rules([*layouts.TRANSFORMER_RULES])
+  >>> rules.layout_of("blocks/0/attn/query/kernel", jnp.zeros((8, 2, 4)))
+  MatrixLayout(in_axes=(0,), batch_axes=())
+"""
 
 
 def _is_layout_leaf(x: Any) -> bool:
@@ -226,6 +279,8 @@ def resolve_layouts(
       A dict ``path -> (layout, shape)`` in the order of ``jax.tree.leaves(params)``.
     """
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    if isinstance(layout, LayoutRules):
+        layout = layout.layout_of
     if layout is None or callable(layout):
         fn = layout or (lambda p, x: default_layout(p, x, project_biases=project_biases))
         chosen = {path_str(p): fn(path_str(p), x) for p, x in flat}

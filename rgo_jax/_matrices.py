@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from rgo_jax import _layout
 
@@ -99,9 +100,15 @@ class InputProjected(NamedTuple):
     value: jax.Array
 
 
-def is_placeholder(x: jax.Array) -> bool:
-    """The empty ``(0, 0)`` matrix that stands for "this leaf is not projected"."""
-    return x.ndim == 2 and x.shape == (0, 0)
+PLACEHOLDER = optax.MaskedNode()
+"""What an unprojected leaf holds in a state tree: optax's "nothing here" (an empty node),
+as in ``optax.masked`` states, so that Orbax, ``flax.serialization`` and sharding tools
+handle the state as they handle optax's own (a zero-size array is refused by Orbax)."""
+
+
+def is_placeholder(x: Any) -> bool:
+    """Whether ``x`` stands for "this leaf is not projected" (:data:`PLACEHOLDER`)."""
+    return isinstance(x, optax.MaskedNode)
 
 
 def init_matrices(
@@ -121,7 +128,7 @@ def init_matrices(
 
     def one(path, _):
         spec = specs[_layout.path_str(path)]
-        return jnp.zeros((0, 0), dtype) if spec is None else make(spec)
+        return PLACEHOLDER if spec is None else make(spec)
 
     return jax.tree_util.tree_map_with_path(one, params)
 

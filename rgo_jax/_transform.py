@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -11,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import serialization
 
 from rgo_jax import _layout, _matrices, _rls, _sharding
 
@@ -34,13 +37,35 @@ the curvature scale matters. ``rgo-bench --methods rgo,rgo-alpha1`` compares the
 """
 
 
+@dataclasses.dataclass(frozen=True)
+class Layouts:
+    """The layout of every leaf, kept in the state's structure (no arrays, no leaves).
+
+    ``items`` is ``((path, MatrixLayout | None), ...)`` in leaf order. It lets a task
+    boundary (:func:`rgo_jax.nnx.consolidate`) compute curvature vectors with exactly the
+    transformation's layouts, so they are never repeated.
+    """
+
+    items: tuple[tuple[str, _layout.MatrixLayout | None], ...]
+
+    def as_dict(self) -> dict[str, _layout.MatrixLayout | None]:
+        return dict(self.items)
+
+
+jax.tree_util.register_static(Layouts)
+serialization.register_serialization_state(Layouts, lambda x: {}, lambda target, state: target)
+
+
 class RGOState(NamedTuple):
     """State of :func:`scale_by_rgo`: one RLS matrix P per projected parameter tensor."""
 
     p: Any
-    """Tree like params: ``[*batch, d, d]`` per projected leaf, ``zeros((0, 0))`` otherwise."""
-    count: jax.Array  # int32 [], consolidation vectors absorbed
+    """Tree like params: ``[*batch, d, d]`` per projected leaf, ``optax.MaskedNode()`` for
+    an unprojected one (optax's empty node: Orbax and ``flax.serialization`` save it)."""
+    num_vectors: jax.Array  # int32 [], consolidation vectors absorbed (not a step counter)
     skipped: jax.Array  # int32 [], non-finite consolidation vectors skipped
+    layouts: Any = None
+    """:class:`Layouts` of the transformation (static: part of the tree's structure)."""
 
 
 def scale_by_rgo(
@@ -49,6 +74,8 @@ def scale_by_rgo(
     project_biases: bool = True,
     dtype: Any = None,
     input_projected: str | Callable[[str], bool] | None = None,
+    max_p_bytes: int | None = None,
+    max_total_bytes: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Projects each gradient by the trace-normalised RGO matrix of its layer.
 
@@ -77,6 +104,23 @@ def scale_by_rgo(
       dtype: storage dtype of P (``None`` means ``float32``; ``jnp.bfloat16`` halves the
         memory). The product is computed in the gradient's dtype. (``None`` rather than a
         dtype default keeps ``optax.inject_hyperparams`` from mistaking it for a schedule.)
+      input_projected: dense kernels whose gradient the *layer* projects, ``(P X^T) D``
+        instead of ``P (X^T D)`` (cheaper when the batch is smaller than the layer's width):
+        a regex ``re.search``-ed against parameter paths (``r"kernel$"``) or a predicate
+        ``path -> bool`` (with ``optax.inject_hyperparams`` use a regex: a callable is
+        taken for a schedule). Each selected leaf must have the ``DENSE`` layout. Its P is
+        kept in the state, marked as input-projected, and ``update`` passes its
+        gradient through: compute the loss under :func:`rgo_jax.nnx.use_input_projection`
+        (which reads the marked P from the optimizer state) or with
+        :func:`rgo_jax.projected_matmul`. :func:`consolidate` is unchanged.
+      max_p_bytes, max_total_bytes: memory guard. ``init`` raises ``ValueError`` naming the
+        leaf, its P's shape and bytes when one P (all stacked layers of a leaf together)
+        would exceed ``max_p_bytes``, or all P together ``max_total_bytes``. ``None``: the
+        defaults :data:`MAX_P_BYTES` (1 GiB) and :data:`MAX_TOTAL_BYTES` (8 GiB); pass a
+        larger number to allow more, or leave the leaf unprojected (a ``None`` layout).
+        The default rule gives every 2-D leaf a P over its first axis, so an embedding
+        table ``[vocab, dim]`` would get a ``vocab x vocab`` P: see
+        :data:`rgo_jax.layouts.TRANSFORMER_RULES` for transformer blocks and embeddings.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; extra keyword arguments are ignored.
@@ -102,6 +146,7 @@ def scale_by_rgo(
 
     def init_fn(params):
         specs = _matrices.leaf_specs(params, layout, project_biases)
+        _check_memory(specs, dtype, max_p_bytes, max_total_bytes)
         marked = set()
         if selected is not None and not _matrices.is_params_stand_in(params):
             marked = _input_projected_leaves(specs, selected)
@@ -118,7 +163,12 @@ def scale_by_rgo(
                 p, {name: _matrices.InputProjected(mats[name]) for name in marked}
             )
         # Two distinct buffers, so that the state can be donated to a jitted step.
-        return RGOState(p=p, count=jnp.zeros([], jnp.int32), skipped=jnp.zeros([], jnp.int32))
+        zero = (jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32))
+        if _matrices.is_params_stand_in(params):
+            layouts = _matrices.NOT_PARAMS
+        else:
+            layouts = Layouts(tuple((n, s if s is None else s.layout) for n, s in specs.items()))
+        return RGOState(p=p, num_vectors=zero[0], skipped=zero[1], layouts=layouts)
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -140,6 +190,8 @@ def rgo(
     project_biases: bool = True,
     dtype: Any = None,
     input_projected: str | Callable[[str], bool] | None = None,
+    max_p_bytes: int | None = None,
+    max_total_bytes: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The reference optimizer: RGO projection of the gradient, then plain SGD.
 
@@ -154,10 +206,55 @@ def rgo(
     """
     return optax.chain(
         scale_by_rgo(
-            layout, project_biases=project_biases, dtype=dtype, input_projected=input_projected
+            layout,
+            project_biases=project_biases,
+            dtype=dtype,
+            input_projected=input_projected,
+            max_p_bytes=max_p_bytes,
+            max_total_bytes=max_total_bytes,
         ),
         optax.sgd(learning_rate),
     )
+
+
+MAX_P_BYTES = 2**30
+"""Default largest P of one leaf (bytes): 1 GiB, a float32 P of 16384 x 16384."""
+MAX_TOTAL_BYTES = 8 * 2**30
+"""Default largest memory of all P of one :func:`scale_by_rgo` together (bytes): 8 GiB."""
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def _check_memory(specs: dict, dtype: Any, max_p: Any, max_total: Any) -> None:
+    """Raises ``ValueError`` naming the first P over ``max_p`` bytes, or the total."""
+    max_p = MAX_P_BYTES if max_p is None else max_p
+    max_total = MAX_TOTAL_BYTES if max_total is None else max_total
+    itemsize = jnp.dtype(dtype).itemsize
+    total, sizes = 0, []
+    for name, spec in specs.items():
+        if spec is None:
+            continue
+        shape = (*spec.batch_shape, spec.d, spec.d)
+        nbytes = math.prod(shape) * itemsize
+        total += nbytes
+        sizes.append((nbytes, name, shape))
+        if nbytes > max_p:
+            raise ValueError(
+                f"RGO: parameter '{name}' of shape {spec.shape} would get a P of shape {shape} "
+                f"({nbytes} bytes, {_size(nbytes)} in {jnp.dtype(dtype).name}), over "
+                f"max_p_bytes={max_p}. Leave it unprojected with a None layout (e.g. "
+                f"layout_rules([(r'^{name}$', None)]); embeddings usually should be), choose "
+                "another layout, or raise max_p_bytes."
+            )
+    if total > max_total:
+        largest = ", ".join(f"'{n}' {s} {_size(b)}" for b, n, s in sorted(sizes)[::-1][:3])
+        raise ValueError(
+            f"RGO: the P matrices would take {total} bytes ({_size(total)}), over "
+            f"max_total_bytes={max_total}; the largest: {largest}. Leave leaves unprojected "
+            "(None layouts), store P in bfloat16 (dtype=), or raise max_total_bytes."
+        )
 
 
 def trace_scale(p: jax.Array) -> jax.Array:
@@ -207,7 +304,8 @@ def _input_projected_leaves(specs: dict, selected: Callable[[str], bool]) -> set
 def _update_projection(state, vectors, alpha, method, block_size):
     table = {name: v for name, v in _matrices.projected(vectors).items() if v is not None}
     entries = []  # (name, p, v)
-    for name, p in _matrices.projected(state.p).items():
+    matrices = _matrices.projected(state.p)
+    for name, p in matrices.items():
         if name not in table:
             raise ValueError(
                 f"RGO update_projection: no curvature vectors for projected parameter "
@@ -237,28 +335,29 @@ def _update_projection(state, vectors, alpha, method, block_size):
     for *_, v in entries:
         bad = bad | ~jnp.all(jnp.isfinite(v.reshape(n, -1)), axis=1)
 
-    # Bucket matrices of equal size (and stacked layers) into one vmapped kernel call.
-    buckets: dict[tuple[int, Any], list] = {}
+    # Bucket matrices of equal size (and stacked layers, and alpha) into one vmapped call.
+    per_leaf = isinstance(alpha, dict)
+    names = list(matrices)
+    buckets: dict[tuple[int, Any, str | None], list] = {}
     for e in entries:
-        buckets.setdefault((e[1].shape[-1], e[1].dtype), []).append(e)
+        buckets.setdefault((e[1].shape[-1], e[1].dtype, e[0] if per_leaf else None), []).append(e)
     new = {}
-    for (d, dtype), group in buckets.items():
+    for (d, dtype, leaf), group in buckets.items():
+        a = alpha if leaf is None else _matrices.per_leaf(alpha, leaf, "RGO alpha", names)
         ps = [p.reshape(-1, d, d) for _, p, _ in group]
         vs = [v.reshape(n, -1, d) for *_, v in group]
         sizes = [x.shape[0] for x in ps]
         pk = jnp.concatenate(ps, axis=0)
         vk = jnp.concatenate(vs, axis=1).astype(jnp.float32)
         vk = jnp.where(bad[:, None, None], 0.0, vk)
-        pk, _ = _rls.run_rls(
-            pk.astype(jnp.float32), vk, alpha, method=method, block_size=block_size
-        )
+        pk, _ = _rls.run_rls(pk.astype(jnp.float32), vk, a, method=method, block_size=block_size)
         offsets = np.cumsum([0, *sizes])
         for (name, p, _), lo, hi in zip(group, offsets[:-1], offsets[1:], strict=True):
             new[name] = pk[lo:hi].reshape(p.shape).astype(dtype)
     num_bad = jnp.sum(bad, dtype=jnp.int32)
-    return RGOState(
+    return state._replace(
         p=_matrices.with_projected(state.p, new),
-        count=state.count + (n - num_bad),
+        num_vectors=state.num_vectors + (n - num_bad),
         skipped=state.skipped + num_bad,
     )
 
@@ -266,7 +365,7 @@ def _update_projection(state, vectors, alpha, method, block_size):
 def update_projection(
     state: RGOState,
     vectors: Any,
-    alpha: float | jax.Array = DEFAULT_ALPHA,
+    alpha: float | jax.Array | dict[str, float | jax.Array] = DEFAULT_ALPHA,
     *,
     method: str = "block",
     block_size: int = 64,
@@ -288,8 +387,13 @@ def update_projection(
       vectors: tree keyed like params (missing or ``None`` leaves are allowed only for
         unprojected parameters) with ``[n, *batch, d]`` per projected leaf, e.g. from
         :func:`rgo_jax.curvature_vectors`.
-      alpha: RLS regulariser (> 0). Default 0.01, the reference code's value (the paper's
-        text says 1).
+      alpha: RLS regulariser, a finite positive scalar, or a dict ``path -> scalar``
+        covering every projected parameter (one alpha per layer). Default 0.01, the
+        reference code's value (the paper's text says 1). Concrete values (Python numbers,
+        NumPy or JAX arrays) are checked at once: an array that is not a scalar, or a value
+        that is zero, negative or NaN raises ``ValueError``. A traced alpha (``update_projection``
+        called inside ``jit``) cannot be checked: a non-positive or NaN value there makes the
+        RLS denominator ``alpha + v^T P v`` vanish or NaN, and P non-finite.
       method: ``"block"`` (Woodbury, ``block_size`` vectors per solve; the default, fast) or
         ``"sequential"`` (a ``lax.scan`` of rank-one steps, the literal Algorithm 1). Both
         give the same P up to float32 rounding.
@@ -310,10 +414,13 @@ def update_projection(
             f"update_projection expects an RGOState, got {type(state).__name__}; use "
             "consolidate(opt_state, ...) for a chained optimizer state."
         )
+    if isinstance(alpha, dict):
+        alpha = _matrices.path_keyed(alpha, "RGO alpha")
     _matrices.check_alpha(alpha, "RGO update_projection")
     if method not in ("sequential", "block"):
         raise ValueError(f"Unknown RLS method {method!r}; use 'sequential' or 'block'.")
-    return _update_projection(state, vectors, jnp.asarray(alpha, jnp.float32), method, block_size)
+    alpha = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), alpha)
+    return _update_projection(state, vectors, alpha, method, block_size)
 
 
 def rgo_states(opt_state: Any) -> list[RGOState]:
@@ -332,13 +439,18 @@ def consolidate(
     The task-boundary step of Algorithm 1 for an optimizer built with ``optax.chain``,
     ``optax.partition``, ``optax.masked`` or ``optax.inject_hyperparams``.
 
+    alpha belongs to this step, not to the transformation: ``update`` never reads it (it
+    only applies the P it is given), so it is neither stored in the state nor injected. It
+    may change from task to task, and may be given per layer as a dict ``path -> alpha``
+    (see :func:`update_projection`, which also says how it is validated).
+
     Examples:
       >>> import jax.numpy as jnp, optax
       >>> from rgo_jax import consolidate, rgo, rgo_states
       >>> tx = optax.chain(optax.clip_by_global_norm(1.0), rgo(0.1))
       >>> state = tx.init({"w": jnp.zeros((3, 2))})
       >>> state = consolidate(state, {"w": jnp.ones((5, 3))})
-      >>> int(rgo_states(state)[0].count)
+      >>> int(rgo_states(state)[0].num_vectors)
       5
     """
     return _matrices.map_states(

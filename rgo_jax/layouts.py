@@ -3,6 +3,8 @@
 from rgo_jax._layout import BIAS as BIAS
 from rgo_jax._layout import CONV as CONV
 from rgo_jax._layout import DENSE as DENSE
+from rgo_jax._layout import TRANSFORMER_RULES as TRANSFORMER_RULES
+from rgo_jax._layout import LayoutRules as LayoutRules
 from rgo_jax._layout import LayoutSpec as LayoutSpec
 from rgo_jax._layout import MatrixLayout as MatrixLayout
 from rgo_jax._layout import default_layout as default_layout

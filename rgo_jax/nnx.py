@@ -9,6 +9,8 @@ restores them on exit. It serves
 - :func:`use_input_projection`: dense kernels whose gradient comes out RGO-projected, the
   matrices read from the optimizer state (``scale_by_rgo(input_projected=...)``).
 
+:func:`consolidate` is the task boundary of an ``nnx.Optimizer`` in one call.
+
 Enter either block inside the function being differentiated (the model there is the traced
 copy).
 """
@@ -16,15 +18,16 @@ copy).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from rgo_jax import _input_projection, _layout, _matrices, _transform
+from rgo_jax import _curvature, _input_projection, _layout, _matrices, _transform
 
-__all__ = ["use_input_projection", "use_reduced_kernel_gradients"]
+__all__ = ["consolidate", "use_input_projection", "use_reduced_kernel_gradients"]
 
 
 def _check_dense(what: str, name: str, dimension_numbers, kwargs, lhs, rhs) -> None:
@@ -241,3 +244,117 @@ def use_input_projection(model: Any, opt_state: Any):
         return "dot_general", _dense(what, name, product)
 
     return _patched(model, what, (nnx.Linear,), list(matrices), make)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ModelLogits:
+    """``(params, x, rest, *args) -> model(x, *args)`` for a split NNX model (hashable, so
+    the compiled curvature function is reused from task to task)."""
+
+    graphdef: Any
+    reduced: bool
+
+    def __call__(self, params, x, rest, *args):
+        from flax import nnx  # noqa: PLC0415
+
+        # copy=True: a fresh graph per trace, as nnx.scan / nnx.vmap inside the model need.
+        model = nnx.merge(self.graphdef, params, rest, copy=True)
+        if not self.reduced:
+            return model(x, *args)
+        with use_reduced_kernel_gradients(model):
+            return model(x, *args)
+
+
+def _layout_table(opt_state: Any) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    states = _transform.rgo_states(opt_state)
+    if not states:
+        raise ValueError(
+            "rgo_jax.nnx.consolidate: no RGOState in the optimizer state; is scale_by_rgo "
+            "(or rgo) the optimizer's transformation?"
+        )
+    for state in states:
+        if not isinstance(state.layouts, _transform.Layouts):
+            raise ValueError(
+                "rgo_jax.nnx.consolidate: the RGO state carries no layouts (it was not made "
+                "by scale_by_rgo's init); rebuild the optimizer state with tx.init."
+            )
+        for name, lay in state.layouts.items:
+            if lay is not None or name not in table:
+                table[name] = lay
+    return table
+
+
+def consolidate(
+    optimizer: Any,
+    model: Any,
+    x: jax.Array,
+    labels: jax.Array,
+    *args: Any,
+    alpha: Any = _transform.DEFAULT_ALPHA,
+    class_mask: jax.Array | None = None,
+    per_sample: bool = False,
+    chunk: int | None = None,
+    reduced: bool = True,
+    method: str = "block",
+) -> None:
+    """The task boundary for an ``nnx.Optimizer``: curvature vectors, then consolidation.
+
+    Computes :func:`rgo_jax.curvature_vectors` of ``model`` on the batches (compiled, the
+    batches vmapped, with :func:`use_reduced_kernel_gradients` unless ``reduced=False``)
+    with the layouts the optimizer's RGO state was built with, and absorbs them into its
+    P matrices (:func:`rgo_jax.consolidate`), updating ``optimizer`` in place. The layout
+    and ``project_biases`` are read from the state: they are never repeated. Models using
+    ``nnx.scan`` / ``nnx.vmap`` work (the model is merged with ``copy=True`` in the trace).
+
+    Args:
+      optimizer: an ``nnx.Optimizer`` whose transformation contains ``scale_by_rgo``.
+      model: the NNX model the optimizer updates.
+      x: a stack of batches ``[num_batches, B, ...]`` (or one batch ``[B, ...]``).
+      labels: int ``[num_batches, B]`` (or ``[B]``).
+      *args: further arguments of ``model(x, *args)``, e.g. the task id (traced).
+      alpha: the RLS regulariser (a scalar or a dict ``path -> scalar``).
+      class_mask, per_sample, chunk: as for :func:`rgo_jax.curvature_vectors`.
+      reduced: pre-average kernel cotangents (same vectors, faster); ``False`` for layers
+        other than ``nnx.Linear``/``nnx.Conv`` with custom layouts over output axes.
+      method: the RLS kernel, ``"block"`` or ``"sequential"``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import rgo_jax
+      >>> model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+      >>> opt = nnx.Optimizer(model, rgo_jax.rgo(0.1), wrt=nnx.Param)
+      >>> xs = jax.random.normal(jax.random.key(0), (4, 8, 3))  # 4 batches of 8
+      >>> ys = jnp.zeros((4, 8), jnp.int32).at[:, ::2].set(1)
+      >>> rgo_jax.nnx.consolidate(opt, model, xs, ys)
+      >>> int(rgo_jax.rgo_states(nnx.as_pure(opt.opt_state))[0].num_vectors)
+      4
+    """
+    from flax import nnx  # noqa: PLC0415
+
+    wrt = getattr(optimizer, "wrt", nnx.Param)
+    graphdef, params, rest = nnx.split(model, wrt, ...)
+    pure_state = nnx.as_pure(optimizer.opt_state)
+    table = _layout_table(pure_state)
+    params = nnx.as_pure(params)
+    missing = sorted(set(_matrices.projected(params)) - set(table))
+    if missing:
+        raise ValueError(
+            f"rgo_jax.nnx.consolidate: the optimizer's state has no layout for parameter(s) "
+            f"{missing[:8]}: is it the optimizer of this model?"
+        )
+    vectors = _curvature.curvature_vectors(
+        _ModelLogits(graphdef, bool(reduced)),
+        params,
+        x,
+        labels,
+        rest,
+        *args,
+        class_mask=class_mask,
+        per_sample=per_sample,
+        layout=lambda path, leaf: table[path],
+        chunk=chunk,
+    )
+    new_state = _transform.consolidate(pure_state, vectors, alpha, method=method)
+    nnx.update(optimizer.opt_state, nnx.state(new_state))

@@ -21,9 +21,9 @@ class GPMState(NamedTuple):
     bases: Any
     """Tree like params: ``[*batch, d, d]`` per projected leaf, whose first ``rank`` columns
     are an orthonormal basis ``M`` of the protected input space and whose other columns are
-    zero (so ``M M^T`` is the projector at a static shape); ``zeros((0, 0))`` otherwise."""
+    zero (so ``M M^T`` is the projector at a static shape); ``optax.MaskedNode()`` otherwise."""
     rank: Any
-    """Tree like params: int32 ``[*batch]`` basis size per projected leaf, ``zeros((0,))``
+    """Tree like params: int32 ``[*batch]`` basis size per projected leaf, ``MaskedNode()``
     otherwise."""
     count: jax.Array  # int32 [], gpm_update_bases calls (tasks absorbed)
 
@@ -91,7 +91,7 @@ def scale_by_gpm(
         def make_rank(path, _):
             spec = specs[_layout.path_str(path)]
             if spec is None:
-                return jnp.zeros((0,), jnp.int32)
+                return _common.PLACEHOLDER
             return jnp.zeros(spec.batch_shape, jnp.int32)
 
         bases = _common.init_matrices(params, specs, make_basis, dtype)

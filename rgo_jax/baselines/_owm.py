@@ -19,7 +19,8 @@ class OWMState(NamedTuple):
     """State of :func:`scale_by_owm`: one OWM projector P per projected parameter."""
 
     p: Any
-    """Tree like params: ``[*batch, d, d]`` per projected leaf, ``zeros((0, 0))`` otherwise."""
+    """Tree like params: ``[*batch, d, d]`` per projected leaf, ``optax.MaskedNode()``
+    otherwise."""
     count: jax.Array  # int32 [], owm_update calls absorbed
     skipped: jax.Array  # int32 [], non-finite input vectors skipped (P left unchanged)
 
@@ -84,8 +85,8 @@ def scale_by_owm(
       >>> params = {"fc": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)}}
       >>> tx = optax.chain(scale_by_owm(), optax.sgd(0.1))
       >>> state = tx.init(params)
-      >>> state[0].p["fc"]["kernel"].shape, state[0].p["fc"]["bias"].shape
-      ((3, 3), (0, 0))
+      >>> state[0].p["fc"]["kernel"].shape, state[0].p["fc"]["bias"]
+      ((3, 3), MaskedNode())
       >>> inputs = {"fc/kernel": jnp.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])}
       >>> state = owm_update(state, inputs, alpha=1.0)  # absorbs the mean input e_0
       >>> state[0].p["fc"]["kernel"][0].tolist()  # P = I - e_0 e_0^T / 2

@@ -200,4 +200,4 @@ def test_rgo_state_shapes(case):
     (rstate,) = rgo_jax.rgo_states(state)
     leaves = jax.tree.leaves(rstate.p)
     chex.assert_shape(leaves, [(4, 4), (3, 3), (4, 4)])  # c, fc/bias, fc/kernel
-    chex.assert_rank(rstate.count, 0)
+    chex.assert_rank(rstate.num_vectors, 0)

@@ -52,7 +52,7 @@ def test_p_matches_closed_form(alpha, init_scale):
         rtol=2e-4,
         atol=1e-5,
     )
-    assert state.p["fc1"]["bias"].shape == (0, 0)  # biases unprojected by default
+    assert state.p["fc1"]["bias"] == optax.MaskedNode()  # biases unprojected by default
     assert int(state.count) == 6 and int(state.skipped) == 0
 
 

@@ -337,7 +337,7 @@ def test_rgo_state_from_init_can_be_donated():
 
     params, state = jax.jit(step, donate_argnums=(0, 1))(params, state)
     np.testing.assert_allclose(params["w"], 0.9 * np.ones((3, 2)), rtol=1e-6)
-    assert int(state[0].count) == 0 and int(state[0].skipped) == 0
+    assert int(state[0].num_vectors) == 0 and int(state[0].skipped) == 0
 
 
 def test_block_kernel_many_blocks_matches_closed_form_and_stays_symmetric():

@@ -22,7 +22,7 @@ def test_recursion_matches_closed_form(alpha, method):
     state = rgo_jax.update_projection(state, {"w": v}, alpha, method=method, block_size=16)
     expected = closed_form_p(v, alpha)
     assert _rel_err(state.p["w"], expected) < 2e-4
-    assert int(state.count) == 60 and int(state.skipped) == 0
+    assert int(state.num_vectors) == 60 and int(state.skipped) == 0
 
 
 def test_rank_one_step_is_the_textbook_formula():
@@ -101,7 +101,7 @@ def test_non_finite_vector_is_skipped_and_counted():
     assert bool(jnp.all(jnp.isfinite(state.p["w"])))
     np.testing.assert_allclose(state.p["w"], closed_form_p(keep, 0.1), rtol=1e-3, atol=1e-5)
     np.testing.assert_allclose(state.p["b"], closed_form_p(keep, 0.1), rtol=1e-3, atol=1e-5)
-    assert int(state.skipped) == 1 and int(state.count) == 11
+    assert int(state.skipped) == 1 and int(state.num_vectors) == 11
     _, skipped = rgo_jax.rls_step(jnp.eye(8)[None], jnp.full((1, 8), jnp.inf), 0.1)
     assert bool(skipped[0])
 

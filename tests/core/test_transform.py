@@ -86,11 +86,11 @@ def test_projection_shrinks_consolidated_directions_only():
 def test_unprojected_biases_and_layout_rules():
     tx = rgo_jax.scale_by_rgo(project_biases=False)
     state = tx.init(_params())
-    assert state.p["dense"]["bias"].shape == (0, 0)
+    assert state.p["dense"]["bias"] == optax.MaskedNode()
     assert state.p["dense"]["kernel"].shape == (6, 6)
     tx = rgo_jax.scale_by_rgo(layouts.layout_rules([(r"^dense/", None)]))
     state = tx.init(_params())
-    assert state.p["dense"]["kernel"].shape == (0, 0)
+    assert state.p["dense"]["kernel"] == optax.MaskedNode()
     assert state.p["conv"]["kernel"].shape == (18, 18)
 
 
@@ -98,8 +98,8 @@ def test_unknown_leaf_raises_naming_path_and_shape():
     tx = rgo_jax.scale_by_rgo()
     with pytest.raises(ValueError, match=r"'mlp/w3'.*\(2, 3, 4\)"):
         tx.init({"mlp": {"w3": jnp.zeros((2, 3, 4))}})
-    with pytest.raises(ValueError, match=r"'scale'.*\(\)"):
-        tx.init({"scale": jnp.zeros(())})
+    # A scalar is left unprojected (its trace-normalised 1 x 1 P is the identity).
+    assert tx.init({"scale": jnp.zeros(())}).p["scale"] == optax.MaskedNode()
     with pytest.raises(ValueError, match="no entry for parameter 'b'"):
         rgo_jax.scale_by_rgo(layout={"a": "dense"}).init({"a": jnp.zeros((2, 2)), "b": jnp.ones(2)})
     with pytest.raises(TypeError, match="'a'.*MatrixLayout"):
@@ -178,10 +178,100 @@ def test_nnx_optimizer_and_consolidation():
     pure = rgo_jax.consolidate(pure, v, 0.01)
     nnx.update(opt.opt_state, nnx.state(pure))
     (rstate,) = rgo_jax.rgo_states(nnx.as_pure(opt.opt_state))
-    assert int(rstate.count) == 4
+    assert int(rstate.num_vectors) == 4
     kernel_before = np.asarray(model.kernel[...])
     grads = nnx.grad(loss_fn)(model)
     opt.update(model, grads)
     p = np.asarray(rstate.p["kernel"], np.float64)
     expected = kernel_before - 0.5 * (5 / np.trace(p)) * p @ np.asarray(grads["kernel"][...])
     np.testing.assert_allclose(model.kernel[...], expected, rtol=1e-5, atol=1e-6)
+
+
+# ----- the state as optax's tree tools see it ----------------------------------------------
+
+
+def test_tree_map_params_never_hands_p_to_the_params_function():
+    params = {"w": jnp.ones((4, 8)), "b": jnp.ones(8)}
+    tx = optax.chain(rgo_jax.scale_by_rgo(), optax.adam(1e-2))
+    state = rgo_jax.consolidate(tx.init(params), {"w": jnp.ones((2, 4)), "b": jnp.ones((2, 8))})
+    seen = []
+
+    def f(x):
+        seen.append(x.shape)
+        return jnp.zeros((4, 8)) if x.shape == (4, 4) else 2 * x
+
+    mapped = optax.tree_map_params(tx, f, state)
+    assert sorted(seen) == sorted([(8,), (4, 8)] * 2)  # Adam's mu and nu only
+    (before,), (after,) = rgo_jax.rgo_states(state), rgo_jax.rgo_states(mapped)
+    jax.tree.map(np.testing.assert_array_equal, after.p, before.p)
+    np.testing.assert_array_equal(mapped[1][0].mu["w"], 2 * state[1][0].mu["w"])
+
+
+def test_state_specs_from_parameter_specs_leave_p_unsharded_like_its_parameter():
+    spec = jax.sharding.PartitionSpec
+    params = {"w": jnp.ones((4, 8)), "b": jnp.ones(8)}
+    param_specs = {"w": spec(None, "model"), "b": spec("model")}
+    tx = optax.chain(rgo_jax.scale_by_rgo(), optax.adam(1e-2))
+    specs = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        tx.init(params),
+        param_specs,
+        transform_non_params=lambda _: spec(),
+        is_leaf=lambda x: isinstance(x, spec),
+    )
+    rgo_specs, (adam_specs, _) = specs
+    assert rgo_specs.p == spec()  # the d x d P never takes its [in, out] parameter's spec
+    assert adam_specs.mu == param_specs and adam_specs.nu == param_specs
+
+
+def test_inject_hyperparams_with_layout_rules():
+    params = {"body": {"kernel": jnp.ones((3, 2))}, "head": {"kernel": jnp.ones((2, 2))}}
+    rules = layouts.layout_rules([(r"^head/", None)])
+    tx = optax.inject_hyperparams(rgo_jax.rgo)(learning_rate=0.5, layout=rules)
+    state = rgo_jax.consolidate(tx.init(params), {"body": {"kernel": jnp.ones((1, 3))}})
+    (rstate,) = rgo_jax.rgo_states(state)
+    assert rstate.p["head"]["kernel"] == optax.MaskedNode()
+    assert float(state.hyperparams["learning_rate"]) == 0.5
+    g = {"body": {"kernel": jnp.ones((3, 2))}, "head": {"kernel": jnp.ones((2, 2))}}
+    u, _ = jax.jit(tx.update)(g, state)
+    np.testing.assert_allclose(u["head"]["kernel"], -0.5 * g["head"]["kernel"])
+    p = np.asarray(rstate.p["body"]["kernel"], np.float64)
+    np.testing.assert_allclose(
+        u["body"]["kernel"], -0.5 * 3 / np.trace(p) * p @ np.ones((3, 2)), rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "alpha, error",
+    [
+        (-1.0, "alpha must be positive"),
+        (0.0, "alpha must be positive"),
+        (float("nan"), "alpha must be positive"),
+        (jnp.asarray(-0.5), "alpha must be positive"),
+        (jnp.asarray(0.0), "alpha must be positive"),
+        (jnp.asarray(jnp.nan), "alpha must be positive"),
+        (np.asarray([0.1, 0.2]), r"alpha must be a scalar .* shape \(2,\)"),
+        (jnp.full((5,), 0.1), r"alpha must be a scalar .* shape \(5,\)"),
+        ({"w": 0.1}, "no entry for projected parameter 'b'"),
+        ({"w": 0.1, "b": -1.0}, "alpha must be positive"),
+    ],
+)
+def test_alpha_is_validated(alpha, error):
+    tx = rgo_jax.scale_by_rgo()
+    state = tx.init({"w": jnp.ones((3, 2)), "b": jnp.ones(2)})
+    vecs = {"w": jnp.ones((5, 3)), "b": jnp.ones((5, 2))}
+    with pytest.raises(ValueError, match=error):
+        rgo_jax.consolidate(state, vecs, alpha)
+
+
+def test_alpha_per_layer_equals_separate_consolidations():
+    params = {"w": jnp.ones((3, 2)), "v": jnp.ones((3, 2))}
+    rng = np.random.default_rng(0)
+    vecs = {k: jnp.asarray(rng.normal(size=(4, 3)), jnp.float32) for k in params}
+    state = rgo_jax.scale_by_rgo().init(params)
+    both = rgo_jax.consolidate(state, vecs, {"w": 0.1, "v": 2.0})
+    for name, a in (("w", 0.1), ("v", 2.0)):
+        v64 = np.asarray(vecs[name], np.float64)
+        ref = a * np.linalg.inv(a * np.eye(3) + v64.T @ v64)
+        np.testing.assert_allclose(both.p[name], ref, rtol=1e-4, atol=1e-6)
