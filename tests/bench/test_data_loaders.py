@@ -16,7 +16,7 @@ import pytest
 from rgo_jax.bench import data
 from rgo_jax.bench.data import Dataset, UnsafePickleError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(__file__).resolve().parents[3] / "shared"
 DATASETS = SHARED / "datasets"
 
 # Published facts about MNIST (class counts of the official train / test sets).

@@ -484,7 +484,7 @@ def test_publish_merges_and_records_what_it_left_out(tmp_path):
             matrices=mats,
             plots=False,
         )
-    script = Path(__file__).parents[1] / "benchmarks" / "publish.py"
+    script = Path(__file__).parents[2] / "benchmarks" / "publish.py"
     argv = [sys.executable, str(script), str(tmp_path / "a"), str(tmp_path / "b")]
     argv += [str(tmp_path / "out"), "--command", "cmd a", "--command", "cmd b", "--commit", "c1"]
     done = subprocess.run(argv, capture_output=True, text=True, check=False)

@@ -14,7 +14,7 @@ from scipy import ndimage
 from rgo_jax.bench import data
 from rgo_jax.bench.data import Dataset
 
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+DATASETS = Path(__file__).resolve().parents[3] / "shared" / "datasets"
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from rgo_jax._input_projection import (
 )
 from rgo_jax.bench.models import MLP
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _spd(rng, d, n=None, alpha=0.1):
