@@ -30,6 +30,7 @@ def rgo_vs_sgd(tmp_path_factory):
     return train.run(cfg, tmp_path_factory.mktemp("run"), log=lambda *a: None)
 
 
+@pytest.mark.slow
 def test_rgo_with_fel_keeps_the_first_task(rgo_vs_sgd):
     r_rgo = rgo_vs_sgd["matrices"]["rgo"][0]
     r_sgd = rgo_vs_sgd["matrices"]["sgd"][0]
@@ -43,6 +44,7 @@ def test_rgo_with_fel_keeps_the_first_task(rgo_vs_sgd):
     assert s["rgo"]["acc"]["mean"] > s["sgd"]["acc"]["mean"] + 0.1
 
 
+@pytest.mark.slow
 def test_stl_has_no_forgetting_by_construction(rgo_vs_sgd):
     r = rgo_vs_sgd["matrices"]["stl"][0]
     for i in range(3):
@@ -185,6 +187,7 @@ def test_multi_head_gives_each_task_its_own_units():
     assert split.num_classes == 10  # class splits are already disjoint
 
 
+@pytest.mark.slow
 def test_vmapped_seeds_match_sequential_seeds(tmp_path):
     base = {
         **QUICK,
