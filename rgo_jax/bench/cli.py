@@ -84,7 +84,7 @@ _FLAGS = {
 }
 
 
-BENCH_EXTRA = {
+_BENCH_EXTRA = {
     "sklearn": "scikit-learn",
     "matplotlib": "matplotlib",
     "tqdm": "tqdm",
@@ -194,7 +194,7 @@ def _missing_extra(err: BaseException) -> str | None:
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         if isinstance(err, ImportError) and err.name:
-            package = BENCH_EXTRA.get(err.name.split(".")[0])
+            package = _BENCH_EXTRA.get(err.name.split(".")[0])
             if package:
                 return package
         err = err.__cause__ or err.__context__
