@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import rgo_jax
 from rgo_jax.bench import _profile
 from rgo_jax.bench._methods import METHODS, OPTION_ALIASES, option_help
 from rgo_jax.bench._rundir import end_progress_bars, interrupted_message
@@ -95,6 +96,33 @@ _FLAGS = {
 }
 
 
+_BENCH_EXTRA = {
+    "sklearn": "scikit-learn",
+    "matplotlib": "matplotlib",
+    "tqdm": "tqdm",
+    "orbax": "orbax-checkpoint",
+    "PIL": "pillow",
+}
+"""Top-level modules of the ``bench`` extra's packages -> package names."""
+
+
+def _default(field: str):
+    """The value a flag's field takes when neither the flag nor a --config file sets it."""
+    if field in DEMO:
+        return DEMO[field]
+    f = next(f for f in dataclasses.fields(Config) if f.name == field)
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _with_default(hlp: str, field: str) -> str:
+    value = _default(field)
+    if value is None or "(default" in hlp:
+        return hlp
+    if isinstance(value, (list, tuple)):
+        value = ",".join(map(str, value))
+    return f"{hlp} (default {value})"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rgo-bench",
@@ -104,15 +132,16 @@ def _parser() -> argparse.ArgumentParser:
             "time), prints the accuracy matrix R[i, j] (accuracy on task j after training "
             "task i) with ACC, BWT and forgetting, and writes results, plots and checkpoints "
             "to --out. Rerunning the same command on the same --out resumes. Without "
-            "--config the default job is a short demo on scikit-learn's bundled digits."
+            "--config the default job is a short demo on scikit-learn's bundled digits: the "
+            "defaults below are the demo's, and a --config file's values replace them."
         ),
     )
     p.add_argument(
         "--config", help="JSON file of Config fields (benchmarks/configs/*.json); flags override it"
     )
     p.add_argument("--out", default="runs/latest", help="run directory (default runs/latest)")
-    for flag, (_, _, hlp) in _FLAGS.items():
-        p.add_argument(flag, default=None, help=hlp)
+    for flag, (field, _, hlp) in _FLAGS.items():
+        p.add_argument(flag, default=None, help=_with_default(hlp, field))
     p.add_argument(
         "--option",
         action="append",
@@ -151,8 +180,52 @@ def _parser() -> argparse.ArgumentParser:
         help=f"JAX persistent compilation cache (default ${_profile.CACHE_ENV} or "
         "~/.cache/rgo_jax/jax_compilation_cache; off disables it)",
     )
-    p.add_argument("--list", action="store_true", help="list benchmarks and methods, then exit")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="draw a progress bar on stderr (default: only when stderr is a terminal)",
+    )
+    p.add_argument(
+        "--list",
+        action="store_true",
+        help="list the benchmarks (and the data files they need) and the methods, then exit",
+    )
+    p.add_argument("--version", action="version", version=f"rgo-bench {rgo_jax.__version__}")
     return p
+
+
+def _print_list() -> None:
+    print("benchmarks:")
+    for name, build in sorted(BENCHMARKS.items()):
+        datasets = getattr(build, "datasets", ())
+        if datasets == ("digits",):
+            need = "no files (scikit-learn's bundled digits)"
+        elif len(datasets) > 1:
+            need = f"needs data files: two or more of {', '.join(datasets)}"
+        elif datasets:
+            need = f"needs data files: {datasets[0]}"
+        else:
+            need = ""
+        print(f"  {name:24s} {need}".rstrip())
+    print("  (data files are read from --data-dir, else $RGO_DATA_DIR, else ~/.cache/rgo_jax)")
+    print("methods:")
+    for name, m in sorted(METHODS.items()):
+        print(f"  {name:12s} {m.description}{'  [uses memory]' if m.uses_memory else ''}")
+    print("method options (--option KEY=VALUE):", option_help())
+
+
+def _missing_extra(err: BaseException) -> str | None:
+    """The ``bench`` extra's package whose absence caused ``err`` (else ``None``)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, ImportError) and err.name:
+            package = _BENCH_EXTRA.get(err.name.split(".")[0])
+            if package:
+                return package
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _convert(value: str, typ, flag: str):
@@ -242,17 +315,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.list:
-        print("benchmarks:", ", ".join(sorted(BENCHMARKS)))
-        for name, m in sorted(METHODS.items()):
-            print(f"  {name:12s} {m.description}{'  [uses memory]' if m.uses_memory else ''}")
-        print("method options (--option KEY=VALUE):", option_help())
+        _print_list()
         return 0
     cfg = config_from_args(args)
     _profile.enable_compilation_cache(_profile.compilation_cache_dir(args.compilation_cache))
     if args.profile:
         _profile.start()
     try:
-        run(cfg, args.out)
+        run(cfg, args.out, progress=args.progress)
     except (FileNotFoundError, RunError) as err:
         end_progress_bars()
         print(f"rgo-bench: {err}", file=sys.stderr)
@@ -261,6 +331,16 @@ def main(argv: list[str] | None = None) -> int:
         end_progress_bars()
         print(interrupted_message(args.out, cfg.checkpoint), file=sys.stderr)
         return 130
+    except ImportError as err:
+        package = _missing_extra(err)
+        if package is None:
+            raise
+        print(
+            f"rgo-bench: {package} is not installed; the benchmark harness needs the bench "
+            "extra: pip install 'rgo_jax[bench]'",
+            file=sys.stderr,
+        )
+        return 1
     if args.profile:
         print(_profile.finish(args.out))
     print(f"\nResults in {args.out}/ (summary.md, results.json, *.png, checkpoints/)")

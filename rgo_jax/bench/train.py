@@ -298,11 +298,15 @@ def _stream(builder, base: str, **options):
             **options,
         )
 
+    build.datasets = (base,)  # what it reads (for ``rgo-bench --list``)
     return build
 
 
+_MULTI_DATASETS = ("mnist", "fashion_mnist", "cifar10", "notmnist", "svhn")
+
+
 def _multi(cfg: Config, seed: int):
-    names = ["mnist", "fashion_mnist", "cifar10", "notmnist", "svhn"]
+    names = list(_MULTI_DATASETS)
     found = []
     for n in names:
         try:
@@ -315,6 +319,9 @@ def _multi(cfg: Config, seed: int):
             f"({cfg.data_dir or data.default_data_dir()}); found {len(found)}."
         )
     return data.multi_dataset(found[: cfg.num_tasks])
+
+
+_multi.datasets = _MULTI_DATASETS
 
 
 BENCHMARKS = {
@@ -481,9 +488,18 @@ def _evaluate(correct, params, x, y, mask, task, batch):
 
 
 class _Progress:
-    """A tqdm bar over all steps of one (method, seed) with task, loss and ETA."""
+    """A tqdm bar over all steps of one (method, seed) with task, loss and ETA.
 
-    def __init__(self, total: int, desc: str, initial: int = 0):
+    ``enabled=None`` shows it only when stderr (where it is drawn) is a terminal, so that
+    log files do not fill with ``\r``-joined bar updates.
+    """
+
+    def __init__(self, total: int, desc: str, initial: int = 0, enabled: bool | None = None):
+        if enabled is None:
+            enabled = sys.stderr.isatty()
+        self.bar = None
+        if not enabled:
+            return
         try:
             from tqdm.auto import tqdm  # noqa: PLC0415
 
@@ -743,7 +759,13 @@ def _save_task(group: _Group, t: int, lane: _Lane, params, opt_state, extra) -> 
 
 
 def _run_group(
-    cfg: Config, method: Method, seeds: tuple[int, ...], workdir: Path, log, streams=None
+    cfg: Config,
+    method: Method,
+    seeds: tuple[int, ...],
+    workdir: Path,
+    log,
+    streams=None,
+    show_progress=None,
 ):
     """Trains ``seeds`` in lockstep, the training steps ``vmap``-ed over the seed axis.
 
@@ -768,7 +790,10 @@ def _run_group(
     )
     label = ",".join(map(str, seeds))
     progress = _Progress(
-        T * cfg.steps_per_task, f"{method.name} s{label}", initial=start * cfg.steps_per_task
+        T * cfg.steps_per_task,
+        f"{method.name} s{label}",
+        initial=start * cfg.steps_per_task,
+        enabled=show_progress,
     )
     for t in range(start, T):
         if method.fresh_network_per_task and t > 0:
@@ -815,11 +840,14 @@ def _fixed_option_notes(cfg: Config) -> list[str]:
     return notes
 
 
-def run(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
+def run(
+    cfg: Config, workdir: str | Path, *, log=print, progress: bool | None = None
+) -> dict[str, Any]:
     """Runs every method and seed of ``cfg``; writes and returns the results.
 
     Results are rewritten after every task, so a partial run has a valid ``summary.md``;
     rerunning the same command on the same ``workdir`` resumes from the checkpoints.
+    ``progress``: draw a progress bar on stderr (``None``: only if stderr is a terminal).
 
     Returns:
       ``{"summaries": {method: summary}, "matrices": {method: [R per seed]}}``.
@@ -851,7 +879,7 @@ def run(cfg: Config, workdir: str | Path, *, log=print) -> dict[str, Any]:
                 matrices[name].append(None)
                 random_init[name].append(None)
             lanes: list[_Lane] = []
-            for t, lanes, b in _run_group(cfg, method, seeds, workdir, log, streams):
+            for t, lanes, b in _run_group(cfg, method, seeds, workdir, log, streams, progress):
                 for slot, ln, b_i in zip(slots, lanes, b, strict=True):
                     matrices[name][slot] = ln.R[: t + 1, : t + 1].copy()
                     random_init[name][slot] = b_i

@@ -241,6 +241,7 @@ def cifar10_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # converts the 60,000 JPEGs first
 def test_cifar10_real(cifar10_dir):
     ds = data.load_dataset("cifar10", cifar10_dir)
     assert ds.x_train.shape == (50000, 32, 32, 3) and ds.x_test.shape == (10000, 32, 32, 3)

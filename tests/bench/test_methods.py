@@ -27,6 +27,7 @@ def all_methods(tmp_path_factory):
     return out, train.run(cfg, out, log=lambda *a: None)
 
 
+@pytest.mark.slow
 def test_every_method_fills_a_valid_matrix(all_methods):
     _, result = all_methods
     for name, (r,) in result["matrices"].items():
@@ -35,6 +36,7 @@ def test_every_method_fills_a_valid_matrix(all_methods):
         assert r[0, 0] > 0.5, f"{name} did not learn the first task"
 
 
+@pytest.mark.slow
 def test_methods_resume_with_their_state(all_methods):
     """A second run on the same directory restores every method's state, trains nothing."""
     out, first = all_methods

@@ -30,6 +30,7 @@ def rgo_vs_sgd(tmp_path_factory):
     return train.run(cfg, tmp_path_factory.mktemp("run"), log=lambda *a: None)
 
 
+@pytest.mark.slow
 def test_rgo_with_fel_keeps_the_first_task(rgo_vs_sgd):
     r_rgo = rgo_vs_sgd["matrices"]["rgo"][0]
     r_sgd = rgo_vs_sgd["matrices"]["sgd"][0]
@@ -43,6 +44,7 @@ def test_rgo_with_fel_keeps_the_first_task(rgo_vs_sgd):
     assert s["rgo"]["acc"]["mean"] > s["sgd"]["acc"]["mean"] + 0.1
 
 
+@pytest.mark.slow
 def test_stl_has_no_forgetting_by_construction(rgo_vs_sgd):
     r = rgo_vs_sgd["matrices"]["stl"][0]
     for i in range(3):
@@ -50,8 +52,8 @@ def test_stl_has_no_forgetting_by_construction(rgo_vs_sgd):
             assert r[i, j] == r[j, j]
 
 
-def _cli(out, *extra):
-    args = [
+def _args(out, *extra):
+    return [
         "--benchmark",
         "permuted_digits",
         "--tasks",
@@ -69,13 +71,19 @@ def _cli(out, *extra):
         str(out),
         *extra,
     ]
-    return [sys.executable, "-m", "rgo_jax", *args]
 
 
-def test_killed_run_resumes_to_the_same_numbers(tmp_path):
+def _cli(out, *extra):
+    return [sys.executable, "-m", "rgo_jax", *_args(out, *extra)]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_numbers(tmp_path, capsys):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The uninterrupted run and the resumed one run in this process (the same command as
+    # the killed subprocess, without two more interpreter starts).
     full = tmp_path / "full"
-    subprocess.run(_cli(full), check=True, env=env, capture_output=True)
+    assert cli.main(_args(full)) == 0
     part = tmp_path / "part"
     proc = subprocess.Popen(
         _cli(part), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -89,8 +97,9 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path):
     proc.wait()
     # Interrupted before the last task: its checkpoint is not there.
     assert not (part / "checkpoints" / "rgo" / "seed0" / "task_002" / "meta.json").exists()
-    out = subprocess.run(_cli(part), check=True, env=env, capture_output=True, text=True)
-    assert "resumed after task" in out.stdout
+    capsys.readouterr()
+    assert cli.main(_args(part)) == 0
+    assert "resumed after task" in capsys.readouterr().out
     a = json.loads((full / "results.json").read_text())
     b = json.loads((part / "results.json").read_text())
     ra = np.array(a["methods"]["rgo"]["matrices"][0], dtype=float)
@@ -178,6 +187,7 @@ def test_multi_head_gives_each_task_its_own_units():
     assert split.num_classes == 10  # class splits are already disjoint
 
 
+@pytest.mark.slow
 def test_vmapped_seeds_match_sequential_seeds(tmp_path):
     base = {
         **QUICK,
@@ -202,6 +212,7 @@ def test_vmapped_seeds_match_sequential_seeds(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_runs_split_by_seed_merge_into_the_joint_run(tmp_path):
     from rgo_jax.bench import merge_run_reports
 

@@ -69,11 +69,25 @@ def default_data_dir() -> Path:
     return Path("~/.cache/rgo_jax").expanduser()
 
 
+_HOW_TO_GET = {
+    "cifar10": (
+        "The official CIFAR-10 python release (cifar-10-python.tar.gz) unpacks to "
+        "cifar-10-batches-py/ (data_batch_1 .. data_batch_5, test_batch, batches.meta): "
+        "extract it into a folder and pass that folder"
+    ),
+}
+
+
 def _fix_hint(dataset: str, root: Path) -> str:
-    hint = f"Pass the folder that holds it (--data-dir / data_dir=), or set ${DATA_DIR_ENV}"
+    hint = f"Pass the folder that holds it (--data-dir / data_dir=), or set ${DATA_DIR_ENV}."
+    if dataset in _HOW_TO_GET:
+        hint += f" {_HOW_TO_GET[dataset]}."
     if dataset in _DOWNLOADABLE:
-        hint += f", or fetch it with rgo_jax.bench.data.download({dataset!r}, {str(root)!r})"
-    return hint + "."
+        hint += (
+            f" Or download it (network needed) into a writable folder with "
+            f"rgo_jax.bench.data.download({dataset!r}, FOLDER)."
+        )
+    return hint
 
 
 def _not_found(dataset: str, root: Path, tried: Sequence[Path], expected: str) -> FileNotFoundError:
