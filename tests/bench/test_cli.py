@@ -55,7 +55,9 @@ def test_list_names_benchmarks_with_their_files_and_methods(capsys):
     assert lines[0] == "benchmarks:" and "methods:" in lines
     split = lines.index("methods:")
     benchmarks = {ln.split()[0]: ln for ln in lines[1:split] if not ln.strip().startswith("(")}
-    methods = [ln.split()[0] for ln in lines[split + 1 :]]
+    options = next(i for i, ln in enumerate(lines) if ln.startswith("method options"))
+    methods = [ln.split()[0] for ln in lines[split + 1 : options]]
+    assert "rgo.alpha" in "\n".join(lines[options:])
     assert sorted(benchmarks) == sorted(train.BENCHMARKS)
     assert methods == sorted(METHODS)
     assert "no files" in benchmarks["permuted_digits"] and "no files" in benchmarks["split_digits"]
