@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rgo_jax.bench import _files, metrics
 from rgo_jax.bench import _report as report
-from rgo_jax.bench import metrics
 
 NAN = float("nan")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -197,7 +197,7 @@ def test_failure_midway_keeps_old_file_and_removes_temp(tmp_path, monkeypatch):
         assert os.path.exists(src)  # the new content was fully written to the temp file
         raise OSError("disk full")
 
-    monkeypatch.setattr(report.os, "replace", failing_replace)
+    monkeypatch.setattr(_files.os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         report.write_text_atomic(p, "new\n")
     monkeypatch.undo()
@@ -484,7 +484,7 @@ def test_publish_merges_and_records_what_it_left_out(tmp_path):
             matrices=mats,
             plots=False,
         )
-    script = Path(__file__).parents[1] / "benchmarks" / "publish.py"
+    script = Path(__file__).parents[2] / "benchmarks" / "publish.py"
     argv = [sys.executable, str(script), str(tmp_path / "a"), str(tmp_path / "b")]
     argv += [str(tmp_path / "out"), "--command", "cmd a", "--command", "cmd b", "--commit", "c1"]
     done = subprocess.run(argv, capture_output=True, text=True, check=False)

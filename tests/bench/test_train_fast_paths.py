@@ -172,7 +172,7 @@ def test_hidden_sets_alexnet_fc_widths_and_is_refused_for_resnets():
 
 @pytest.mark.parametrize(
     "path",
-    sorted((pathlib.Path(__file__).parents[1] / "benchmarks" / "configs").glob("*.json")),
+    sorted((pathlib.Path(__file__).parents[2] / "benchmarks" / "configs").glob("*.json")),
     ids=lambda p: p.stem,
 )
 def test_every_benchmark_config_is_a_valid_configuration(path):
