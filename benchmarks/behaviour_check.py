@@ -19,7 +19,8 @@ naming each differing case, method and field, unless every record is identical. 
 that have existed since the harness's first layout are used, so the same script runs on
 older commits to make a reference.
 
-Usage (about 6 minutes on 2 idle CPU cores)::
+Usage (measured on 2 CPU cores shared with other jobs, load average about 18: 34 to 44
+minutes; far less on an idle machine)::
 
     PYTHONPATH=. python benchmarks/behaviour_check.py --data-dir DATA --cifar-dir CIFAR \\
         --compare benchmarks/results/behaviour/reference.json

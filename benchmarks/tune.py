@@ -26,14 +26,14 @@ import rgo_jax
 from rgo_jax.bench import train
 
 GRID = {
-    # method: (Config field or method option, values)
-    "rgo": ("alpha", [0.001, 0.01, 0.1, 1.0]),
+    # method: (Config field or method option, addressed as in --option; values)
+    "rgo": ("rgo.alpha", [0.001, 0.01, 0.1, 1.0]),
     "sgd": ("learning_rate", [0.03, 0.1, 0.3]),
-    "ewc": ("ewc_lambda", [1.0, 10.0, 100.0, 1000.0]),
-    "online-ewc": ("ewc_lambda", [1.0, 10.0, 100.0, 1000.0]),
-    "owm": ("owm_alpha", [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0]),
-    "gpm": ("gpm_threshold", [0.9, 0.95, 0.97, 0.99]),
-    "agem": ("agem_batch", [16.0, 64.0, 256.0]),
+    "ewc": ("ewc.lambda", [1.0, 10.0, 100.0, 1000.0]),
+    "online-ewc": ("ewc.lambda", [1.0, 10.0, 100.0, 1000.0]),
+    "owm": ("owm.alpha", [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0]),
+    "gpm": ("gpm.threshold", [0.9, 0.95, 0.97, 0.99]),
+    "agem": ("agem.batch", [16.0, 64.0, 256.0]),
 }
 
 

@@ -9,8 +9,8 @@ import stat
 import numpy as np
 import pytest
 
+from rgo_jax.bench import _files, metrics
 from rgo_jax.bench import _report as report
-from rgo_jax.bench import metrics
 from tests.helpers import REPO
 
 NAN = float("nan")
@@ -197,7 +197,7 @@ def test_failure_midway_keeps_old_file_and_removes_temp(tmp_path, monkeypatch):
         assert os.path.exists(src)  # the new content was fully written to the temp file
         raise OSError("disk full")
 
-    monkeypatch.setattr(report.os, "replace", failing_replace)
+    monkeypatch.setattr(_files.os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         report.write_text_atomic(p, "new\n")
     monkeypatch.undo()
