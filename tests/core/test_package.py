@@ -65,5 +65,7 @@ def test_public_names_are_listed_and_exist():
     assert len(set(rgo_jax.__all__)) == len(rgo_jax.__all__)
     for name in rgo_jax.__all__:
         assert hasattr(rgo_jax, name), name
-    public = {n for n in vars(rgo_jax) if not n.startswith("_")}
+    # ``rgo_jax.bench`` becomes an attribute of the package once anything in the process
+    # imports the harness (other test modules do at collection); it is not a core name.
+    public = {n for n in vars(rgo_jax) if not n.startswith("_")} - {"bench"}
     assert public == set(rgo_jax.__all__), public ^ set(rgo_jax.__all__)
