@@ -96,9 +96,19 @@ def scale_by_rgo(
     """
 
     dtype = jnp.float32 if dtype is None else dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"scale_by_rgo: dtype of P must be floating, got {jnp.dtype(dtype)}.")
 
     def init_fn(params):
         specs = _matrices.layout_specs(params, layout, project_biases)
+        leaves = _vector_table(params)
+        for name, spec in specs.items():
+            if spec is not None and not jnp.issubdtype(leaves[name].dtype, jnp.floating):
+                raise TypeError(
+                    f"scale_by_rgo: parameter '{name}' has dtype {leaves[name].dtype}; RGO "
+                    "projects floating parameters only (a layout rule returning None leaves "
+                    "it unprojected)."
+                )
 
         def identity(spec):
             return jnp.broadcast_to(
@@ -183,6 +193,11 @@ def _update_projection(state, vectors, alpha, method, block_size):
             raise TypeError(
                 f"RGO update_projection: vectors for '{name}' must be floating, got {v.dtype}."
             )
+        if not jnp.issubdtype(p.dtype, jnp.floating):
+            raise TypeError(
+                f"RGO update_projection: P of '{name}' has dtype {p.dtype}; it must be "
+                "floating (float32 or bfloat16)."
+            )
         entries.append((i, name, p, v))
     if not entries:
         return state
@@ -200,6 +215,7 @@ def _update_projection(state, vectors, alpha, method, block_size):
     for e in entries:
         buckets.setdefault((e[2].shape[-1], e[2].dtype), []).append(e)
     new_leaves = [p for _, p in flat]
+    refused = jnp.zeros((), bool)
     for (d, dtype), group in buckets.items():
         ps = [p.reshape(-1, d, d) for _, _, p, _ in group]
         vs = [v.reshape(n, -1, d) for *_, v in group]
@@ -207,17 +223,22 @@ def _update_projection(state, vectors, alpha, method, block_size):
         pk = jnp.concatenate(ps, axis=0)
         vk = jnp.concatenate(vs, axis=1).astype(jnp.float32)
         vk = jnp.where(bad[:, None, None], 0.0, vk)
-        pk, _ = _rls.run_rls(
-            pk.astype(jnp.float32), vk, alpha, method=method, block_size=block_size
+        pk, _, status = _rls.run_rls(
+            pk, vk, alpha, method=method, block_size=block_size, dtype=dtype
         )
+        refused = refused | jnp.any(status == 2)
         offsets = np.cumsum([0, *sizes])
         for (i, _, p, _), lo, hi in zip(group, offsets[:-1], offsets[1:], strict=True):
             new_leaves[i] = pk[lo:hi].reshape(p.shape).astype(dtype)
-    num_bad = jnp.sum(bad, dtype=jnp.int32)
+    # A P that no form of the update keeps positive definite: refuse the whole update.
+    num_bad = jnp.where(refused, n, jnp.sum(bad, dtype=jnp.int32))
+    new_leaves = [
+        jnp.where(refused, old, new) for (_, old), new in zip(flat, new_leaves, strict=True)
+    ]
     return RGOState(
         p=jax.tree_util.tree_unflatten(treedef, new_leaves),
-        count=state.count + (n - num_bad),
-        skipped=state.skipped + num_bad,
+        count=_rls.saturating_add(state.count, n - num_bad),
+        skipped=_rls.saturating_add(state.skipped, num_bad),
     )
 
 

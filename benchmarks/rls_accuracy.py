@@ -1,0 +1,281 @@
+"""Accuracy and cost of the RLS update against the float64 closed form, over vector lengths
+and alphas: the plain float32 kernels (``rls_block``, ``rls_sequential``: the update before
+the square-root fallback) against ``update_projection`` (the same kernels, checked, with the
+square-root fallback where they fail).
+
+Parts (each optional):
+  grid      vector length |v| in 1e-12 .. 1e20 x alpha in 1e-8 .. 1e4, a d = 32 P, vectors
+            in a 16-dimensional subspace (so P keeps free directions, eigenvalue 1, next to
+            protected ones), 4 tasks x 100 updates. P depends on alpha / |v|^2 only, so the
+            reference is the closed form of the unit vectors with alpha / |v|^2, through the
+            SVD of V in float64 (no inverse of an ill-conditioned matrix).
+  wide      784-wide P, permuted-MNIST curvature-like vectors (as benchmarks/rls_drift.py),
+            --wide-tasks tasks x 1000 updates at a few alphas, block kernel (the default).
+  cost      seconds per call at d = 784, n = 1000 (interleaved repetitions, medians) and
+            compile seconds, old kernel vs update_projection, in the normal regime and
+            where the fallback runs.
+
+Command (about 15 minutes on 2 shared CPU cores):
+    python benchmarks/rls_accuracy.py --data-dir ../shared/datasets \
+        --out benchmarks/results/rls_accuracy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import rgo_jax
+from rgo_jax import _rls
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rls_drift import closed_form, curvature_like_vectors  # noqa: E402
+
+NORMS = [1e-12, 1e-8, 1e-4, 1.0, 1e4, 1e8, 1e12, 1e16, 1e20]
+ALPHAS = [1e-8, 1e-6, 1e-4, 1e-2, 1.0, 1e2, 1e4]
+ACCURATE = 1e-5  # max |P32 - P64| (|P| <= 1): "accurate" means within ~100 float32 ulps of 1
+
+
+def closed_form_svd(v: np.ndarray, alpha: float) -> np.ndarray:
+    _, sig, wt = np.linalg.svd(np.asarray(v, np.float64), full_matrices=True)
+    s2 = np.zeros(v.shape[1])
+    s2[: len(sig)] = sig**2
+    return (wt.T * (alpha / (alpha + s2))) @ wt
+
+
+def describe(p: np.ndarray, ref: np.ndarray | None) -> dict:
+    p = np.asarray(p, np.float64)
+    finite = bool(np.all(np.isfinite(p)))
+    out = {"finite": finite}
+    if finite:
+        out["min_eig"] = float(np.linalg.eigvalsh(0.5 * (p + p.T)).min())
+        out["symmetric"] = bool(np.array_equal(p, p.T))
+        if ref is not None:
+            out["max_abs_err"] = float(np.max(np.abs(p - ref)))
+    return out
+
+
+_old_jit = {
+    m: jax.jit(k) for m, k in (("block", _rls.rls_block), ("sequential", _rls.rls_sequential))
+}
+
+
+def run_grid(d=32, rank=16, tasks=4, per_task=100, seed=0):
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(tasks * per_task, rank)) @ rng.normal(size=(rank, d))
+    unit = base / np.linalg.norm(base, axis=1, keepdims=True)
+    rows = []
+    for norm in NORMS:
+        v = (unit * norm).astype(np.float32)
+        for alpha in ALPHAS:
+            ref = closed_form_svd(v.astype(np.float64) / norm, alpha / norm**2)
+            cell = {"norm": norm, "alpha": alpha, "alpha_over_norm2": alpha / norm**2}
+            for method in ("block", "sequential"):
+                p_old = jnp.eye(d, dtype=jnp.float32)[None]
+                p_new = p_old
+                worst_old = worst_new = np.inf
+                statuses = []
+                all_finite_old = True
+                for t in range(tasks):
+                    chunk = jnp.asarray(v[t * per_task : (t + 1) * per_task])[:, None]
+                    p_old = _old_jit[method](p_old, chunk, jnp.float32(alpha))[0]
+                    p_new, _, status = _rls.run_rls(p_new, chunk, jnp.float32(alpha), method=method)
+                    statuses.append(int(status[0]))
+                    po = np.asarray(p_old, np.float64)[0]
+                    pn = np.asarray(p_new, np.float64)[0]
+                    all_finite_old &= bool(np.all(np.isfinite(po)))
+                    if np.all(np.isfinite(po)):
+                        worst_old = min(worst_old, np.linalg.eigvalsh(po).min())
+                    worst_new = min(worst_new, np.linalg.eigvalsh(pn).min())
+                cell[f"old_{method}"] = describe(np.asarray(p_old)[0], ref) | {
+                    "finite_every_task": all_finite_old,
+                    "min_eig_over_tasks": float(worst_old) if all_finite_old else None,
+                }
+                cell[f"new_{method}"] = describe(np.asarray(p_new)[0], ref) | {
+                    "min_eig_over_tasks": float(worst_new),
+                    "status_per_task": statuses,
+                }
+            rows.append(cell)
+            print(
+                f"|v| {norm:7.0e} alpha {alpha:7.0e}  "
+                + "  ".join(
+                    f"{k} err {cell[k].get('max_abs_err', float('nan')):.1e}"
+                    f" mineig {cell[k].get('min_eig', float('nan')):+.1e}"
+                    for k in ("old_block", "new_block")
+                )
+                + f"  path {cell['new_block']['status_per_task']}",
+                flush=True,
+            )
+    return {"d": d, "rank": rank, "tasks": tasks, "updates_per_task": per_task, "cells": rows}
+
+
+def run_wide(images, tasks, alphas, every=10):
+    vecs = curvature_like_vectors(images, tasks, 1000, seed=0)
+    d = vecs.shape[-1]
+    g = np.random.default_rng(1).normal(size=(d, 256))
+    out = {}
+    for alpha in alphas:
+        p_old = jnp.eye(d, dtype=jnp.float32)[None]
+        p_new = p_old
+        h = np.zeros((d, d))
+        rows = []
+        old_broken_at = None
+        t0 = time.perf_counter()
+        for t in range(tasks):
+            chunk = jnp.asarray(vecs[t], jnp.float32)[:, None]
+            if old_broken_at is None:
+                p_old = _old_jit["block"](p_old, chunk, jnp.float32(alpha))[0]
+            p_new, _, status = _rls.run_rls(p_new, chunk, jnp.float32(alpha), method="block")
+            h += vecs[t].T @ vecs[t]
+            po = np.asarray(p_old, np.float64)[0]
+            if old_broken_at is None and not np.all(np.isfinite(po)):
+                old_broken_at = t
+            if (t + 1) % every == 0 or t == tasks - 1 or t == 0:
+                ref = closed_form(h, alpha)
+                pn = np.asarray(p_new, np.float64)[0]
+                nn = d / np.trace(pn) * pn
+                nr = d / np.trace(ref) * ref
+                row = {
+                    "task": t,
+                    "status": int(status[0]),
+                    "new": describe(pn, ref)
+                    | {
+                        "normalised_projection_rel_err": float(
+                            np.linalg.norm(nn @ g - nr @ g) / np.linalg.norm(nr @ g)
+                        )
+                    },
+                    "ref_min_eig": float(np.linalg.eigvalsh(ref).min()),
+                }
+                if old_broken_at is None:
+                    row["old"] = describe(po, ref)
+                rows.append(row)
+                print(
+                    f"wide alpha {alpha:.0e} task {t:3d} status {row['status']} new err "
+                    f"{row['new'].get('max_abs_err', float('nan')):.1e} min eig "
+                    f"{row['new'].get('min_eig', float('nan')):+.2e} (ref "
+                    f"{row['ref_min_eig']:.2e}) old "
+                    + (
+                        f"err {row['old'].get('max_abs_err', float('nan')):.1e} min eig "
+                        f"{row['old'].get('min_eig', float('nan')):+.2e}"
+                        if "old" in row
+                        else f"non-finite since task {old_broken_at}"
+                    ),
+                    flush=True,
+                )
+        out[f"alpha={alpha:g}"] = {
+            "seconds": time.perf_counter() - t0,
+            "old_block_non_finite_from_task": old_broken_at,
+            "checkpoints": rows,
+        }
+    return {"d": d, "tasks": tasks, "updates_per_task": 1000, "results": out}
+
+
+def run_cost(reps=5, d=784, n=1000):
+    rng = np.random.default_rng(0)
+    p = jnp.eye(d, dtype=jnp.float32)[None]
+    v_ok = jnp.asarray(np.abs(rng.normal(size=(n, 1, d))) / np.sqrt(d), jnp.float32)
+    v_bad = v_ok * 1e4  # alpha / |v|^2 ~ 1e-10: the plain kernel fails, the fallback runs
+    a = jnp.float32(0.01)
+    cases = {}
+    for method in ("block", "sequential"):
+        old = jax.jit(lambda p, v, m=method: _old_jit[m](p, v, a)[0])
+        new = jax.jit(lambda p, v, m=method: _rls.run_rls(p, v, a, method=m)[0])
+        for name, fn, v in (
+            (f"old_{method}", old, v_ok),
+            (f"new_{method}", new, v_ok),
+            (f"new_{method}_fallback", new, v_bad),
+        ):
+            jax.clear_caches()
+            t0 = time.perf_counter()
+            compiled = jax.jit(fn).lower(p, v).compile()
+            cases[name] = {"compile_s": time.perf_counter() - t0, "fn": compiled, "v": v}
+    times = {k: [] for k in cases}
+    for _ in range(reps):  # interleaved repetitions
+        for k, c in cases.items():
+            c["fn"](p, c["v"]).block_until_ready()  # warm
+            t0 = time.perf_counter()
+            c["fn"](p, c["v"]).block_until_ready()
+            times[k].append(time.perf_counter() - t0)
+    _, _, status = _rls.run_rls(p, v_bad, a, method="block")
+    res = {
+        k: {
+            "compile_s": cases[k]["compile_s"],
+            "median_s": float(np.median(times[k])),
+            "times_s": times[k],
+        }
+        for k in cases
+    }
+    for m in ("block", "sequential"):
+        for suffix in ("", "_fallback"):
+            res[f"new_{m}{suffix}"]["ratio_to_old"] = (
+                res[f"new_{m}{suffix}"]["median_s"] / res[f"old_{m}"]["median_s"]
+            )
+    res["fallback_status"] = int(status[0])
+    for k, r in res.items():
+        if isinstance(r, dict):
+            print(
+                f"cost {k:28s} median {r['median_s'] * 1e3:8.1f} ms  compile "
+                f"{r['compile_s']:5.1f} s  ratio {r.get('ratio_to_old', 1.0):.2f}",
+                flush=True,
+            )
+    return {"d": d, "n": n, "reps": reps, "cases": res}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--parts", default="grid,wide,cost")
+    ap.add_argument("--wide-tasks", type=int, default=100)
+    ap.add_argument("--wide-alphas", default="1e-2,1e-5,1e-6,1e-8")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    parts = args.parts.split(",")
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    dirty = bool(
+        subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+    )
+    record = {
+        "command": "python benchmarks/rls_accuracy.py " + " ".join(sys.argv[1:]),
+        "commit": (commit or "unknown") + ("-dirty" if dirty else ""),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "jax": jax.__version__,
+            "backend": jax.default_backend(),
+        },
+        "accurate_threshold_max_abs_err": ACCURATE,
+    }
+    t0 = time.perf_counter()
+    if "grid" in parts:
+        record["grid"] = run_grid()
+    if "wide" in parts:
+        from rgo_jax.bench import data
+
+        images = data.load_dataset("mnist", args.data_dir).x_train
+        alphas = [float(a) for a in args.wide_alphas.split(",")]
+        record["wide"] = run_wide(images, args.wide_tasks, alphas)
+    if "cost" in parts:
+        record["cost"] = run_cost()
+    record["wall_s"] = time.perf_counter() - t0
+    if args.out:
+        rgo_jax.bench.write_json_atomic(args.out, record)
+
+
+if __name__ == "__main__":
+    main()
