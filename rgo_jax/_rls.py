@@ -315,22 +315,8 @@ def _potter_one(s: jax.Array, v: jax.Array, alpha: jax.Array) -> jax.Array:
     return s - jnp.outer(jnp.matmul(s, h, precision=_HI), h * c)
 
 
-def rls_square_root(p: jax.Array, v: jax.Array, alpha: float | jax.Array) -> jax.Array:
-    """The rank-one RLS steps of :func:`rls_sequential` on a square-root factor of each P.
-
-    Factors ``P = S S^T`` (modified Cholesky: pivots raised to ``PD_TOLERANCE`` times the
-    largest diagonal entry where rounding left P at the edge of definiteness), runs the
-    ``n`` steps in order by :func:`_potter_one` and returns ``S S^T`` (symmetrised). For
-    ``p [k, d, d]`` and ``v [n, k, d]`` (non-finite vectors must already be zeroed).
-    """
-    alpha = jnp.asarray(alpha, p.dtype)
-
-    def factor(pi):
-        finite = jnp.all(jnp.isfinite(pi))
-        pi = jnp.where(finite, pi, jnp.nan)  # a non-finite P stays non-finite: refused
-        return _cholesky(0.5 * (pi + pi.T), _pd_floor(pi))[0]
-
-    s = jax.vmap(factor)(p)
+def _potter_steps(s: jax.Array, v: jax.Array, alpha: jax.Array) -> jax.Array:
+    """``n`` Potter steps in order on factors ``s [k, d, d]``; returns ``S S^T`` (symmetric)."""
 
     def body(carry, vi):
         return jax.vmap(_potter_one, in_axes=(0, 0, None))(carry, vi, alpha), None
@@ -340,43 +326,42 @@ def rls_square_root(p: jax.Array, v: jax.Array, alpha: float | jax.Array) -> jax
     return 0.5 * (q + jnp.swapaxes(q, -1, -2))
 
 
+def _start_factor(p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The matrix and pivot floor whose modified Cholesky factor starts the Potter steps.
+
+    The floor is ``PD_TOLERANCE`` times the largest diagonal entry (where rounding left P at
+    the edge of definiteness); a non-finite P becomes NaN (and its update is refused).
+    """
+    finite = jnp.all(jnp.isfinite(p))
+    return jnp.where(finite, 0.5 * (p + p.T), jnp.nan), _pd_floor(p)
+
+
+def rls_square_root(p: jax.Array, v: jax.Array, alpha: float | jax.Array) -> jax.Array:
+    """The rank-one RLS steps of :func:`rls_sequential` on a square-root factor of each P.
+
+    Factors ``P = S S^T`` (:func:`_start_factor`), runs the ``n`` steps in order by
+    :func:`_potter_one` and returns ``S S^T`` (symmetrised). For ``p [k, d, d]`` and
+    ``v [n, k, d]`` (non-finite vectors must already be zeroed).
+    """
+    m, floor = jax.vmap(_start_factor)(p)
+    s = jax.vmap(_cholesky)(m, floor)[0]
+    return _potter_steps(s, v, jnp.asarray(alpha, p.dtype))
+
+
 def _store(p: jax.Array, dtype) -> jax.Array:
     return p.astype(dtype).astype(p.dtype)
 
 
-def _accept(p_new: jax.Array, p_old: jax.Array, dtype) -> jax.Array:
-    """Whether an updated ``[d, d]`` P is safe to store in ``dtype``.
-
-    Finite, no diagonal entry grown (an RLS step never increases P, so growth beyond
-    rounding means the recursion went unstable) and positive definite once rounded to
-    ``dtype`` (:func:`is_positive_definite`).
-    """
+def _not_grown(p_new: jax.Array, p_old: jax.Array) -> jax.Array:
+    """Finite, and no diagonal entry grown: an RLS step never increases P, so growth beyond
+    rounding means the recursion went unstable."""
     d_new, d_old = jnp.diagonal(p_new), jnp.diagonal(p_old)
     grown = jnp.any(d_new > d_old + 1e-4 * jnp.max(d_old))
-    return jnp.all(jnp.isfinite(p_new)) & ~grown & is_positive_definite(_store(p_new, dtype))
+    return jnp.all(jnp.isfinite(p_new)) & ~grown
 
 
-def _repair(p: jax.Array, dtype, tries: int = 24) -> tuple[jax.Array, jax.Array]:
-    """The smallest ``p + delta I`` (``delta`` in ``0, f, 4 f, 16 f, ...``, ``f`` the PD floor)
-    that is positive definite once rounded to ``dtype``; returns it rounded and whether found.
-    """
-    eye = jnp.eye(p.shape[-1], dtype=p.dtype)
-    base = _pd_floor(p)
-
-    def cond(carry):
-        _, ok, i = carry
-        return ~ok & (i < tries)
-
-    def body(carry):
-        # One loop body (one compiled factorisation): try 0 first, then f, 4 f, ...
-        _, _, i = carry
-        delta = jnp.where(i == 0, 0.0, base * 4.0 ** (i - 1).astype(p.dtype))
-        q = _store(p + delta * eye, dtype)
-        return q, is_positive_definite(q), i + 1
-
-    init = (_store(p, dtype), jnp.zeros((), bool), jnp.int32(0))
-    q, ok, _ = jax.lax.while_loop(cond, body, init)
-    return q, ok & jnp.all(jnp.isfinite(p))
+_FAST, _FACTOR, _REPAIR, _DONE = 0, 1, 2, 3
+_REPAIR_TRIES = 24
 
 
 def rls_safe(
@@ -392,13 +377,18 @@ def rls_safe(
     square-root fallback, so that every stored P is finite and positive definite.
 
     1. The fast kernel (:func:`rls_block` or :func:`rls_sequential`) runs as before; where
-       its result passes :func:`_accept` it is returned unchanged (bit for bit).
+       its result, rounded to ``dtype``, is finite, has no diagonal entry grown and passes
+       :func:`is_positive_definite`, it is returned unchanged (bit for bit).
     2. Only where it fails (float32 cannot resolve ``alpha / |v|^2``, a vector overflows
-       ``v^T P v``, or P has collected eigenvalues below float32 resolution), the same
-       steps rerun from the old P in square-root form (:func:`rls_square_root`), and the
-       result is raised by the smallest multiple of the identity that makes it positive
-       definite in ``dtype`` (:func:`_repair`).
+       ``v^T P v``, P has collected eigenvalues below float32 resolution, or bfloat16
+       rounding made it indefinite), the same steps rerun from the old P in square-root
+       form (:func:`_potter_one`, from a modified Cholesky factor of the old P), and the
+       result is raised by the smallest ``delta I`` (``delta`` in ``0, f, 4 f, 16 f, ...``,
+       ``f = PD_TOLERANCE * max diag``) that is positive definite once rounded to ``dtype``.
     3. If even that fails (P was not finite on entry), the update is refused.
+
+    One ``lax.while_loop`` over these phases, with one Cholesky factorisation in its body,
+    so that the check and the fallback compile once.
 
     Args:
       p: ``[k, d, d]`` float32 matrices (values as stored).
@@ -420,19 +410,64 @@ def rls_safe(
         fast, skipped = rls_block(p, v, alpha, block_size=block_size)
     else:
         raise ValueError(f"Unknown RLS method {method!r}; use 'sequential' or 'block'.")
-    accepted = jax.vmap(_accept, in_axes=(0, 0, None))(fast, p, dtype)
+    sane = jax.vmap(_not_grown)(fast, p)
     fast = _store(fast, dtype)
+    start, start_floor = jax.vmap(_start_factor)(p)
+    vz, _ = _sanitize(v.astype(p.dtype))
+    eye = jnp.eye(p.shape[-1], dtype=p.dtype)
+    tiny = jnp.full(p.shape[:1], jnp.finfo(p.dtype).tiny)
+    k = p.shape[0]
 
-    def fallback(_):
-        vz, _ = _sanitize(v.astype(p.dtype))
-        robust, ok = jax.vmap(_repair, in_axes=(0, None))(rls_square_root(p, vz, alpha), dtype)
-        out = jnp.where(accepted[:, None, None], fast, jnp.where(ok[:, None, None], robust, p))
-        return out, jnp.where(accepted, 0, jnp.where(ok, 1, 2)).astype(jnp.int32)
+    def cond(c):
+        return c["phase"] != _DONE
 
-    def keep(_):
-        return fast, jnp.zeros(accepted.shape, jnp.int32)
+    def body(c):
+        phase = c["phase"]
+        # The one factorisation: the fast result, the old P (to start Potter), or a repair.
+        x = jnp.where(phase == _FACTOR, start, c["candidate"])
+        low, least = jax.vmap(_cholesky)(x, jnp.where(phase == _FACTOR, start_floor, tiny))
+        finite = jnp.all(jnp.isfinite(x), axis=(-2, -1))
+        pd = finite & (least > jax.vmap(_pd_floor)(jnp.where(finite[:, None, None], x, eye)))
+        accepted = jnp.where(phase == _FAST, sane & pd, c["accepted"])
+        robust = jax.lax.cond(
+            phase == _FACTOR, lambda: _potter_steps(low, vz, alpha), lambda: c["robust"]
+        )
+        ok = jnp.where(phase == _REPAIR, c["ok"] | pd, c["ok"])
+        tries = c["tries"] + (phase == _REPAIR).astype(jnp.int32) * (~ok)
+        hopeless = ~jnp.all(jnp.isfinite(robust), axis=(-2, -1))
+        settled = accepted | ok | hopeless | (tries >= _REPAIR_TRIES)
+        shift = jnp.where(tries > 0, 4.0 ** (tries - 1).astype(p.dtype), 0.0)
+        shift = shift * jax.vmap(_pd_floor)(jnp.where(hopeless[:, None, None], eye, robust))
+        candidate = jnp.where(
+            phase == _FAST, c["candidate"], _store(robust + shift[:, None, None] * eye[None], dtype)
+        )
+        candidate = jnp.where(((phase == _REPAIR) & ok)[:, None, None], c["candidate"], candidate)
+        following = jnp.where(
+            phase == _FAST,
+            jnp.where(jnp.all(accepted), _DONE, _FACTOR),
+            jnp.where(phase == _FACTOR, _REPAIR, jnp.where(jnp.all(settled), _DONE, _REPAIR)),
+        )
+        return {
+            "phase": following,
+            "accepted": accepted,
+            "robust": robust,
+            "ok": ok,
+            "tries": tries,
+            "candidate": candidate,
+        }
 
-    out, status = jax.lax.cond(jnp.all(accepted), keep, fallback, None)
+    init = {
+        "phase": jnp.int32(_FAST),
+        "accepted": jnp.zeros((k,), bool),
+        "robust": p,
+        "ok": jnp.zeros((k,), bool),
+        "tries": jnp.zeros((k,), jnp.int32),
+        "candidate": fast,
+    }
+    c = jax.lax.while_loop(cond, body, init)
+    keep = c["accepted"][:, None, None]
+    out = jnp.where(keep, fast, jnp.where(c["ok"][:, None, None], c["candidate"], p))
+    status = jnp.where(c["accepted"], 0, jnp.where(c["ok"], 1, 2)).astype(jnp.int32)
     return out, skipped, status
 
 
