@@ -15,14 +15,18 @@ Parts (each optional):
             compile seconds, old kernel vs update_projection, in the normal regime and
             where the fallback runs.
 
-Command (about 15 minutes on 2 shared CPU cores):
-    python benchmarks/rls_accuracy.py --data-dir ../shared/datasets \
-        --out benchmarks/results/rls_accuracy.json
+Commands (results accumulate in the --out file; minutes on 2 shared CPU cores):
+    python benchmarks/rls_accuracy.py --parts grid,cost --out benchmarks/results/rls_accuracy.json
+    python benchmarks/rls_accuracy.py --parts wide --wide-tasks 100 --wide-alphas 1e-2 \
+        --data-dir ../shared/datasets --out benchmarks/results/rls_accuracy.json
+    python benchmarks/rls_accuracy.py --parts wide --wide-tasks 20 --wide-alphas 1e-5,1e-6,1e-8 \
+        --data-dir ../shared/datasets --out benchmarks/results/rls_accuracy.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -250,8 +254,11 @@ def main() -> None:
             check=False,
         ).stdout.strip()
     )
+    argv = [
+        a.replace(args.data_dir, "../shared/datasets") if args.data_dir else a for a in sys.argv[1:]
+    ]
     record = {
-        "command": "python benchmarks/rls_accuracy.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/rls_accuracy.py " + " ".join(argv),
         "commit": (commit or "unknown") + ("-dirty" if dirty else ""),
         "machine": {
             "platform": platform.platform(),
@@ -274,7 +281,23 @@ def main() -> None:
         record["cost"] = run_cost()
     record["wall_s"] = time.perf_counter() - t0
     if args.out:
-        rgo_jax.bench.write_json_atomic(args.out, record)
+        # Parts run by separate commands accumulate in one file (wide runs by alpha).
+        path = Path(args.out)
+        merged = json.loads(path.read_text()) if path.exists() else {}
+        runs = merged.pop("runs", [])
+        runs.append({k: record[k] for k in ("command", "commit", "machine", "wall_s")})
+        for part in ("grid", "cost"):
+            if part in record:
+                merged[part] = record[part]
+        if "wide" in record:
+            wide = merged.setdefault("wide", {"results": {}})
+            wide["d"] = record["wide"]["d"]
+            wide["updates_per_task"] = record["wide"]["updates_per_task"]
+            for key, res in record["wide"]["results"].items():
+                wide["results"][key] = res | {"tasks": record["wide"]["tasks"]}
+        merged["accurate_threshold_max_abs_err"] = ACCURATE
+        merged["runs"] = runs
+        rgo_jax.bench.write_json_atomic(args.out, merged)
 
 
 if __name__ == "__main__":
