@@ -11,12 +11,17 @@ Parts (each optional):
             SVD of V in float64 (no inverse of an ill-conditioned matrix).
   wide      784-wide P, permuted-MNIST curvature-like vectors (as benchmarks/rls_drift.py),
             --wide-tasks tasks x 1000 updates at a few alphas, block kernel (the default).
+  bf16      P stored in bfloat16, 784-wide, --wide-tasks tasks at alpha 0.01: the plain
+            kernel then a cast (before) against update_projection: negative eigenvalues and the
+            gradient projected on the 50 most protected directions (size and sign vs exact).
   cost      seconds per call at d = 784, n = 1000 (interleaved repetitions, medians) and
             compile seconds, old kernel vs update_projection, in the normal regime and
             where the fallback runs.
 
 Commands (results accumulate in the --out file; minutes on 2 shared CPU cores):
     python benchmarks/rls_accuracy.py --parts grid,cost --out benchmarks/results/rls_accuracy.json
+    python benchmarks/rls_accuracy.py --parts bf16 --wide-tasks 30 \
+        --data-dir ../shared/datasets --out benchmarks/results/rls_accuracy.json
     python benchmarks/rls_accuracy.py --parts wide --wide-tasks 100 --wide-alphas 1e-2 \
         --data-dir ../shared/datasets --out benchmarks/results/rls_accuracy.json
     python benchmarks/rls_accuracy.py --parts wide --wide-tasks 20 --wide-alphas 1e-5,1e-6,1e-8 \
@@ -183,6 +188,69 @@ def run_wide(images, tasks, alphas, every=10):
     return {"d": d, "tasks": tasks, "updates_per_task": 1000, "results": out}
 
 
+def run_bf16(images, tasks, alpha=0.01, protected=50):
+    """P stored in bfloat16: the plain kernel then a cast (before) against update_projection."""
+    vecs = curvature_like_vectors(images, tasks, 1000, seed=0)
+    d = vecs.shape[-1]
+    g = np.random.default_rng(1).normal(size=(d, 256))
+    p_old = jnp.eye(d, dtype=jnp.bfloat16)[None]
+    p_new = p_old
+    h = np.zeros((d, d))
+    rows = []
+    a = jnp.float32(alpha)
+    for t in range(tasks):
+        chunk = jnp.asarray(vecs[t], jnp.float32)[:, None]
+        p_old = _old_jit["block"](p_old.astype(jnp.float32), chunk, a)[0].astype(jnp.bfloat16)
+        q, _, status = _rls.run_rls(p_new, chunk, a, method="block", dtype=jnp.bfloat16)
+        p_new = q.astype(jnp.bfloat16)
+        h += vecs[t].T @ vecs[t]
+        ref = closed_form(h, alpha)
+        w, basis = np.linalg.eigh(ref)
+        prot = basis[:, :protected]  # the most protected directions
+        nr = d / np.trace(ref) * ref
+        row = {"task": t, "status": int(status[0]), "ref_min_eig": float(w.min())}
+        for name, pm in (("old", p_old), ("new", p_new)):
+            x = np.asarray(pm[0].astype(jnp.float32), np.float64)
+            if not np.all(np.isfinite(x)):
+                row[name] = {"finite": False}
+                continue
+            nx = d / np.trace(x) * x
+            # Gradient projected onto the protected directions: sign and size vs exact.
+            ratio = (prot.T @ nx @ g) / (prot.T @ nr @ g)
+            row[name] = {
+                "finite": True,
+                "min_eig": float(np.linalg.eigvalsh(x).min()),
+                "negative_eigs": int(np.sum(np.linalg.eigvalsh(x) < 0)),
+                "max_abs_err": float(np.max(np.abs(x - ref))),
+                "normalised_projection_rel_err": float(
+                    np.linalg.norm(nx @ g - nr @ g) / np.linalg.norm(nr @ g)
+                ),
+                "protected_norm_ratio": float(
+                    np.linalg.norm(prot.T @ nx @ g) / np.linalg.norm(prot.T @ nr @ g)
+                ),
+                "protected_wrong_sign_fraction": float(np.mean(ratio < 0)),
+            }
+        rows.append(row)
+        print(
+            f"bf16 task {t:2d} status {row['status']} "
+            + "  ".join(
+                f"{n}: min eig {row[n].get('min_eig', float('nan')):+.1e} "
+                f"({row[n].get('negative_eigs', -1)} neg) protected x"
+                f"{row[n].get('protected_norm_ratio', float('nan')):.1f} wrong sign "
+                f"{row[n].get('protected_wrong_sign_fraction', float('nan')):.2f}"
+                for n in ("old", "new")
+            ),
+            flush=True,
+        )
+    return {
+        "d": d,
+        "tasks": tasks,
+        "alpha": alpha,
+        "protected_directions": protected,
+        "per_task": rows,
+    }
+
+
 def run_cost(reps=5, d=784, n=1000):
     rng = np.random.default_rng(0)
     p = jnp.eye(d, dtype=jnp.float32)[None]
@@ -277,6 +345,11 @@ def main() -> None:
         images = data.load_dataset("mnist", args.data_dir).x_train
         alphas = [float(a) for a in args.wide_alphas.split(",")]
         record["wide"] = run_wide(images, args.wide_tasks, alphas)
+    if "bf16" in parts:
+        from rgo_jax.bench import data
+
+        images = data.load_dataset("mnist", args.data_dir).x_train
+        record["bf16"] = run_bf16(images, args.wide_tasks)
     if "cost" in parts:
         record["cost"] = run_cost()
     record["wall_s"] = time.perf_counter() - t0
@@ -286,7 +359,7 @@ def main() -> None:
         merged = json.loads(path.read_text()) if path.exists() else {}
         runs = merged.pop("runs", [])
         runs.append({k: record[k] for k in ("command", "commit", "machine", "wall_s")})
-        for part in ("grid", "cost"):
+        for part in ("grid", "cost", "bf16"):
             if part in record:
                 merged[part] = record[part]
         if "wide" in record:
