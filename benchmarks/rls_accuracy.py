@@ -366,7 +366,7 @@ def report(record: dict) -> str:
             "updates per task, block kernel",
             "",
             "| alpha | tasks | plain kernel | update_projection: max err (last task) | min eig "
-            "P32 / P64 | fallback ran (tasks checked) | seconds |",
+            "P32 / P64 | fallback ran (at the tasks checked: first, every 10th, last) | seconds |",
             "|---|---|---|---|---|---|---|",
         ]
         for key, res in w["results"].items():
