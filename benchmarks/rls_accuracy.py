@@ -311,6 +311,9 @@ def report(record: dict) -> str:
         f"{r['machine']['cpus']} CPUs, jax {r['machine']['jax']}, {r['wall_s']:.0f} s)"
         for r in record.get("runs", [])
     ]
+    if "note" in record:
+        lines += ["", record["note"]]
+    lines += ["", "Where a part ran twice, the later run's figures are the ones below."]
     acc = record["accurate_threshold_max_abs_err"]
     if "grid" in record:
         grid = record["grid"]
@@ -359,6 +362,47 @@ def report(record: dict) -> str:
                 f"{'yes' if pd else 'NO'} |"
             )
         lines += ["", f"Accurate: max error <= {acc:.0e}.", ""]
+
+        def accurate_rs(key):
+            return sorted(
+                r
+                for r, cs in by_r.items()
+                if all((c[key].get("max_abs_err") or np.inf) <= acc for c in cs)
+            )
+
+        def spans(rs):
+            allr = sorted(by_r)
+            out, run = [], []
+            for r in allr:
+                if r in rs:
+                    run.append(r)
+                elif run:
+                    out.append(run)
+                    run = []
+            if run:
+                out.append(run)
+            return ", ".join(f"{x[0]:.0e} .. {x[-1]:.0e}" for x in out) or "none"
+
+        lines += ["Accurate region (r = alpha / |v|^2):", ""]
+        for key, name in (
+            ("old_block", "plain block kernel"),
+            ("old_sequential", "plain sequential kernel"),
+            ("new_block", "update_projection, block"),
+            ("new_sequential", "update_projection, sequential"),
+        ):
+            lines.append(f"- {name}: {spans(accurate_rs(key))}")
+        pd_all = all(
+            c[f"new_{m}"]["min_eig_over_tasks"] > 0 for c in cells for m in ("block", "sequential")
+        )
+        finite_old = sum(
+            1 for c in cells for m in ("block", "sequential") if c[f"old_{m}"]["finite_every_task"]
+        )
+        lines += [
+            f"- update_projection: P finite and positive definite after every task in every "
+            f"cell: {'yes' if pd_all else 'NO'}; plain kernels finite in {finite_old} of "
+            f"{2 * len(cells)} (cell, kernel) runs.",
+            "",
+        ]
     if "wide" in record:
         w = record["wide"]
         lines += [

@@ -302,7 +302,7 @@ def update_projection(
       784-wide P stay on the fast path, with the smallest eigenvalue as in float64.
     * ``1e-8 <= r < 1e-4``: the plain kernels lose positive definiteness and overflow from
       ``r ~ 1e-6`` (block) and ``1e-8`` (sequential); the square-root fallback keeps the
-      error <= 1.1e-5. With the MNIST
+      error <= 5e-7 down to ``r = 1e-6`` and 1.1e-5 at ``r = 1e-8``. With the MNIST
       vectors (784-wide, 20 tasks) the plain block kernel's P became non-finite at
       ``alpha = 1e-5`` (task 3), 1e-6 and 1e-8 (task 0); here P ends within 3e-8 of the
       closed form at all three (``r`` down to 3e-9), smallest eigenvalue within 15 % of
@@ -313,9 +313,11 @@ def update_projection(
       beyond float32: P is kept finite and positive definite but may differ from the closed
       form by up to 0.5. Use ``alpha`` of at least ``1e-8 |v|^2``.
 
-    Cost (784-wide P, 1000 vectors): the check adds a Cholesky factorisation, about
-    ``2 d^3`` flops, per matrix and update (see the benchmark's results for the measured
-    ratio); the fallback, where it runs, costs a sequential pass in square-root form.
+    Cost (784-wide P, 1000 vectors, 2 CPU cores): the check is one float32 Cholesky
+    factorisation per matrix and update (``2 d^3`` flops, no LAPACK call): 40 -> 63 ms for
+    the block kernel, 193 -> 222 ms for the sequential one, and about 3 s more compilation.
+    The fallback, only where the plain kernel fails, took 0.7 s (block) and 0.9 s
+    (sequential).
     """
     if not isinstance(state, RGOState):
         raise TypeError(
