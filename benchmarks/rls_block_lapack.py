@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import rgo_jax
+import rgo_jax.bench
 from rgo_jax import _rls
 
 _HI = jax.lax.Precision.HIGHEST
