@@ -298,8 +298,9 @@ def update_projection(
 
     * ``r >= 1e-4``: the plain float32 kernels are accurate (error <= 2e-7 block, 2e-6
       sequential); the check passes and nothing changes. Permuted-MNIST curvature vectors
-      at ``alpha = 0.01`` (``|v|^2 ~ 3``) lie here: 100 tasks x 1000 updates of a
-      784-wide P stay on the fast path, with the smallest eigenvalue as in float64.
+      at ``alpha = 0.01`` (``|v|^2 ~ 3``) lie here: over 100 tasks x 1000 updates of a
+      784-wide P, every task checked (11) took the fast path, within 7e-10 of the closed
+      form, smallest eigenvalue as in float64.
     * ``1e-8 <= r < 1e-4``: the plain kernels lose positive definiteness and overflow from
       ``r ~ 1e-6`` (block) and ``1e-8`` (sequential); the square-root fallback keeps the
       error <= 5e-7 down to ``r = 1e-6`` and 1.1e-5 at ``r = 1e-8``. With the MNIST
