@@ -67,26 +67,46 @@ def rls_sequential(
 _BASE = 16  # triangle and Cholesky blocks up to this size: loops of plain array ops
 
 
-def _cholesky_small(m: jax.Array) -> jax.Array:
-    """Lower Cholesky factor of a small SPD ``[b, b]`` (``b <= _BASE``), column by column.
+def _cholesky_panel(
+    c: jax.Array, start: jax.Array | int, floor: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Lower Cholesky factor of a column panel ``c [r, b]`` whose diagonal block starts at row
+    ``start``, column by column (rows above ``start`` come back zero).
 
     Plain array ops rather than ``jnp.linalg.cholesky``: vmapped over layers that is one
     batched LAPACK call, which splits its batch over XLA:CPU's intra-op thread pool and waits
     for the pieces. Two such calls running at once (two size buckets of one consolidation)
     can each hold a worker while waiting for pieces queued behind the other: on a 2-thread
     pool the program deadlocks at 0 % CPU (seen with the ResNet-18 of the CIFAR-100
-    config). The pivot is clipped at a tiny positive value; ``m`` is ``alpha I + V P V^T``.
+    config). Each pivot (the diagonal of the Schur complement) is raised to at least
+    ``floor`` before its square root; in exact arithmetic that factors ``m + E`` with ``E``
+    diagonal and ``E >= 0`` (a modified Cholesky). Returns the factor and the smallest
+    pivot before the floor (``> floor`` everywhere means no entry was raised; NaN if ``c``
+    is not finite).
     """
-    rows = jnp.arange(m.shape[-1])
+    rows = jnp.arange(c.shape[0])
 
-    def column(j, low):
+    def column(j, carry):
+        low, least = carry
         # Columns >= j of ``low`` are still zero, so the full product subtracts exactly the
         # contribution of the columns already factored.
-        c = m[:, j] - jnp.matmul(low, low[j], precision=_HI)
-        pivot = jnp.sqrt(jnp.maximum(c[j], jnp.finfo(m.dtype).tiny))
-        return low.at[:, j].set(jnp.where(rows == j, pivot, jnp.where(rows > j, c / pivot, 0.0)))
+        x = c[:, j] - jnp.matmul(low, low[start + j], precision=_HI)
+        pivot = jnp.sqrt(jnp.maximum(x[start + j], floor))
+        at = rows - start
+        low = low.at[:, j].set(jnp.where(at == j, pivot, jnp.where(at > j, x / pivot, 0.0)))
+        return low, _nanmin(least, x[start + j])
 
-    return jax.lax.fori_loop(0, m.shape[-1], column, jnp.zeros_like(m))
+    init = (jnp.zeros_like(c), jnp.asarray(jnp.inf, c.dtype))
+    return jax.lax.fori_loop(0, c.shape[1], column, init)
+
+
+def _cholesky_small(m: jax.Array) -> jax.Array:
+    """Lower Cholesky factor of a small SPD ``[b, b]`` (``b <= _BASE``), column by column.
+
+    ``m`` is ``alpha I + V P V^T`` in the block kernel; the pivot is clipped at a tiny
+    positive value (see :func:`_cholesky_panel`).
+    """
+    return _cholesky_panel(m, 0, jnp.finfo(m.dtype).tiny)[0]
 
 
 def _tril_inv_small(low_tri: jax.Array) -> jax.Array:
@@ -199,7 +219,267 @@ def rls_block(
     return p, jnp.sum(bad, axis=0, dtype=jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("method", "block_size"))
+_PANEL = 32  # block columns of :func:`_cholesky`
+
+
+def _nanmin(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.where(jnp.isnan(a) | jnp.isnan(b), jnp.nan, jnp.minimum(a, b))
+
+
+def _cholesky(m: jax.Array, floor: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Lower Cholesky factor of a symmetric ``[d, d]`` and its smallest pivot (no LAPACK).
+
+    Left-looking, one ``lax.fori_loop`` over block columns of ``_PANEL`` (one compiled body
+    whatever ``d``; a recursive blocking unrolled per level compiles for minutes at
+    ``d = 784``): each column block ``A[:, J] - L L[J]^T`` is factored by
+    :func:`_cholesky_panel` (with ``floor`` > 0 the result is a modified Cholesky factor of
+    ``m`` plus a non-negative diagonal, finite for any finite ``m``). ``2 d^3`` flops.
+    """
+    d = m.shape[-1]
+    b = min(_PANEL, d)
+    pad = (-d) % b
+    if pad:  # an identity block below: pivots 1, no coupling
+        m = jnp.block(
+            [
+                [m, jnp.zeros((d, pad), m.dtype)],
+                [jnp.zeros((pad, d), m.dtype), jnp.eye(pad, dtype=m.dtype)],
+            ]
+        )
+    size = d + pad
+
+    def column_block(j, carry):
+        low, least = carry
+        start = j * b
+        # Columns >= start of ``low`` are still zero: the product subtracts exactly the
+        # contribution of the column blocks already factored.
+        c = jax.lax.dynamic_slice(m, (0, start), (size, b)) - jnp.matmul(
+            low, jax.lax.dynamic_slice(low, (start, 0), (b, size)).T, precision=_HI
+        )
+        panel, least_j = _cholesky_panel(c, start, floor)
+        return jax.lax.dynamic_update_slice(low, panel, (0, start)), _nanmin(least, least_j)
+
+    init = (jnp.zeros_like(m), jnp.asarray(jnp.inf, m.dtype))
+    low, least = jax.lax.fori_loop(0, size // b, column_block, init)
+    return low[:d, :d], least
+
+
+# A stored P must factor with every pivot above this fraction of its largest diagonal entry:
+# positive definite at float32 resolution (2^-24 is half a float32 ulp of 1).
+PD_TOLERANCE = 2.0**-24
+
+
+def _pd_floor(p: jax.Array) -> jax.Array:
+    top = jnp.max(jnp.diagonal(p))
+    return jnp.maximum(PD_TOLERANCE * top, jnp.finfo(p.dtype).tiny)
+
+
+def is_positive_definite(p: jax.Array) -> jax.Array:
+    """Whether a symmetric ``[d, d]`` P is finite and positive definite at float32 resolution.
+
+    True when the float32 Cholesky factorisation of P succeeds with every pivot above
+    ``PD_TOLERANCE`` times the largest diagonal entry (``O(d^3)``, no LAPACK call).
+    """
+    finite = jnp.all(jnp.isfinite(p))
+    p = jnp.where(finite, p, jnp.eye(p.shape[-1], dtype=p.dtype))
+    _, least = _cholesky(p, jnp.finfo(p.dtype).tiny)
+    return finite & (least > _pd_floor(p))
+
+
+def _unit(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(x / |x|, |x|)`` without overflow or underflow in the squares; ``(0, 0)`` for 0."""
+    top = jnp.max(jnp.abs(x))
+    scaled = jnp.where(top > 0, x / jnp.where(top > 0, top, 1.0), 0.0)
+    length = jnp.sqrt(jnp.sum(scaled * scaled))
+    unit = jnp.where(length > 0, scaled / jnp.where(length > 0, length, 1.0), 0.0)
+    return unit, top * length
+
+
+def _potter_one(s: jax.Array, v: jax.Array, alpha: jax.Array) -> jax.Array:
+    r"""One rank-one RLS step in square-root form (Potter): ``S <- S (I - c h h^T)``.
+
+    With ``P = S S^T``, ``f = S^T v = |f| h`` and ``t = sqrt(alpha) / |f|``,
+
+    .. math::  c = \frac{1}{1 + t^2 + t \sqrt{1 + t^2}}
+
+    gives ``S' S'^T = P - (P v)(P v)^T / (alpha + v^T P v)``, the step of :func:`_step_one`.
+    ``S S^T`` is positive semi-definite whatever the rounding, the denominator is a sum of
+    squares, and every quantity is scaled (``h`` is a unit vector, ``c`` lies in
+    ``[0, 1]``), so no vector norm overflows or underflows.
+    """
+    vh, vlen = _unit(v)
+    f = jnp.matmul(s.T, vh, precision=_HI)  # S^T v / |v|
+    h, flen = _unit(f)
+    t = jnp.sqrt(alpha) / vlen / flen  # sqrt(alpha) / |S^T v|; inf for a zero vector
+    t2 = t * t
+    c = 1.0 / (1.0 + t2 + t * jnp.sqrt(1.0 + t2))
+    return s - jnp.outer(jnp.matmul(s, h, precision=_HI), h * c)
+
+
+def _potter_steps(s: jax.Array, v: jax.Array, alpha: jax.Array) -> jax.Array:
+    """``n`` Potter steps in order on factors ``s [k, d, d]``; returns ``S S^T`` (symmetric)."""
+
+    def body(carry, vi):
+        return jax.vmap(_potter_one, in_axes=(0, 0, None))(carry, vi, alpha), None
+
+    s, _ = jax.lax.scan(body, s, v)
+    q = jnp.matmul(s, jnp.swapaxes(s, -1, -2), precision=_HI)
+    return 0.5 * (q + jnp.swapaxes(q, -1, -2))
+
+
+def _start_factor(p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The matrix and pivot floor whose modified Cholesky factor starts the Potter steps.
+
+    The floor is ``PD_TOLERANCE`` times the largest diagonal entry (where rounding left P at
+    the edge of definiteness); a non-finite P becomes NaN (and its update is refused).
+    """
+    finite = jnp.all(jnp.isfinite(p))
+    return jnp.where(finite, 0.5 * (p + p.T), jnp.nan), _pd_floor(p)
+
+
+def rls_square_root(p: jax.Array, v: jax.Array, alpha: float | jax.Array) -> jax.Array:
+    """The rank-one RLS steps of :func:`rls_sequential` on a square-root factor of each P.
+
+    Factors ``P = S S^T`` (:func:`_start_factor`), runs the ``n`` steps in order by
+    :func:`_potter_one` and returns ``S S^T`` (symmetrised). For ``p [k, d, d]`` and
+    ``v [n, k, d]`` (non-finite vectors must already be zeroed).
+    """
+    m, floor = jax.vmap(_start_factor)(p)
+    s = jax.vmap(_cholesky)(m, floor)[0]
+    return _potter_steps(s, v, jnp.asarray(alpha, p.dtype))
+
+
+def _store(p: jax.Array, dtype) -> jax.Array:
+    return p.astype(dtype).astype(p.dtype)
+
+
+def _not_grown(p_new: jax.Array, p_old: jax.Array) -> jax.Array:
+    """Finite, and no diagonal entry grown: an RLS step never increases P, so growth beyond
+    rounding means the recursion went unstable."""
+    d_new, d_old = jnp.diagonal(p_new), jnp.diagonal(p_old)
+    grown = jnp.any(d_new > d_old + 1e-4 * jnp.max(d_old))
+    return jnp.all(jnp.isfinite(p_new)) & ~grown
+
+
+_FAST, _FACTOR, _REPAIR, _DONE = 0, 1, 2, 3
+_REPAIR_TRIES = 24
+
+
+def rls_safe(
+    p: jax.Array,
+    v: jax.Array,
+    alpha: float | jax.Array,
+    *,
+    method: str = "block",
+    block_size: int = 64,
+    dtype=jnp.float32,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The RLS update of :func:`rgo_jax.update_projection`: fast kernel, checked, with a
+    square-root fallback, so that every stored P is finite and positive definite.
+
+    1. The fast kernel (:func:`rls_block` or :func:`rls_sequential`) runs as before; where
+       its result, rounded to ``dtype``, is finite, has no diagonal entry grown and passes
+       :func:`is_positive_definite`, it is returned unchanged (bit for bit).
+    2. Only where it fails (float32 cannot resolve ``alpha / |v|^2``, a vector overflows
+       ``v^T P v``, P has collected eigenvalues below float32 resolution, or bfloat16
+       rounding made it indefinite), the same steps rerun from the old P in square-root
+       form (:func:`_potter_one`, from a modified Cholesky factor of the old P), and the
+       result is raised by the smallest ``delta I`` (``delta`` in ``0, f, 4 f, 16 f, ...``,
+       ``f = PD_TOLERANCE * max diag``) that is positive definite once rounded to ``dtype``.
+    3. If even that fails (P was not finite on entry), the update is refused.
+
+    One ``lax.while_loop`` over these phases, with one Cholesky factorisation in its body,
+    so that the check and the fallback compile once.
+
+    Args:
+      p: ``[k, d, d]`` float32 matrices (values as stored).
+      v: ``[n, k, d]`` vectors.
+      alpha: the RLS regulariser (> 0).
+      method: the fast kernel, ``"block"`` or ``"sequential"``.
+      block_size: vectors per Woodbury solve of the block kernel.
+      dtype: the dtype P is stored in; the result is rounded to it (returned as float32).
+
+    Returns:
+      ``(p_new, skipped, status)``: ``skipped`` an int32 ``[k]`` count of non-finite
+      vectors, ``status`` an int32 ``[k]``: 0 fast kernel, 1 square-root fallback,
+      2 refused (``p_new`` is then the old ``p``).
+    """
+    alpha = jnp.asarray(alpha, p.dtype)
+    if method == "sequential":
+        fast, skipped = rls_sequential(p, v, alpha)
+    elif method == "block":
+        fast, skipped = rls_block(p, v, alpha, block_size=block_size)
+    else:
+        raise ValueError(f"Unknown RLS method {method!r}; use 'sequential' or 'block'.")
+    sane = jax.vmap(_not_grown)(fast, p)
+    fast = _store(fast, dtype)
+    start, start_floor = jax.vmap(_start_factor)(p)
+    vz, _ = _sanitize(v.astype(p.dtype))
+    eye = jnp.eye(p.shape[-1], dtype=p.dtype)
+    tiny = jnp.full(p.shape[:1], jnp.finfo(p.dtype).tiny)
+    k = p.shape[0]
+
+    def cond(c):
+        return c["phase"] != _DONE
+
+    def body(c):
+        phase = c["phase"]
+        # The one factorisation: the fast result, the old P (to start Potter), or a repair.
+        x = jnp.where(phase == _FACTOR, start, c["candidate"])
+        low, least = jax.vmap(_cholesky)(x, jnp.where(phase == _FACTOR, start_floor, tiny))
+        finite = jnp.all(jnp.isfinite(x), axis=(-2, -1))
+        pd = finite & (least > jax.vmap(_pd_floor)(jnp.where(finite[:, None, None], x, eye)))
+        accepted = jnp.where(phase == _FAST, sane & pd, c["accepted"])
+        robust = jax.lax.cond(
+            phase == _FACTOR, lambda: _potter_steps(low, vz, alpha), lambda: c["robust"]
+        )
+        ok = jnp.where(phase == _REPAIR, c["ok"] | pd, c["ok"])
+        tries = c["tries"] + (phase == _REPAIR).astype(jnp.int32) * (~ok)
+        hopeless = ~jnp.all(jnp.isfinite(robust), axis=(-2, -1))
+        settled = accepted | ok | hopeless | (tries >= _REPAIR_TRIES)
+        shift = jnp.where(tries > 0, 4.0 ** (tries - 1).astype(p.dtype), 0.0)
+        shift = shift * jax.vmap(_pd_floor)(jnp.where(hopeless[:, None, None], eye, robust))
+        candidate = jnp.where(
+            phase == _FAST, c["candidate"], _store(robust + shift[:, None, None] * eye[None], dtype)
+        )
+        candidate = jnp.where(((phase == _REPAIR) & ok)[:, None, None], c["candidate"], candidate)
+        following = jnp.where(
+            phase == _FAST,
+            jnp.where(jnp.all(accepted), _DONE, _FACTOR),
+            jnp.where(phase == _FACTOR, _REPAIR, jnp.where(jnp.all(settled), _DONE, _REPAIR)),
+        )
+        return {
+            "phase": following,
+            "accepted": accepted,
+            "robust": robust,
+            "ok": ok,
+            "tries": tries,
+            "candidate": candidate,
+        }
+
+    init = {
+        "phase": jnp.int32(_FAST),
+        "accepted": jnp.zeros((k,), bool),
+        "robust": p,
+        "ok": jnp.zeros((k,), bool),
+        "tries": jnp.zeros((k,), jnp.int32),
+        "candidate": fast,
+    }
+    c = jax.lax.while_loop(cond, body, init)
+    keep = c["accepted"][:, None, None]
+    out = jnp.where(keep, fast, jnp.where(c["ok"][:, None, None], c["candidate"], p))
+    status = jnp.where(c["accepted"], 0, jnp.where(c["ok"], 1, 2)).astype(jnp.int32)
+    return out, skipped, status
+
+
+def saturating_add(counter: jax.Array, n: jax.Array) -> jax.Array:
+    """``counter + n`` (``n >= 0``) for an integer counter, stopping at its dtype's maximum
+    (``2**31 - 1`` for int32) instead of wrapping to negative values."""
+    top = jnp.iinfo(counter.dtype).max
+    n = jnp.asarray(n, counter.dtype)
+    return jnp.where(counter > top - n, top, counter + n)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "block_size", "dtype"))
 def run_rls(
     p: jax.Array,
     v: jax.Array,
@@ -207,10 +487,9 @@ def run_rls(
     *,
     method: str = "sequential",
     block_size: int = 64,
-) -> tuple[jax.Array, jax.Array]:
-    """Jitted dispatcher used by :func:`rgo_jax.update_projection` for one size bucket."""
-    if method == "sequential":
-        return rls_sequential(p, v, alpha)
-    if method == "block":
-        return rls_block(p, v, alpha, block_size=block_size)
-    raise ValueError(f"Unknown RLS method {method!r}; use 'sequential' or 'block'.")
+    dtype=jnp.float32,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Jitted :func:`rls_safe` used by :func:`rgo_jax.update_projection` for one size bucket."""
+    return rls_safe(
+        p.astype(jnp.float32), v, alpha, method=method, block_size=block_size, dtype=dtype
+    )
