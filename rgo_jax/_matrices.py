@@ -69,6 +69,12 @@ def leaf_specs(
             out[name] = LeafSpec(None, shape, (), 1)
         else:
             batch_shape, d, _ = lay.dims(shape)
+            if d == 0:
+                raise ValueError(
+                    f"RGO: parameter '{name}' of shape {tuple(shape)} has no input features "
+                    "(its P would be 0 x 0); leave it unprojected with a layout rule "
+                    "returning None."
+                )
             out[name] = LeafSpec(lay, shape, batch_shape, d)
     return out
 

@@ -474,8 +474,14 @@ def update_projection(
     _matrices.check_alpha(alpha, "RGO update_projection")
     if method not in ("sequential", "block"):
         raise ValueError(f"Unknown RLS method {method!r}; use 'sequential' or 'block'.")
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
+        raise ValueError(f"RGO update_projection: block_size must be an int, got {block_size!r}.")
+    if block_size < 1:
+        raise ValueError(f"RGO update_projection: block_size must be >= 1, got {block_size}.")
+    if any(np.shape(v)[:1] == (0,) for v in jax.tree.leaves(vectors)):
+        return state  # no vectors (n = 0): nothing to absorb, P unchanged
     alpha = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), alpha)
-    return _update_projection(state, vectors, alpha, method, block_size)
+    return _update_projection(state, vectors, alpha, method, int(block_size))
 
 
 def rgo_states(opt_state: Any) -> list[RGOState]:

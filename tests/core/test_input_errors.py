@@ -8,8 +8,6 @@ import pytest
 
 import rgo_jax
 
-OWNED_ELSEWHERE = "the RLS kernel's input checks are being reworked with its numerics"
-
 
 @pytest.mark.parametrize("task", [2**31, 2**32 + 3, np.int64(2**32 + 3)])
 def test_fel_task_ids_beyond_int32_are_refused_not_wrapped(task):
@@ -49,12 +47,10 @@ def test_curvature_labels_inside_the_logits_still_work():
     assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(out))
 
 
-# The cases below are reported in the reliability issue; their fixes belong to the rework of
-# the RLS kernel and transform. They fail today (strict xfail: a fix makes them pass, and the
-# marker must then go).
+# The core's input checks: zero vectors, a fractional block size, a non-positive alpha array,
+# a leaf without input features.
 
 
-@pytest.mark.xfail(strict=True, reason=OWNED_ELSEWHERE)
 def test_zero_vectors_are_a_clear_error_or_a_no_op():
     st = rgo_jax.scale_by_rgo().init({"w": jnp.zeros((4, 2))})
     try:
@@ -65,7 +61,6 @@ def test_zero_vectors_are_a_clear_error_or_a_no_op():
         np.testing.assert_array_equal(np.asarray(out.p["w"]), np.eye(4))
 
 
-@pytest.mark.xfail(strict=True, reason=OWNED_ELSEWHERE)
 def test_a_fractional_block_size_is_a_clear_error():
     st = rgo_jax.scale_by_rgo().init({"w": jnp.zeros((4, 2))})
     with pytest.raises(ValueError, match="block_size"):
@@ -79,7 +74,6 @@ def test_an_alpha_array_that_is_not_positive_is_refused(alpha):
         rgo_jax.update_projection(st, {"w": jnp.ones((3, 4))}, jnp.asarray(alpha))
 
 
-@pytest.mark.xfail(strict=True, reason=OWNED_ELSEWHERE)
 def test_a_leaf_without_inputs_gets_a_message_naming_its_shape():
     # A (0, 3) kernel has no input features: today init accepts it with a (0, 0) P and the
     # first update blames "another layout/project_biases".
