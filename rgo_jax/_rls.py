@@ -96,7 +96,7 @@ def _cholesky_panel(
         low = low.at[:, j].set(jnp.where(at == j, pivot, jnp.where(at > j, x / pivot, 0.0)))
         return low, _nanmin(least, x[start + j])
 
-    init = (jnp.zeros_like(c), jnp.asarray(jnp.inf, c.dtype))
+    init = (jnp.zeros_like(c), jnp.full_like(c[0, 0], jnp.inf))  # like c: varying in shard_map
     return jax.lax.fori_loop(0, c.shape[1], column, init)
 
 
@@ -258,7 +258,7 @@ def _cholesky(m: jax.Array, floor: jax.Array) -> tuple[jax.Array, jax.Array]:
         panel, least_j = _cholesky_panel(c, start, floor)
         return jax.lax.dynamic_update_slice(low, panel, (0, start)), _nanmin(least, least_j)
 
-    init = (jnp.zeros_like(m), jnp.asarray(jnp.inf, m.dtype))
+    init = (jnp.zeros_like(m), jnp.full_like(m[0, 0], jnp.inf))
     low, least = jax.lax.fori_loop(0, size // b, column_block, init)
     return low[:d, :d], least
 
@@ -456,12 +456,14 @@ def rls_safe(
             "candidate": candidate,
         }
 
+    # Built from p so that, inside shard_map, the carry varies over the axes p varies over.
+    no = jnp.zeros_like(p[:, 0, 0], bool)
     init = {
-        "phase": jnp.int32(_FAST),
-        "accepted": jnp.zeros((k,), bool),
+        "phase": jnp.zeros_like(p[0, 0, 0], jnp.int32) + _FAST,
+        "accepted": no,
         "robust": p,
-        "ok": jnp.zeros((k,), bool),
-        "tries": jnp.zeros((k,), jnp.int32),
+        "ok": no,
+        "tries": jnp.zeros_like(p[:, 0, 0], jnp.int32),
         "candidate": fast,
     }
     c = jax.lax.while_loop(cond, body, init)
