@@ -173,11 +173,16 @@ def test_a_non_finite_state_stops_the_run_before_its_checkpoint(tmp_path, monkey
     import jax.numpy as jnp
 
     sgd = train.METHODS["sgd"]
-    broken = dataclasses.replace(
-        sgd,
-        init_extra=lambda params, cfg, stream: {"p": jnp.eye(3)},
-        after_task=lambda ctx, params, opt, extra: (opt, {"p": extra["p"] * jnp.nan}),
-    )
+
+    @dataclasses.dataclass(frozen=True)
+    class Broken(type(sgd)):
+        def init_extra(self, params, stream, run):
+            return {"p": jnp.eye(3)}
+
+        def after_task(self, ctx, params, opt_state, extra):
+            return opt_state, {"p": extra["p"] * jnp.nan}
+
+    broken = Broken(**{f.name: getattr(sgd, f.name) for f in dataclasses.fields(sgd)})
     monkeypatch.setitem(train.METHODS, "sgd", broken)
     cfg = train.Config(**QUICK, methods=("sgd",))
     with pytest.raises(NonFiniteError, match=r"method sgd, seed 0, task 0 .*\['p'\] \(3, 3\)"):
