@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rgo_jax.bench import _profile, _report, data, models
+from rgo_jax.bench import _plot_style, _profile, _report, data, models
 from rgo_jax.bench._checkpoint import (
     latest_good_checkpoint,
     prune_checkpoints,
@@ -1050,5 +1050,5 @@ def _run(cfg: Config, workdir: Path, *, log, progress) -> dict[str, Any]:
             for slot, seed in zip(slots, seeds, strict=True):
                 log(f"\n[{name} seed {seed}] accuracy matrix ({time.time() - t0:.1f} s)")
                 log(_report.format_matrix(matrices[name][slot]))
-    log("\n" + _report.summary_table(summaries))
+    log("\n" + _report.summary_table(summaries) + "\n" + _plot_style.FORGETTING_NOTE)
     return {"summaries": summaries, "matrices": matrices}
