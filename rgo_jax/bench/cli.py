@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import rgo_jax
@@ -147,7 +148,7 @@ def _with_default(hlp: str, field: str) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rgo-bench",
-        description=(
+        description=textwrap.fill(
             "Continual learning with Recursive Gradient Optimization (RGO). Runs the "
             "methods on a task-incremental benchmark (task id known at train and test "
             "time), prints the accuracy matrix R[i, j] (accuracy on task j after training "

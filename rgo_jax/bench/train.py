@@ -698,18 +698,20 @@ def _seed_groups(
     x, _ = stream.get_split(0, "train")
     per_seed = x.nbytes * (min(cfg.num_tasks, len(stream)) if method.joint else 1)
     k = max(1, int(cfg.vmap_memory_gb * 2**30 // max(per_seed, 1)))
-    groups = []
-    for run in _same_task_sizes(cfg, streams, log):
+    groups, built = [], {}
+    for run in _same_task_sizes(cfg, streams, built, log):
         groups += [run[i : i + k] for i in range(0, len(run), k)]
+    streams.update(built)  # taken by their lanes: each stream is built once
     return groups
 
 
-def _same_task_sizes(cfg: Config, streams: dict, log=print) -> list[tuple[int, ...]]:
+def _same_task_sizes(cfg: Config, streams: dict, built: dict, log=print) -> list[tuple[int, ...]]:
     """``cfg.seeds`` cut into consecutive runs whose tasks have the same training sizes.
 
     Seeds are stacked under ``vmap``, which needs equal shapes: a class split of classes
     of unequal sizes draws other classes, so other task sizes, for each seed. Streams that
     record no ``train_sizes`` (permuted, rotated: the same sizes for every seed) are one run.
+    The other seeds' streams built to read their sizes are left in ``built``.
     """
     first = streams[cfg.seeds[0]]
     if "train_sizes" not in first.meta or len(cfg.seeds) == 1:
@@ -717,7 +719,8 @@ def _same_task_sizes(cfg: Config, streams: dict, log=print) -> list[tuple[int, .
     T = min(cfg.num_tasks, len(first))
     sizes = [tuple(first.meta["train_sizes"][:T])]
     for s in cfg.seeds[1:]:  # lazily built streams: the sizes are known without the data
-        sizes.append(tuple(build_stream(cfg, s).meta["train_sizes"][:T]))
+        built[s] = build_stream(cfg, s)
+        sizes.append(tuple(built[s].meta["train_sizes"][:T]))
     runs = [[cfg.seeds[0]]]
     for i in range(1, len(cfg.seeds)):
         if sizes[i] == sizes[i - 1]:

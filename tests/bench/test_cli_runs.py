@@ -247,7 +247,7 @@ def test_register_benchmark_runs_from_the_command_line(tmp_path):
 # -- 6. unequal class sizes, several seeds vmapped --------------------------------------------
 
 
-def test_unbalanced_class_split_runs_with_vmapped_seeds(tmp_path, capsys):
+def test_unbalanced_class_split_runs_with_vmapped_seeds(tmp_path, capsys, monkeypatch):
     path = _npz(tmp_path / "unbalanced.npz", [3, 5, 7, 9])
     ds = data.load_npz(path)
     sizes = {s: data.class_split(ds, 2, s).meta["train_sizes"] for s in (0, 1, 2, 3)}
@@ -256,7 +256,11 @@ def test_unbalanced_class_split_runs_with_vmapped_seeds(tmp_path, capsys):
     out = tmp_path / "run"
     argv = [*TINY, "--dataset", str(path), "--stream", "split", "--tasks", "2"]
     argv += ["--seeds", ",".join(map(str, seeds)), "--no-checkpoint"]
+    built = []
+    real = train.build_stream
+    monkeypatch.setattr(train, "build_stream", lambda cfg, s: built.append(s) or real(cfg, s))
     assert cli.main([*argv, "--out", str(out)]) == 0
+    assert sorted(built) == sorted(seeds)  # each seed's stream built once
     log = capsys.readouterr().out
     assert re.search(r"vmapped in groups of equal sizes: \d \| \d\.", log)
     mats = _results(out)["methods"]["sgd"]["matrices"]
