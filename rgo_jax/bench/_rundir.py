@@ -129,6 +129,18 @@ def removed_if_left_empty(workdir: Path) -> Iterator[None]:
     A data or input error found before training (a data set not found, a bad option) then
     leaves no empty run folder behind. Only folders that did not exist before are removed,
     and only when no file is in them: a pre-existing folder and its content are never touched.
+
+    Examples:
+      >>> import pathlib, tempfile
+      >>> root = pathlib.Path(tempfile.mkdtemp())
+      >>> try:
+      ...     with removed_if_left_empty(root / "new" / "run"):
+      ...         (root / "new" / "run").mkdir(parents=True)
+      ...         raise FileNotFoundError("no data")
+      ... except FileNotFoundError:
+      ...     pass
+      >>> (root / "new").exists()
+      False
     """
     top = Path(workdir).absolute()
     if top.exists():

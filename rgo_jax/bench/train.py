@@ -411,6 +411,7 @@ def register_benchmark(name: str, builder, *, datasets: tuple[str, ...] = ()) ->
       ...         data.load_digits(), cfg.num_tasks, seed, classes_per_task=3))
       >>> len(train.build_stream(train.Config(benchmark="split_digits_3", num_tasks=3), 0))
       3
+      >>> del train.BENCHMARKS["split_digits_3"]  # unregistered again
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"benchmark name must be a non-empty string, got {name!r}.")
