@@ -416,7 +416,6 @@ def rls_safe(
     vz, _ = _sanitize(v.astype(p.dtype))
     eye = jnp.eye(p.shape[-1], dtype=p.dtype)
     tiny = jnp.full(p.shape[:1], jnp.finfo(p.dtype).tiny)
-    k = p.shape[0]
 
     def cond(c):
         return c["phase"] != _DONE

@@ -16,6 +16,7 @@ from rgo_jax.bench._report import summary_table as summary_table
 from rgo_jax.bench._report import write_json_atomic as write_json_atomic
 from rgo_jax.bench._report import write_run_report as write_run_report
 from rgo_jax.bench._report import write_text_atomic as write_text_atomic
+from rgo_jax.bench.train import register_benchmark as register_benchmark
 
 __all__ = (
     "SCENARIO",
@@ -25,6 +26,7 @@ __all__ = (
     "merge_run_reports",
     "plot_accuracy_matrix",
     "plot_accuracy_per_task",
+    "register_benchmark",
     "summary_table",
     "write_json_atomic",
     "write_run_report",

@@ -31,6 +31,7 @@ __all__ = [
     "CheckpointError",
     "latest_checkpoint",
     "latest_good_checkpoint",
+    "prune_checkpoints",
     "restore_checkpoint",
     "save_checkpoint",
     "verify_checkpoint",
@@ -261,6 +262,23 @@ def latest_good_checkpoint(
                 "Resuming from the previous good task."
             )
     return None
+
+
+def prune_checkpoints(root: str | Path, keep: int, prefix: str = "task_") -> list[Path]:
+    """Deletes all but the ``keep`` highest-numbered checkpoints under ``root``.
+
+    Folders set aside as ``.corrupt`` and anything else under ``root`` are left alone.
+
+    Returns:
+      The folders deleted.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}.")
+    found = [d for _, d in _candidates(Path(root), prefix) if d.name[len(prefix) :].isdigit()]
+    gone = found[keep:]
+    for d in gone:
+        shutil.rmtree(d)
+    return gone
 
 
 def restore_checkpoint(directory: str | Path, template: Any) -> Any:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from rgo_jax.bench import _plot_style
 from rgo_jax.bench import metrics as _metrics
 from rgo_jax.bench._files import _atomic_write_bytes
 from rgo_jax.bench._text import _task_names
@@ -79,6 +80,7 @@ def plot_accuracy_matrix(
     ax.set_xticks(range(T), names, rotation=90 if task_names is not None else 0)
     ax.set_yticks(range(T), names)
     ax.set_title(title if title is not None else "Accuracy matrix (%)")
+    fig.supxlabel(_plot_style.HEATMAP_NOTE, fontsize=8)
     if T <= 40:
         fontsize = max(4.0, min(10.0, 130.0 / T))
         decimals = 1 if T <= 12 else 0
@@ -142,8 +144,9 @@ def plot_accuracy_per_task(
     stacks = {str(name): _stack_seeds(str(name), value) for name, value in results.items()}
     from matplotlib.ticker import MaxNLocator
 
-    fig = _figure(11.0, 4.2)
+    fig = _figure(11.0 + (1.6 if len(stacks) > 1 else 0.0), 4.2)
     ax_final, ax_curve = fig.subplots(1, 2)
+    styles = _plot_style.method_styles(list(stacks))
     for name, stack in stacks.items():
         S, T, _ = stack.shape
         final = 100 * stack[:, -1, :]
@@ -154,7 +157,7 @@ def plot_accuracy_per_task(
             (line,) = ax.plot(
                 x,
                 mean,
-                marker="o" if T <= 30 else None,
+                **{**styles[name], "marker": styles[name]["marker"] if T <= 30 else None},
                 markersize=3,
                 label=f"{name} ({S} seed{'s' if S > 1 else ''})",
             )
@@ -170,7 +173,7 @@ def plot_accuracy_per_task(
     for ax in (ax_final, ax_curve):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    ax_curve.legend(fontsize=8, loc="best")
+    ax_curve.legend(fontsize=8, **_plot_style.LEGEND_OUTSIDE)
     if title is not None:
         fig.suptitle(title)
     _save_png(fig, path)

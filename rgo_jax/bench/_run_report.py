@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from rgo_jax.bench import _plot_style
 from rgo_jax.bench import metrics as _metrics
 from rgo_jax.bench._files import to_jsonable, write_text_atomic
 from rgo_jax.bench._plots import plot_accuracy_matrix, plot_accuracy_per_task
@@ -204,7 +205,9 @@ def _summary_markdown(summaries, stems, task_names, ddof, bwt_divisor, plots) ->
         f"Accuracies in %, mean ± std over seeds ({std_kind}). "
         f"BWT {_DIVISOR_NOTE.get(bwt_divisor, 'divisor ' + bwt_divisor)}. "
         "Forgetting: mean over earlier tasks of the best accuracy after learning the task "
-        "minus the final accuracy (Chaudhry et al., 2018). LA: accuracy on each task just after "
+        "minus the final accuracy (Chaudhry et al., 2018). "
+        + _plot_style.FORGETTING_NOTE
+        + " LA: accuracy on each task just after "
         "learning it. FWT (when given): zero-shot accuracy before training a task minus that "
         "of a randomly initialised network (GEM).",
         "",

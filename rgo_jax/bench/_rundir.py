@@ -15,11 +15,13 @@ reported with every finished result, marked while partial.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ __all__ = [
     "end_progress_bars",
     "interrupted_message",
     "prepare_run_dir",
+    "removed_if_left_empty",
     "split_by_resume_point",
     "write_report",
 ]
@@ -117,6 +120,40 @@ def prepare_run_dir(cfg: Any, workdir: Path) -> dict[str, list[tuple[int, Any, A
             "rerun with the same settings to resume, or use another --out."
         )
     return _finished(old, _read_json(workdir / "results.json"))
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(workdir: Path) -> Iterator[None]:
+    """Removes the folders a run created for ``workdir`` when it fails before writing a file.
+
+    A data or input error found before training (a data set not found, a bad option) then
+    leaves no empty run folder behind. Only folders that did not exist before are removed,
+    and only when no file is in them: a pre-existing folder and its content are never touched.
+
+    Examples:
+      >>> import pathlib, tempfile
+      >>> root = pathlib.Path(tempfile.mkdtemp())
+      >>> try:
+      ...     with removed_if_left_empty(root / "new" / "run"):
+      ...         (root / "new" / "run").mkdir(parents=True)
+      ...         raise FileNotFoundError("no data")
+      ... except FileNotFoundError:
+      ...     pass
+      >>> (root / "new").exists()
+      False
+    """
+    top = Path(workdir).absolute()
+    if top.exists():
+        yield
+        return
+    while not top.parent.exists():
+        top = top.parent
+    try:
+        yield
+    except BaseException:
+        if top.is_dir() and not any(p.is_file() or p.is_symlink() for p in top.rglob("*")):
+            shutil.rmtree(top, ignore_errors=True)
+        raise
 
 
 def _read_json(path: Path) -> Any:

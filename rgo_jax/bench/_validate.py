@@ -123,6 +123,9 @@ def _seed(key: str, v: Any) -> None:
 #: ``benchmark`` and ``init`` is checked by ``Config`` itself).
 _FIELDS = {
     "benchmark": _str,
+    "dataset": _optional(_str),
+    "stream": _optional(_str),
+    "classes_per_task": _optional(_int),
     "methods": lambda k, v: _seq(k, v, _str, unique=True),
     "model": _str,
     "hidden": _optional(lambda k, v: _seq(k, v, _int, unique=False)),
@@ -152,6 +155,7 @@ _FIELDS = {
     "vector_chunk": _int,
     "input_projection": _bool,
     "checkpoint": _bool,
+    "keep_checkpoints": _bool,
     "plots": _bool,
     "method_options": lambda k, v: _method_options(k, v),
 }

@@ -6,14 +6,16 @@ import argparse
 import dataclasses
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import rgo_jax
 from rgo_jax.bench import _profile
-from rgo_jax.bench._methods import METHODS, OPTION_ALIASES, option_help
+from rgo_jax.bench._methods import METHODS, OPTION_ALIASES, check_method_options, option_help
+from rgo_jax.bench._protocols import PROTOCOLS
 from rgo_jax.bench._rundir import end_progress_bars, interrupted_message
 from rgo_jax.bench._validate import RunError, check_fields, config_root
-from rgo_jax.bench.train import BENCHMARKS, Config, run
+from rgo_jax.bench.train import BENCHMARKS, STREAMS, Config, run
 
 DEMO = {
     "benchmark": "permuted_digits",
@@ -28,7 +30,27 @@ DEMO = {
 
 _FLAGS = {
     # flag: (Config field, type, help)
-    "--benchmark": ("benchmark", str, f"task stream: {', '.join(sorted(BENCHMARKS))}"),
+    "--benchmark": (
+        "benchmark",
+        str,
+        f"task stream: {', '.join(sorted(BENCHMARKS))}; one with a paper protocol "
+        f"({', '.join(sorted(PROTOCOLS))}) runs it (benchmarks/configs/<name>.json) "
+        "unless flags say otherwise",
+    ),
+    "--dataset": (
+        "dataset",
+        str,
+        "a data set of your own instead of --benchmark: a name the loaders know "
+        "(mnist, notmnist, ...; <name>.npz in --data-dir) or a path to an .npz file "
+        "(x_train, y_train, x_test, y_test); needs --stream",
+    ),
+    "--stream": ("stream", str, f"how --dataset becomes tasks: {', '.join(STREAMS)}"),
+    "--classes-per-task": (
+        "classes_per_task",
+        int,
+        "classes per task of a split stream (default: the classes divided among --tasks; "
+        "without --tasks, 2 per task and as many tasks as that makes)",
+    ),
     "--methods": ("methods", "list", f"comma-separated methods: {', '.join(sorted(METHODS))}"),
     "--model": ("model", str, "network: mlp, alexnet, resnet18, reduced_resnet18"),
     "--hidden": (
@@ -126,15 +148,19 @@ def _with_default(hlp: str, field: str) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rgo-bench",
-        description=(
+        description=textwrap.fill(
             "Continual learning with Recursive Gradient Optimization (RGO). Runs the "
             "methods on a task-incremental benchmark (task id known at train and test "
             "time), prints the accuracy matrix R[i, j] (accuracy on task j after training "
             "task i) with ACC, BWT and forgetting, and writes results, plots and checkpoints "
             "to --out. Rerunning the same command on the same --out resumes. Without "
             "--config the default job is a short demo on scikit-learn's bundled digits: the "
-            "defaults below are the demo's, and a --config file's values replace them."
+            "defaults below are the demo's, a named --benchmark's protocol or a --config "
+            "file's values replace them, and flags override both; the run prints which "
+            "values it uses and where each came from."
         ),
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--config", help="JSON file of Config fields (benchmarks/configs/*.json); flags override it"
@@ -156,6 +182,12 @@ def _parser() -> argparse.ArgumentParser:
         + ", ".join(f"{k}={v}" for k, v in OPTION_ALIASES.items() if not v.startswith("rgo.")),
     )
     p.add_argument("--no-checkpoint", action="store_true", help="do not write checkpoints")
+    p.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep every task's checkpoint (default: only the last two per method and seed, "
+        "what resuming needs; the one before the last is the fallback if the last is corrupt)",
+    )
     p.add_argument(
         "--no-vmap-seeds",
         action="store_true",
@@ -193,6 +225,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"rgo-bench {rgo_jax.__version__}")
     return p
+
+
+EXIT_CODES = """exit codes:
+  0    the run finished (or --help, --version, --list)
+  2    an input error, reported in one line naming the problem: a bad flag or config
+       value, a data set not found or unreadable, an unusable --out, a diverging run
+  1    the harness cannot start (the bench extra is not installed) or an unexpected error
+  130  interrupted (Ctrl-C); rerun the same command to resume"""
 
 
 def _print_list() -> None:
@@ -248,7 +288,79 @@ _RGO_FIELDS = {
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """Builds the Config: the JSON file (or the demo), then the flags on top."""
+    """Builds the Config: the JSON file (or the demo and a named benchmark's protocol),
+    then the flags on top."""
+    return config_and_sources(args)[0]
+
+
+#: The Config fields the run's header shows (with any other field set by a flag or file).
+_HEADER = (
+    "benchmark",
+    "dataset",
+    "stream",
+    "classes_per_task",
+    "methods",
+    "model",
+    "hidden",
+    "width",
+    "num_tasks",
+    "steps_per_task",
+    "batch_size",
+    "learning_rate",
+    "alpha",
+    "consolidation_batches",
+    "seeds",
+)
+
+
+def protocol_header(cfg: Config, sources: dict[str, str]) -> str:
+    """The lines a run prints first: each protocol value and where it came from."""
+    by_source: dict[str, list[str]] = {}
+    keys = [*_HEADER, *(k for k in sources if k not in _HEADER)]
+    for key in keys:
+        value = getattr(cfg, key)
+        if value is None and key not in sources:
+            continue
+        if isinstance(value, (tuple, list)):
+            value = ",".join(map(str, value))
+        elif isinstance(value, dict):
+            value = json.dumps(value, sort_keys=True)
+        by_source.setdefault(sources.get(key, "Config default"), []).append(f"{key}={value}")
+    lines = ["protocol:"] + [f"  {src}: {', '.join(items)}" for src, items in by_source.items()]
+    return "\n".join(lines)
+
+
+def _known_options(options: dict, methods) -> dict:
+    """The protocol's method options that one of ``methods`` has (the rest do not apply)."""
+    kept = {}
+    for key, value in options.items():
+        try:
+            check_method_options({key: value}, tuple(methods))
+        except ValueError:
+            continue
+        kept[key] = value
+    return kept
+
+
+def _derive_num_tasks(fields: dict, sources: dict) -> None:
+    """A split of one's own data set without a number of tasks: as many as its classes make."""
+    given = sources.get("num_tasks", "").startswith(("flag", "config file"))
+    if fields.get("stream") != "split" or given:
+        return
+    from rgo_jax.bench import data  # noqa: PLC0415
+
+    try:
+        ds = data.load_dataset(fields["dataset"], fields.get("data_dir"))
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"rgo-bench: {err}") from None
+    k = fields.get("classes_per_task") or 2
+    fields["num_tasks"] = max(1, ds.num_classes // k)
+    sources["num_tasks"] = f"derived: {ds.num_classes} classes of {ds.name}, {k} per task"
+
+
+def config_and_sources(args: argparse.Namespace) -> tuple[Config, dict[str, str]]:
+    """:func:`config_from_args` and, for each field set, where its value came from."""
+    sources: dict[str, str] = {}
     if args.config:
         path = Path(args.config)
         if not path.is_file():
@@ -260,8 +372,20 @@ def config_from_args(args: argparse.Namespace) -> Config:
         except ValueError as err:
             raise SystemExit(f"rgo-bench: {err}") from None
         fields.pop("_doc", None)
+        sources = dict.fromkeys(fields, f"config file {path}")
     else:
         fields = dict(DEMO)
+        sources = dict.fromkeys(DEMO, "demo default")
+        if args.benchmark in PROTOCOLS and args.dataset is None:
+            protocol = PROTOCOLS[args.benchmark]
+            fields.update(protocol)
+            sources.update(dict.fromkeys(protocol, f"{args.benchmark} protocol"))
+            if args.methods is not None and "method_options" in protocol:
+                methods = _convert(args.methods, "list", "--methods")
+                fields["method_options"] = _known_options(protocol["method_options"], methods)
+        elif args.dataset is not None:
+            fields.pop("benchmark")
+            del sources["benchmark"]
     known = {f.name for f in dataclasses.fields(Config)}
     unknown = set(fields) - known
     if unknown:
@@ -277,6 +401,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
             fields[field] = _convert(value, typ, flag)
+            sources[field] = f"flag {flag}"
+    if fields.get("dataset") is not None and "benchmark" not in sources:
+        stem = Path(fields["dataset"]).name.removesuffix(".npz")
+        fields["benchmark"] = f"{fields.get('stream')}_{stem}"  # the report's label
+        sources["benchmark"] = "label of --dataset"
+    if fields.get("dataset") is not None:
+        _derive_num_tasks(fields, sources)
     options = dict(fields.get("method_options", {}))
     for item in args.option:
         key, sep, value = item.partition("=")
@@ -289,6 +420,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             if given is not None and _convert(given, typ, flag) != _convert(value, typ, key):
                 raise SystemExit(f"rgo-bench: --option {item} contradicts {flag} {given}.")
             fields[field] = _convert(value, typ, f"--option {key}")
+            sources[field] = f"flag --option {key}"
             continue
         try:
             options[key] = float(value)
@@ -303,11 +435,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
         fields["input_projection"] = True
     if args.no_plots:
         fields["plots"] = False
+    if args.keep_checkpoints:
+        fields["keep_checkpoints"] = True
     for k in ("methods", "seeds", "hidden"):
         if k in fields:
             fields[k] = tuple(fields[k])
     try:
-        return Config(**fields)
+        return Config(**fields), sources
     except (ValueError, TypeError) as err:
         raise SystemExit(f"rgo-bench: {err}") from None
 
@@ -317,7 +451,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         _print_list()
         return 0
-    cfg = config_from_args(args)
+    try:
+        cfg, sources = config_and_sources(args)
+    except SystemExit as err:  # an input error: one line, and exit code 2 as argparse's
+        if isinstance(err.code, str):
+            print(err.code, file=sys.stderr)
+            err.code = 2  # the status; str(err) stays the message
+        raise
+    print(protocol_header(cfg, sources))
     _profile.enable_compilation_cache(_profile.compilation_cache_dir(args.compilation_cache))
     if args.profile:
         _profile.start()

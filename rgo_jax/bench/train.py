@@ -26,8 +26,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rgo_jax.bench import _profile, _report, data, models
-from rgo_jax.bench._checkpoint import latest_good_checkpoint, restore_checkpoint, save_checkpoint
+from rgo_jax.bench import _plot_style, _profile, _report, data, models
+from rgo_jax.bench._checkpoint import (
+    latest_good_checkpoint,
+    prune_checkpoints,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from rgo_jax.bench._methods import (
     METHODS,
     OPTION_ALIASES,
@@ -41,6 +46,7 @@ from rgo_jax.bench._methods import (
 from rgo_jax.bench._rundir import (
     checkpoint_root,
     prepare_run_dir,
+    removed_if_left_empty,
     split_by_resume_point,
     write_report,
 )
@@ -55,12 +61,21 @@ __all__ = [
     "OUTPUT_KEYS",
     "Config",
     "build_stream",
+    "register_benchmark",
     "run",
 ]
 
 #: :class:`Config` keys that never change a run's numbers (what runs, where, what is
 #: written, memory chunking); left out of the checkpoint fingerprint.
-OUTPUT_KEYS = ("methods", "seeds", "data_dir", "plots", "checkpoint", "vector_chunk")
+OUTPUT_KEYS = (
+    "methods",
+    "seeds",
+    "data_dir",
+    "plots",
+    "checkpoint",
+    "vector_chunk",
+    "keep_checkpoints",
+)
 #: Keys that change how a protocol is executed, and so its float rounding, not the protocol:
 #: a run resumes only under the same values, but runs that differ in them (and in
 #: :data:`OUTPUT_KEYS`) merge into one report (:func:`rgo_jax.bench.merge_run_reports`).
@@ -76,7 +91,20 @@ MERGE_FREE_KEYS = OUTPUT_KEYS + (
 #: :class:`Config` keys added after runs had been published, with the value those runs used.
 #: A key at this value is left out of the fingerprint (older checkpoints still resume), and a
 #: run report without the key reads as this value when runs are merged.
-ADDED_KEYS = {"init": "lecun", "init_scale": 1.0}
+ADDED_KEYS = {
+    "init": "lecun",
+    "init_scale": 1.0,
+    "dataset": None,
+    "stream": None,
+    "classes_per_task": None,
+}
+
+#: ``stream`` values of a :class:`Config` that names its own ``dataset``: the builders.
+STREAMS = {"split": data.class_split, "permuted": data.permuted, "rotated": data.rotated}
+
+#: Task checkpoints kept per method and seed unless ``keep_checkpoints``: the last one is
+#: what a rerun resumes from; the one before is where it falls back when the last is corrupt.
+KEPT_CHECKPOINTS = 2
 
 _NEG = -1e9  # masked logits (the reference code's "large negative value")
 
@@ -86,7 +114,13 @@ class Config:
     """One experiment. Defaults are the paper's MNIST protocol (Table 1).
 
     Attributes:
-      benchmark: a key of :data:`BENCHMARKS` (``permuted_mnist``, ``split_cifar100``...).
+      benchmark: a key of :data:`BENCHMARKS` (``permuted_mnist``, ``split_cifar100``...;
+        :func:`register_benchmark` adds one), or only a label when ``dataset`` is given.
+      dataset, stream, classes_per_task: a data set of one's own instead of ``benchmark``:
+        ``dataset`` a name :func:`rgo_jax.bench.data.load_dataset` reads (``notmnist``, or
+        a path to an ``.npz`` file), ``stream`` one of :data:`STREAMS` (``split``,
+        ``permuted``, ``rotated``), ``classes_per_task`` the classes of each task of a
+        split (default: the classes divided evenly among ``num_tasks``).
       methods: method names (``rgo-bench --list``); each gets the same data, seeds, steps.
       model, hidden, width: the network: ``hidden`` the MLP's hidden widths (default 256,
         256) or AlexNet's ``fc1``/``fc2`` widths (default 2048, 2048); ``width`` for ResNets.
@@ -121,6 +155,8 @@ class Config:
         layer's width (wide layers, batch 10). Conv kernels and biases are projected by the
         optimizer as usual.
       checkpoint, plots: write task-boundary checkpoints; draw PNG plots.
+      keep_checkpoints: keep every task's checkpoint; by default only the last
+        :data:`KEPT_CHECKPOINTS` per method and seed are kept (what resuming needs).
       method_options: method options, addressed per method family (``ewc.lambda``,
         ``gpm.threshold``, ``rgo.alpha``) or per preset (``rgo-alpha1.alpha`` overrides the
         preset's fixed value); the flat names of earlier versions (``ewc_lambda``...) are
@@ -131,6 +167,9 @@ class Config:
     """
 
     benchmark: str = "permuted_digits"
+    dataset: str | None = None
+    stream: str | None = None
+    classes_per_task: int | None = None
     methods: tuple[str, ...] = ("rgo", "sgd")
     model: str = "mlp"
     hidden: tuple[int, ...] | None = None
@@ -160,14 +199,27 @@ class Config:
     vector_chunk: int = 50
     input_projection: bool = False
     checkpoint: bool = True
+    keep_checkpoints: bool = False
     plots: bool = True
     method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         check_config(self)
-        if self.benchmark not in BENCHMARKS:
+        if self.dataset is not None:
+            if self.stream not in STREAMS:
+                raise ValueError(
+                    f"dataset {self.dataset!r} needs stream one of {', '.join(STREAMS)}, "
+                    f"got {self.stream!r}."
+                )
+        elif self.stream is not None:
+            raise ValueError(f"stream {self.stream!r} needs a dataset (a name or an .npz path).")
+        elif self.benchmark not in BENCHMARKS:
             raise ValueError(
                 f"Unknown benchmark {self.benchmark!r}; valid: {', '.join(sorted(BENCHMARKS))}."
+            )
+        if self.classes_per_task is not None and (self.stream or "split") != "split":
+            raise ValueError(
+                f"classes_per_task applies to class splits, not to stream {self.stream!r}."
             )
         for m in self.methods:
             get_method(m)
@@ -289,6 +341,10 @@ def _stream(builder, base: str, **options):
     def build(cfg: Config, seed: int):
         if builder is data.permuted:
             options["first_task_identity"] = cfg.first_task_identity
+        if cfg.classes_per_task is not None:
+            if builder is not data.class_split:
+                raise ValueError(f"classes_per_task applies to class splits, not to {base!r}.")
+            options["classes_per_task"] = cfg.classes_per_task
         return builder(
             _dataset(base, cfg),
             cfg.num_tasks,
@@ -338,11 +394,52 @@ BENCHMARKS = {
 }
 
 
+def register_benchmark(name: str, builder, *, datasets: tuple[str, ...] = ()) -> None:
+    """Adds a benchmark that ``Config(benchmark=name)`` and ``rgo-bench --benchmark`` run.
+
+    Args:
+      name: the benchmark's name (a new one: the built-in ones cannot be replaced).
+      builder: ``builder(cfg, seed) -> TaskStream``, the stream of one seed, e.g. a
+        :mod:`rgo_jax.bench.data` stream over a loaded data set; it should honour
+        ``cfg.num_tasks`` and may read ``cfg.max_train_per_task`` and the like.
+      datasets: the data files it needs (what ``rgo-bench --list`` shows).
+
+    Examples:
+      >>> from rgo_jax.bench import data, register_benchmark, train
+      >>> register_benchmark(
+      ...     "split_digits_3", lambda cfg, seed: data.class_split(
+      ...         data.load_digits(), cfg.num_tasks, seed, classes_per_task=3))
+      >>> len(train.build_stream(train.Config(benchmark="split_digits_3", num_tasks=3), 0))
+      3
+      >>> del train.BENCHMARKS["split_digits_3"]  # unregistered again
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"benchmark name must be a non-empty string, got {name!r}.")
+    if not callable(builder):
+        raise TypeError(f"builder of benchmark {name!r} must be callable(cfg, seed).")
+    if name in _BUILT_IN:
+        raise ValueError(f"{name!r} is a built-in benchmark; register under another name.")
+    builder.datasets = tuple(datasets)
+    BENCHMARKS[name] = builder
+
+
+_BUILT_IN = frozenset(BENCHMARKS)
+
+
 def build_stream(cfg: Config, seed: int) -> data.TaskStream:
-    """The task stream of ``cfg.benchmark`` for one seed (multi-head if ``cfg.head``)."""
-    stream = BENCHMARKS[cfg.benchmark](cfg, seed)
+    """The task stream of ``cfg.benchmark`` (or ``cfg.dataset``) for one seed (multi-head
+    if ``cfg.head``)."""
+    try:
+        if cfg.dataset is not None:
+            stream = _stream(STREAMS[cfg.stream], cfg.dataset)(cfg, seed)
+        else:
+            stream = BENCHMARKS[cfg.benchmark](cfg, seed)
+    except RunError:
+        raise
+    except ValueError as err:  # a data set or stream the inputs do not fit: an input error
+        raise RunError(str(err)) from err
     if len(stream) < cfg.num_tasks and cfg.benchmark != "multi_dataset":
-        raise ValueError(f"{cfg.benchmark} has {len(stream)} tasks, fewer than {cfg.num_tasks}.")
+        raise RunError(f"{cfg.benchmark} has {len(stream)} tasks, fewer than {cfg.num_tasks}.")
     return MultiHead(stream) if cfg.head == "multi" else stream
 
 
@@ -585,7 +682,9 @@ class _Lane:
         return self._test[j]
 
 
-def _seed_groups(cfg: Config, method: Method, streams: dict | None = None) -> list[tuple[int, ...]]:
+def _seed_groups(
+    cfg: Config, method: Method, streams: dict | None = None, log=print
+) -> list[tuple[int, ...]]:
     """Seeds batched by ``vmap`` as far as their training data fits ``vmap_memory_gb``.
 
     The size is measured on the first seed's stream, which is left in ``streams`` for its
@@ -600,7 +699,42 @@ def _seed_groups(cfg: Config, method: Method, streams: dict | None = None) -> li
     x, _ = stream.get_split(0, "train")
     per_seed = x.nbytes * (min(cfg.num_tasks, len(stream)) if method.joint else 1)
     k = max(1, int(cfg.vmap_memory_gb * 2**30 // max(per_seed, 1)))
-    return [tuple(cfg.seeds[i : i + k]) for i in range(0, len(cfg.seeds), k)]
+    groups, built = [], {}
+    for run in _same_task_sizes(cfg, streams, built, log):
+        groups += [run[i : i + k] for i in range(0, len(run), k)]
+    streams.update(built)  # taken by their lanes: each stream is built once
+    return groups
+
+
+def _same_task_sizes(cfg: Config, streams: dict, built: dict, log=print) -> list[tuple[int, ...]]:
+    """``cfg.seeds`` cut into consecutive runs whose tasks have the same training sizes.
+
+    Seeds are stacked under ``vmap``, which needs equal shapes: a class split of classes
+    of unequal sizes draws other classes, so other task sizes, for each seed. Streams that
+    record no ``train_sizes`` (permuted, rotated: the same sizes for every seed) are one run.
+    The other seeds' streams built to read their sizes are left in ``built``.
+    """
+    first = streams[cfg.seeds[0]]
+    if "train_sizes" not in first.meta or len(cfg.seeds) == 1:
+        return [tuple(cfg.seeds)]
+    T = min(cfg.num_tasks, len(first))
+    sizes = [tuple(first.meta["train_sizes"][:T])]
+    for s in cfg.seeds[1:]:  # lazily built streams: the sizes are known without the data
+        built[s] = build_stream(cfg, s)
+        sizes.append(tuple(built[s].meta["train_sizes"][:T]))
+    runs = [[cfg.seeds[0]]]
+    for i in range(1, len(cfg.seeds)):
+        if sizes[i] == sizes[i - 1]:
+            runs[-1].append(cfg.seeds[i])
+        else:
+            runs.append([cfg.seeds[i]])
+    if len(runs) > 1:
+        log(
+            f"rgo-bench: the seeds' tasks differ in size (a class split of classes of unequal "
+            f"sizes), so they are vmapped in groups of equal sizes: "
+            f"{' | '.join(','.join(map(str, r)) for r in runs)}."
+        )
+    return [tuple(r) for r in runs]
 
 
 def _resume_point(cfg: Config, lanes: list[_Lane], log=print) -> int:
@@ -687,6 +821,13 @@ def _train_task(group: _Group, chunk_fn, t: int, arrays, state, progress):
     """Step 3: ``steps_per_task`` SGD steps of task ``t`` for every lane at once."""
     cfg = group.cfg
     params, opt_state, extra = state
+    shapes = {tuple(a[0].shape) for a in arrays}
+    if len(shapes) > 1:  # a registered stream of per-seed task sizes, not recorded
+        raise RunError(
+            f"[{group.method.name}] task {t}: the seeds' training sets differ in shape "
+            f"({sorted(shapes)}), so they cannot be trained together; rerun with "
+            "--no-vmap-seeds (or record the stream's meta['train_sizes'])."
+        )
     idx = np.stack(
         [
             _step_indices(len(a[1]), cfg.steps_per_task, cfg.batch_size, ln.seed, t)
@@ -756,6 +897,8 @@ def _save_task(group: _Group, t: int, lane: _Lane, params, opt_state, extra) -> 
             "rng": {"kind": "numpy default_rng keyed by [seed, task, stream]", "seed": lane.seed},
         },
     )
+    if not group.cfg.keep_checkpoints:
+        prune_checkpoints(lane.ckpt_root, KEPT_CHECKPOINTS)
 
 
 def _run_group(
@@ -781,6 +924,9 @@ def _run_group(
     random_init = [np.array([group.accuracy(ln, ln.params0, j) for j in range(T)]) for ln in lanes]
     start, state = _resume(group, state, log)
     if start >= T:  # finished earlier: report the restored results
+        if cfg.checkpoint and not cfg.keep_checkpoints:  # e.g. all kept by an older version
+            for ln in lanes:
+                prune_checkpoints(ln.ckpt_root, KEPT_CHECKPOINTS)
         yield T - 1, lanes, random_init
         return
     # Params and optimizer state are donated: the step updates P-sized buffers in place.
@@ -849,10 +995,19 @@ def run(
     rerunning the same command on the same ``workdir`` resumes from the checkpoints.
     ``progress``: draw a progress bar on stderr (``None``: only if stderr is a terminal).
 
+    A run that fails before writing anything (e.g. its data set is not found) removes the
+    folders it created. Task checkpoints are pruned to the last :data:`KEPT_CHECKPOINTS` per
+    method and seed unless ``cfg.keep_checkpoints``.
+
     Returns:
       ``{"summaries": {method: summary}, "matrices": {method: [R per seed]}}``.
     """
     workdir = Path(workdir)
+    with removed_if_left_empty(workdir):
+        return _run(cfg, workdir, log=log, progress=progress)
+
+
+def _run(cfg: Config, workdir: Path, *, log, progress) -> dict[str, Any]:
     previous = prepare_run_dir(cfg, workdir)
     matrices: dict[str, list] = {m: [] for m in cfg.methods}
     random_init: dict[str, list] = {m: [] for m in cfg.methods}
@@ -868,7 +1023,7 @@ def run(
     for name in cfg.methods:
         method = cfg.method(name)
         streams: dict = {}  # built by _seed_groups, taken by the lanes: once per seed
-        groups = _seed_groups(cfg, method, streams)
+        groups = _seed_groups(cfg, method, streams, log)
         for seeds in [
             g for s in groups for g in split_by_resume_point(s, workdir, cfg, method.name, log)
         ]:
@@ -899,5 +1054,5 @@ def run(
             for slot, seed in zip(slots, seeds, strict=True):
                 log(f"\n[{name} seed {seed}] accuracy matrix ({time.time() - t0:.1f} s)")
                 log(_report.format_matrix(matrices[name][slot]))
-    log("\n" + _report.summary_table(summaries))
+    log("\n" + _report.summary_table(summaries) + "\n" + _plot_style.FORGETTING_NOTE)
     return {"summaries": summaries, "matrices": matrices}

@@ -471,7 +471,8 @@ def class_split(
     The class order is a seeded permutation of all classes (or ``0, 1, ...`` when
     ``shuffle_classes=False``), cut into consecutive groups: task ``t`` gets
     ``order[t*k:(t+1)*k]``. 20-split CIFAR-100 is ``class_split(cifar100, 20)`` (5 classes
-    per task). Labels stay global class ids; the order is in ``stream.meta["class_order"]``.
+    per task). Labels stay global class ids; the order is in ``stream.meta["class_order"]``,
+    each task's number of training samples in ``stream.meta["train_sizes"]``.
 
     Args:
       dataset: the base data set.
@@ -503,6 +504,10 @@ def class_split(
         )
     order = _rng(seed, _TAG_CLASS_ORDER).permutation(nc) if shuffle_classes else np.arange(nc)
     groups = [np.sort(order[t * k : (t + 1) * k]) for t in range(num_tasks)]
+    counts = np.bincount(dataset.y_train, minlength=nc)
+    train_sizes = [int(counts[g].sum()) for g in groups]
+    if max_train is not None:
+        train_sizes = [min(n, max_train) for n in train_sizes]
 
     def build(t: int, split: str) -> Split:
         y_all = dataset.y_train if split == "train" else dataset.y_test
@@ -521,7 +526,7 @@ def class_split(
         task_classes=groups,
         build_split=build,
         seed=seed,
-        meta={"class_order": order, "classes_per_task": k},
+        meta={"class_order": order, "classes_per_task": k, "train_sizes": train_sizes},
         cache_size=cache_size,
     )
 
