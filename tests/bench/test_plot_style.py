@@ -4,7 +4,7 @@ off the curves, the heatmap's marks explained in the figure, negative forgetting
 import numpy as np
 import pytest
 
-from rgo_jax.bench import _plot_style, _report
+from rgo_jax.bench import _plot_style, _plots, _report
 
 TWELVE = ["rgo", "sgd", "stl", "ewc", "agem", "owm", "online-ewc", "joint", "rgo-nofel"]
 TWELVE += ["rgo-alpha1", "rgo-sample", "gpm"]  # the permuted-MNIST report's methods
@@ -50,7 +50,7 @@ def _capture(monkeypatch):
         FigureCanvasAgg(fig).draw()  # laid out as when saved
         figures.append(fig)
 
-    monkeypatch.setattr(_report, "_save_png", keep)
+    monkeypatch.setattr(_plots, "_save_png", keep)
     return figures
 
 
