@@ -212,11 +212,27 @@ def _state_hashes(out: Path) -> dict:
     return hashes
 
 
+#: The base of every case: ``rgo-bench``'s default job as of the reference commit. Given as
+#: ``--config`` (the same at every commit), so that what a flag leaves unset does not depend
+#: on the command line's defaults, which changed (a named benchmark now brings its protocol).
+BASE_CONFIG = {
+    "benchmark": "permuted_digits",
+    "methods": ["rgo", "sgd"],
+    "num_tasks": 5,
+    "steps_per_task": 500,
+    "consolidation_batches": 300,
+    "hidden": [256, 256],
+    "seeds": [0],
+}
+
+
 def _run_cli(flags: list[str], out: Path, log) -> None:
-    cmd = [sys.executable, "-m", "rgo_jax", *flags, "--out", str(out)]
+    base = out.parent / f"{out.name}.base_config.json"
+    base.write_text(json.dumps(BASE_CONFIG))
+    cmd = [sys.executable, "-m", "rgo_jax", "--config", str(base), *flags, "--out", str(out)]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    log(f"  {' '.join(cmd[3:])}\n  -> exit {proc.returncode} in {time.time() - t0:.0f} s")
+    log(f"  {' '.join(cmd[5:])}\n  -> exit {proc.returncode} in {time.time() - t0:.0f} s")
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise SystemExit(f"behaviour_check: the command failed (exit {proc.returncode}).")
