@@ -28,6 +28,11 @@ class MultiHead:
     def __len__(self):
         return len(self.stream)
 
+    @property
+    def meta(self) -> dict:
+        """The wrapped stream's metadata (e.g. its tasks' ``train_sizes``)."""
+        return self.stream.meta
+
     def class_masks(self) -> np.ndarray:
         masks = np.zeros((len(self), self.num_classes), bool)
         for t in range(len(self)):

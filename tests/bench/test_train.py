@@ -185,6 +185,13 @@ def test_multi_head_gives_each_task_its_own_units():
         train.Config(**{**QUICK, "benchmark": "split_digits", "head": "multi"}), 0
     )
     assert split.num_classes == 10  # class splits are already disjoint
+    # The seed grouping reads the wrapped stream's task sizes through the transform.
+    assert split.meta["train_sizes"] == split.stream.meta["train_sizes"]
+    assert train._seed_groups(
+        train.Config(**{**QUICK, "benchmark": "split_digits", "head": "multi", "seeds": (0, 1)}),
+        train.METHODS["sgd"],
+        {},
+    )
 
 
 @pytest.mark.slow
