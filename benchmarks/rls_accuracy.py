@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,6 +46,7 @@ import rgo_jax
 from rgo_jax import _rls
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import git_commit
 from rls_drift import closed_form, curvature_like_vectors  # noqa: E402
 
 NORMS = [1e-12, 1e-8, 1e-4, 1.0, 1e4, 1e8, 1e12, 1e16, 1e20]
@@ -488,23 +488,13 @@ def main() -> None:
         path.with_suffix(".md").write_text(report(json.loads(path.read_text())))
         return
     parts = args.parts.split(",")
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    dirty = bool(
-        subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip()
-    )
+    commit = git_commit()
     argv = [
         a.replace(args.data_dir, "../shared/datasets") if args.data_dir else a for a in sys.argv[1:]
     ]
     record = {
         "command": "python benchmarks/rls_accuracy.py " + " ".join(argv),
-        "commit": (commit or "unknown") + ("-dirty" if dirty else ""),
+        "commit": commit,
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),

@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _provenance import git_commit
 
 import rgo_jax
 import rgo_jax.bench
@@ -59,9 +59,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    commit = git_commit()
     kernels = {"hand_written": _kernel(_rls._block_one), "lapack": _kernel(_block_lapack)}
     rng = np.random.default_rng(0)
     alpha = jnp.float32(0.01)
@@ -95,7 +93,7 @@ def main() -> None:
         )
     record = {
         "command": "python benchmarks/rls_block_lapack.py",
-        "commit": commit or "unknown",
+        "commit": commit,
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import platform
-import subprocess
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _provenance import git_commit
 
 import rgo_jax
 from rgo_jax.bench import data
@@ -55,20 +55,7 @@ def main() -> None:
     ap.add_argument("--per-task", type=int, default=1000)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    commit = (
-        subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-        or "unknown"
-    )
-    dirty = bool(
-        subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip()
-    )
+    commit = git_commit()
     images = data.load_dataset("mnist", args.data_dir).x_train
     vecs = curvature_like_vectors(images, args.tasks, args.per_task, seed=0)
     d = vecs.shape[-1]
@@ -113,7 +100,7 @@ def main() -> None:
             )
     record = {
         "command": "python benchmarks/rls_drift.py --data-dir ../shared/datasets",
-        "commit": commit + ("-dirty" if dirty else ""),
+        "commit": commit,
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),

@@ -16,11 +16,11 @@ import argparse
 import dataclasses
 import json
 import platform
-import subprocess
 import tempfile
 import time
 
 import jax
+from _provenance import git_commit
 
 import rgo_jax
 from rgo_jax.bench import train
@@ -93,9 +93,7 @@ def main() -> None:
         best = max(rows, key=lambda r: r["val_acc"])
         search[method] = {"hyperparameter": field, "rows": rows}
         chosen[method] = {field: best["value"]}
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    commit = git_commit()
     record = {
         "command": "python benchmarks/tune.py "
         + " ".join(

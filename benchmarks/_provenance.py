@@ -1,0 +1,18 @@
+"""Where a benchmark result came from: the commit of the code that made it."""
+
+from __future__ import annotations
+
+import subprocess
+
+
+def git_commit() -> str:
+    """``HEAD``'s hash (``"unknown"`` outside a checkout), ``-dirty`` when tracked files differ."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return commit + ("-dirty" if dirty else "")
