@@ -12,7 +12,10 @@ import numpy as np
 
 from rgo_jax import _layout
 
-__all__ = ["curvature_vectors"]
+__all__ = ["HESSIANS", "curvature_vectors"]
+
+HESSIANS = ("true-class", "full", "sampled")
+"""The output-Hessian factors :func:`curvature_vectors` offers (its ``hessian`` argument)."""
 
 
 def task_class_mask(
@@ -42,6 +45,32 @@ def _weighted_true_logit(logits: jax.Array, labels: jax.Array, mask: jax.Array) 
     return jnp.sum(s * true)
 
 
+def _masked_probs(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax over the classes in ``mask`` (zero outside), ``[B, C]``."""
+    return jax.nn.softmax(jnp.where(mask[None, :], logits, -jnp.inf), axis=-1)
+
+
+def hessian_factor(p: jax.Array) -> jax.Array:
+    r"""The square-root factor ``F`` of the softmax cross-entropy output Hessian.
+
+    .. math::  F = \operatorname{diag}(\sqrt p) - p \sqrt p^\top, \qquad
+               F F^\top = \operatorname{diag}(p) - p p^\top
+
+    (using ``sum p = 1``). Column ``c`` is ``sqrt(p_c) (e_c - p)``: the cotangent on the
+    logits of the curvature vector of class ``c`` (the paper's Eq. 13 with the full Hessian).
+
+    Args:
+      p: probabilities ``[..., C]`` summing to one (zero for masked classes).
+
+    Returns:
+      ``[..., C, C]``, rows indexed by logit, columns by class.
+    """
+    p = jnp.asarray(p)
+    sq = jnp.sqrt(p)[..., None, :]
+    eye = jnp.broadcast_to(jnp.eye(p.shape[-1], dtype=p.dtype), (*p.shape, p.shape[-1]))
+    return eye * sq - p[..., :, None] * sq
+
+
 def curvature_vectors(
     logits_fn: Callable[..., jax.Array],
     params: Any,
@@ -53,6 +82,8 @@ def curvature_vectors(
     layout: _layout.LayoutSpec = None,
     project_biases: bool = True,
     chunk: int | None = None,
+    hessian: str = "true-class",
+    rng: jax.Array | None = None,
 ) -> Any:
     r"""The RLS vectors of one batch or a stack of batches, reduced to each P's dimension.
 
@@ -71,6 +102,21 @@ def curvature_vectors(
     ``[num_batches, B, ...]`` (or call it repeatedly with the *same* ``logits_fn`` object,
     which reuses the compiled function; a new ``lambda`` per call compiles again). It may
     also be called inside ``jit``/``vmap``.
+
+    Three factors of the output Hessian (``hessian``):
+
+    * ``"true-class"`` (the reference code, the default): the vector above, one per batch
+      (or sample); only the diagonal true-class term ``p_y (1 - p_y)`` of the Hessian.
+    * ``"full"`` (the paper's Eq. 13 as written): the whole softmax cross-entropy Hessian
+      ``H_b = diag(p_b) - p_b p_b^T`` through its square-root factor
+      ``F_b = diag(sqrt p_b) - p_b sqrt(p_b)^T`` (``F F^T = H``): one vector per class ``c``,
+      ``v_c = \nabla_\theta \sum_b \operatorname{sg}(F_b[:, c])^\top z_b``, so that
+      ``sum_c v_c v_c^T`` is the Gauss-Newton matrix of the batch-summed logits. ``C``
+      (number of logits) vectors per batch or sample, class-major within it; those of
+      classes outside the task are zero (they leave P unchanged).
+    * ``"sampled"`` (a sampled Fisher): one vector per batch (or sample) with cotangent
+      ``e_{\hat y_b} - p_b``, ``\hat y_b`` drawn from the model's ``p_b`` (``rng``), whose
+      expected outer product is ``H_b``: the full Hessian at the default's cost.
 
     Two granularities:
 
@@ -97,6 +143,9 @@ def curvature_vectors(
       chunk: batches per compiled call (a Python loop over chunks, whose results are
         concatenated); ``None`` does all batches in one call (fastest; needs memory for all
         their activations).
+      hessian: ``"true-class"`` (default, the reference code), ``"full"`` or ``"sampled"``
+        (see above; one of :data:`HESSIANS`).
+      rng: a JAX key, required by ``hessian="sampled"`` (the drawn classes), else unused.
 
     Returns:
       A tree like ``params`` with ``[n, *batch, d]`` for projected leaves and ``None`` for the
@@ -130,6 +179,12 @@ def curvature_vectors(
         )
     if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"curvature_vectors: chunk must be a positive int, got {chunk!r}.")
+    if hessian not in HESSIANS:
+        raise ValueError(
+            f"curvature_vectors: hessian must be one of {', '.join(HESSIANS)}; got {hessian!r}."
+        )
+    if hessian == "sampled" and rng is None:
+        raise ValueError("curvature_vectors: hessian='sampled' needs an rng key (rng=...).")
     info = _layout.resolve_layouts(params, layout, project_biases=project_biases)
     reducers = tuple((name, lay) for name, (lay, _) in info.items())
     num_classes = jax.eval_shape(logits_fn, params, xs[0], *args).shape[-1]
@@ -150,6 +205,8 @@ def curvature_vectors(
         reducers=reducers,
         num_classes=num_classes,
     )
+    if hessian != "true-class":
+        static["hessian"] = hessian
     try:
         hash(logits_fn)
         fn = functools.partial(_batched_jit, **static)
@@ -157,29 +214,73 @@ def curvature_vectors(
         fn = jax.jit(functools.partial(_batched, **static))
     nb = ys.shape[0]
     step = nb if chunk is None else chunk
-    parts = [
-        fn(params, jnp.asarray(xs[lo : lo + step]), jnp.asarray(ys[lo : lo + step]), mask, args)
-        for lo in range(0, nb, step)
-    ]
+    keys = None if hessian != "sampled" else jax.random.split(rng, nb)
+
+    def call(lo):
+        xc, yc = jnp.asarray(xs[lo : lo + step]), jnp.asarray(ys[lo : lo + step])
+        if keys is None:
+            return fn(params, xc, yc, mask, args)
+        return fn(params, xc, yc, mask, args, keys=keys[lo : lo + step])
+
+    parts = [call(lo) for lo in range(0, nb, step)]
     if len(parts) == 1:
         return parts[0]
     return jax.tree.map(lambda *v: jnp.concatenate(v), *parts)
 
 
-def _batched(params, xs, ys, mask, args, *, logits_fn, per_sample, reducers, num_classes):
+def _cotangents(z: jax.Array, y: jax.Array, m: jax.Array, hessian: str, key) -> jax.Array:
+    """The logit cotangents ``[n, B, C]`` of the ``n`` vectors of one batch (held constant)."""
+    p = _masked_probs(z, m)
+    if hessian == "full":  # column c of F_b for each sample b: [C, B, C]
+        return jnp.moveaxis(hessian_factor(p), -1, 0)
+    # sampled Fisher: e_yhat - p with yhat ~ p (masked classes have p = 0, never drawn)
+    yhat = jax.random.categorical(key, jnp.where(m[None, :], z, -jnp.inf), axis=-1)
+    return (jax.nn.one_hot(yhat, z.shape[-1], dtype=z.dtype) - p)[None]
+
+
+def _batched(
+    params,
+    xs,
+    ys,
+    mask,
+    args,
+    keys=None,
+    *,
+    logits_fn,
+    per_sample,
+    reducers,
+    num_classes,
+    hessian="true-class",
+):
     """The vectors of a stack of batches ``[nb, B, ...]``: one ``vmap`` over the batches."""
     table = dict(reducers)
 
-    def one(x, y):
+    def one(x, y, key):
         m = task_class_mask(y, num_classes, mask, "curvature_vectors")
 
-        def grad_of(xb, yb):
-            return jax.grad(lambda p: _weighted_true_logit(logits_fn(p, xb, *args), yb, m))(params)
+        def grad_of(xb, yb, kb):
+            if hessian == "true-class":
+                return jax.grad(lambda p: _weighted_true_logit(logits_fn(p, xb, *args), yb, m))(
+                    params
+                )
+            z, vjp = jax.vjp(lambda p: logits_fn(p, xb, *args), params)
+            cot = jax.lax.stop_gradient(_cotangents(z, yb, m, hessian, kb))
+            return jax.vmap(lambda c: vjp(c.astype(z.dtype))[0])(cot)  # [n, ...] per leaf
 
-        if per_sample:
-            grads = jax.vmap(lambda xi, yi: grad_of(xi[None], yi[None]))(x, y)
+        if hessian == "true-class":
+            if per_sample:
+                grads = jax.vmap(lambda xi, yi: grad_of(xi[None], yi[None], None))(x, y)
+            else:
+                grads = jax.tree.map(lambda g: g[None], grad_of(x, y, None))
+        elif per_sample:  # [B, n, ...] -> [B * n, ...] (sample-major, class-minor)
+            ks = None if key is None else jax.random.split(key, x.shape[0])
+            grads = jax.vmap(
+                lambda xi, yi, ki: grad_of(xi[None], yi[None], ki),
+                in_axes=(0, 0, None if ks is None else 0),
+            )(x, y, ks)
+            grads = jax.tree.map(lambda g: g.reshape(-1, *g.shape[2:]), grads)
         else:
-            grads = jax.tree.map(lambda g: g[None], grad_of(x, y))
+            grads = grad_of(x, y, key)
 
         def reduce(path, g):
             lay = table[_layout.path_str(path)]
@@ -187,11 +288,14 @@ def _batched(params, xs, ys, mask, args, *, logits_fn, per_sample, reducers, num
 
         return jax.tree_util.tree_map_with_path(reduce, grads)
 
-    vecs = jax.vmap(one)(xs, ys)
+    if keys is None:
+        vecs = jax.vmap(lambda x, y: one(x, y, None))(xs, ys)
+    else:
+        vecs = jax.vmap(one)(xs, ys, keys)
     # [num_batches, n_per_batch, *batch, d] -> [num_batches * n_per_batch, *batch, d]
     return jax.tree.map(lambda v: v.reshape(-1, *v.shape[2:]), vecs)
 
 
 _batched_jit = jax.jit(
-    _batched, static_argnames=("logits_fn", "per_sample", "reducers", "num_classes")
+    _batched, static_argnames=("logits_fn", "per_sample", "reducers", "num_classes", "hessian")
 )

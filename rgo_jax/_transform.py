@@ -76,6 +76,7 @@ def scale_by_rgo(
     input_projected: str | Callable[[str], bool] | None = None,
     max_p_bytes: int | None = None,
     max_total_bytes: int | None = None,
+    trace_normalisation: str = "per-leaf",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Projects each gradient by the trace-normalised RGO matrix of its layer.
 
@@ -125,6 +126,22 @@ def scale_by_rgo(
         The default rule gives every 2-D leaf a P over its first axis, so an embedding
         table ``[vocab, dim]`` would get a ``vocab x vocab`` P: see
         :data:`rgo_jax.layouts.TRANSFORMER_RULES` for transformer blocks and embeddings.
+      trace_normalisation: ``"per-leaf"`` (the paper and the reference code, the default):
+        each P is scaled by its own ``d / tr P``. ``"global"``, an extension beyond the
+        paper: one scale for the whole network,
+
+        .. math::  \hat G_l = \frac{P_l G_l}{\bar t}, \qquad
+                  \bar t = \frac{\sum_l n_l \operatorname{tr}(P_l) / d_l}{\sum_l n_l}
+
+        (``n_l`` the parameters of leaf ``l``; unprojected leaves are not scaled), so that
+        the mean step scale over all projected parameters is one, as per-leaf
+        normalisation makes it for each leaf. Per leaf, a P whose whole space earlier tasks
+        cover (a bias, whose every direction each task's gradient hits) is scaled back to
+        mean eigenvalue one and its protection is lost: only the contrast between its
+        directions remains. Globally, the relative sizes of the P's are kept, as in the
+        regularised second-order step ``alpha (alpha I + H)^{-1} g`` that P approximates.
+        Input-projected kernels (normalised by their layer) are rescaled by
+        ``(tr P_l / d_l) / t_bar`` here.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; extra keyword arguments are ignored.
@@ -149,6 +166,11 @@ def scale_by_rgo(
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"scale_by_rgo: dtype of P must be floating, got {jnp.dtype(dtype)}.")
     selected = None if input_projected is None else _selector(input_projected)
+    if trace_normalisation not in TRACE_NORMALISATIONS:
+        raise ValueError(
+            f"scale_by_rgo: trace_normalisation must be one of "
+            f"{', '.join(TRACE_NORMALISATIONS)}; got {trace_normalisation!r}."
+        )
 
     def init_fn(params):
         specs = _matrices.leaf_specs(params, layout, project_biases)
@@ -188,6 +210,9 @@ def scale_by_rgo(
         del params, extra_args
         specs = _matrices.leaf_specs(updates, layout, project_biases)
 
+        if trace_normalisation == "global":
+            return _globally_normalised(updates, state, specs), state
+
         @_sharding.sharding_boundary(like=1)
         def project(p, g):
             return jnp.matmul(p, g) * trace_scale(p)[..., None, None]
@@ -195,6 +220,40 @@ def scale_by_rgo(
         return _matrices.project_tree("RGO", updates, state.p, specs, project), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+TRACE_NORMALISATIONS = ("per-leaf", "global")
+"""The trace normalisations :func:`scale_by_rgo` offers (``trace_normalisation``)."""
+
+
+def _globally_normalised(updates: Any, state: RGOState, specs: dict) -> Any:
+    """``P_l G_l / t_bar`` for every projected leaf (see ``trace_normalisation="global"``)."""
+    mats = _matrices.projected(state.p)
+    total, weight = 0.0, 0
+    for name, mat in mats.items():
+        spec = specs[name]
+        per_matrix = math.prod(spec.shape) // max(math.prod(spec.batch_shape), 1)
+        t = jnp.mean(jnp.diagonal(mat, axis1=-2, axis2=-1).astype(jnp.float32), axis=-1)
+        total = total + per_matrix * jnp.sum(t)
+        weight += per_matrix * max(math.prod(spec.batch_shape), 1)
+    if not mats:
+        return updates
+    t_bar = total / weight
+
+    @_sharding.sharding_boundary(like=1)
+    def project(p, g):
+        return jnp.matmul(p, g) / t_bar.astype(g.dtype)
+
+    out = _matrices.project_tree("RGO", updates, state.p, specs, project)
+
+    def rescale(path, g, mat):  # input-projected: the layer applied d / tr P already
+        if not isinstance(mat, _matrices.InputProjected):
+            return g
+        return g * (1.0 / trace_scale(mat.value) / t_bar).astype(g.dtype)
+
+    return jax.tree_util.tree_map_with_path(
+        rescale, out, state.p, is_leaf=lambda x: isinstance(x, _matrices.InputProjected)
+    )
 
 
 def rgo(
@@ -206,6 +265,7 @@ def rgo(
     input_projected: str | Callable[[str], bool] | None = None,
     max_p_bytes: int | None = None,
     max_total_bytes: int | None = None,
+    trace_normalisation: str = "per-leaf",
 ) -> optax.GradientTransformationExtraArgs:
     """The reference optimizer: RGO projection of the gradient, then plain SGD.
 
@@ -226,6 +286,7 @@ def rgo(
             input_projected=input_projected,
             max_p_bytes=max_p_bytes,
             max_total_bytes=max_total_bytes,
+            trace_normalisation=trace_normalisation,
         ),
         optax.sgd(learning_rate),
     )
@@ -313,9 +374,9 @@ def _input_projected_leaves(specs: dict, selected: Callable[[str], bool]) -> set
     return names
 
 
-@functools.partial(jax.jit, static_argnames=("method", "block_size"))
+@functools.partial(jax.jit, static_argnames=("method", "block_size", "relative_alpha"))
 @_sharding.sharding_boundary(like=0)
-def _update_projection(state, vectors, alpha, method, block_size):
+def _update_projection(state, vectors, alpha, method, block_size, relative_alpha=False):
     table = {name: v for name, v in _matrices.projected(vectors).items() if v is not None}
     entries = []  # (name, p, v)
     matrices = _matrices.projected(state.p)
@@ -355,7 +416,7 @@ def _update_projection(state, vectors, alpha, method, block_size):
         bad = bad | ~jnp.all(jnp.isfinite(v.reshape(n, -1)), axis=1)
 
     # Bucket matrices of equal size (and stacked layers, and alpha) into one vmapped call.
-    per_leaf = isinstance(alpha, dict)
+    per_leaf = isinstance(alpha, dict) or relative_alpha
     names = list(matrices)
     buckets: dict[tuple[int, Any, str | None], list] = {}
     for e in entries:
@@ -363,7 +424,11 @@ def _update_projection(state, vectors, alpha, method, block_size):
     new = {}
     refused = jnp.zeros((), bool)
     for (d, dtype, leaf), group in buckets.items():
-        a = alpha if leaf is None else _matrices.per_leaf(alpha, leaf, "RGO alpha", names)
+        a = alpha
+        if isinstance(alpha, dict):
+            a = _matrices.per_leaf(alpha, leaf, "RGO alpha", names)
+        if relative_alpha:
+            a = a * _relative_scale(group[0][2], bad)
         ps = [p.reshape(-1, d, d) for _, p, _ in group]
         vs = [v.reshape(n, -1, d) for *_, v in group]
         sizes = [x.shape[0] for x in ps]
@@ -385,6 +450,15 @@ def _update_projection(state, vectors, alpha, method, block_size):
     )
 
 
+def _relative_scale(v: jax.Array, bad: jax.Array) -> jax.Array:
+    """``tr(sum_i v_i v_i^T) / d`` of one leaf's finite vectors ``[n, *batch, d]`` (averaged
+    over stacked layers); 1 where they are all zero (P does not move then anyway)."""
+    v = jnp.where(bad.reshape(-1, *([1] * (v.ndim - 1))), 0.0, v.astype(jnp.float32))
+    per_matrix = v.shape[-1] * math.prod(v.shape[1:-1])
+    s = jnp.sum(jnp.square(v)) / per_matrix
+    return jnp.where(s > 0, s, 1.0)
+
+
 def update_projection(
     state: RGOState,
     vectors: Any,
@@ -392,6 +466,7 @@ def update_projection(
     *,
     method: str = "block",
     block_size: int = 64,
+    relative_alpha: bool = False,
 ) -> RGOState:
     r"""Absorbs curvature vectors into the P matrices by rank-one RLS steps (jit-compiled).
 
@@ -421,6 +496,20 @@ def update_projection(
         ``"sequential"`` (a ``lax.scan`` of rank-one steps, the literal Algorithm 1). Both
         give the same P up to float32 rounding.
       block_size: vectors per Woodbury solve.
+      relative_alpha: an extension beyond the paper (off by default): ``alpha`` is relative
+        to the curvature each leaf absorbs in this call. Leaf ``l`` with ``d_l``-wide P and
+        vectors ``v_1..v_n`` uses
+
+        .. math::  \alpha_l = \alpha \, \operatorname{tr}\Big(\sum_i v_i v_i^\top\Big) / d_l
+                  = \alpha \sum_i \lVert v_i\rVert^2 / d_l ,
+
+        so that ``P^{-1} <- P^{-1} + H_l / alpha_l`` adds a curvature whose mean eigenvalue is
+        ``1 / alpha`` for every leaf, however large its vectors. One absolute alpha serves
+        leaves whose vectors differ in norm by 10-100x (the reference reduction averages a
+        kernel's gradient over its outputs, a bias keeps its own): it barely moves the P of
+        small-vector leaves and saturates the others. Called once per task, each task's
+        curvature enters with the same weight. Non-finite (skipped) vectors do not count; a
+        leaf whose vectors are all zero keeps ``alpha``.
 
     Returns:
       The new state. RLS runs in float32 whatever the storage dtype of P; a refused update
@@ -481,7 +570,8 @@ def update_projection(
     if any(np.shape(v)[:1] == (0,) for v in jax.tree.leaves(vectors)):
         return state  # no vectors (n = 0): nothing to absorb, P unchanged
     alpha = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), alpha)
-    return _update_projection(state, vectors, alpha, method, int(block_size))
+    relative = bool(relative_alpha)
+    return _update_projection(state, vectors, alpha, method, int(block_size), relative)
 
 
 def rgo_states(opt_state: Any) -> list[RGOState]:

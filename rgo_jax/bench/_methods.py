@@ -35,7 +35,8 @@ import numpy as np
 import optax
 
 from rgo_jax import _transform
-from rgo_jax._curvature import curvature_vectors
+from rgo_jax._curvature import HESSIANS, curvature_vectors
+from rgo_jax._transform import TRACE_NORMALISATIONS
 from rgo_jax.bench import models
 
 __all__ = [
@@ -204,11 +205,32 @@ class RGOOptions:
       alpha: the RLS regulariser of the projection (reference code 0.01; paper text 1).
       consolidation_batches: batches of the consolidation pass at each task's end.
       rls_method: the RLS kernel, ``block`` (Woodbury) or ``sequential`` (rank-one scan).
+
+    Extensions beyond the paper (each off by default and in every reproduction row; see
+    ``benchmarks/REPRODUCIBILITY.md``, "Beyond the paper"):
+
+    Attributes:
+      hessian: the output-Hessian factor of the curvature vectors: ``true-class`` (the
+        reference code), ``full`` (the paper's Eq. 13: ``diag(p) - p p^T`` through its
+        square-root factor, one vector per class) or ``sampled`` (a sampled Fisher, one
+        vector per batch): :func:`rgo_jax.curvature_vectors`' ``hessian``.
+      alpha_scale: ``absolute`` (alpha as given) or ``relative`` (each leaf's alpha times
+        ``tr(sum v v^T) / d`` of its vectors of the task: :func:`rgo_jax.update_projection`'s
+        ``relative_alpha``).
+      trace_normalisation: ``per-leaf`` (the paper) or ``global`` (one ``d / tr P`` scale for
+        the whole network: :func:`rgo_jax.scale_by_rgo`'s ``trace_normalisation``).
+      consolidation: ``sampled`` (``consolidation_batches`` batches drawn with replacement,
+        the reference code) or ``epoch`` (every training example of the task once, shuffled,
+        in training-size batches; ``consolidation_batches`` is then unused).
     """
 
     alpha: float = 0.01
     consolidation_batches: int = 1000
     rls_method: str = "block"
+    hessian: str = "true-class"
+    alpha_scale: str = "absolute"
+    trace_normalisation: str = "per-leaf"
+    consolidation: str = "sampled"
 
     def __post_init__(self):
         _number("rgo.alpha", self.alpha, positive=True)
@@ -216,6 +238,10 @@ class RGOOptions:
             "rgo.consolidation_batches", self.consolidation_batches, positive=True, integer=True
         )
         _choice("rgo.rls_method", self.rls_method, ("block", "sequential"))
+        _choice("rgo.hessian", self.hessian, HESSIANS)
+        _choice("rgo.alpha_scale", self.alpha_scale, ("absolute", "relative"))
+        _choice("rgo.trace_normalisation", self.trace_normalisation, TRACE_NORMALISATIONS)
+        _choice("rgo.consolidation", self.consolidation, ("sampled", "epoch"))
 
 
 def _sample_batches(ctx: TaskContext, num_batches: int, batch_size: int):
@@ -224,8 +250,21 @@ def _sample_batches(ctx: TaskContext, num_batches: int, batch_size: int):
     return ctx.x_train[idx], ctx.y_train[idx]
 
 
+def _epoch_batches(ctx: TaskContext, batch_size: int):
+    """Every training example once, shuffled, in batches (a short last batch is dropped)."""
+    n = len(ctx.x_train) // batch_size * batch_size
+    idx = ctx.rng.permutation(len(ctx.x_train))[:n].reshape(-1, batch_size)
+    return ctx.x_train[idx], ctx.y_train[idx]
+
+
 def rgo_consolidation_vectors(
-    ctx: TaskContext, params: Any, *, per_sample: bool, num_batches: int, batch_size: int
+    ctx: TaskContext,
+    params: Any,
+    *,
+    per_sample: bool,
+    num_batches: int | None,
+    batch_size: int,
+    hessian: str = "true-class",
 ) -> Any:
     """The curvature vectors of one task's consolidation pass, batches vmapped in chunks.
 
@@ -233,10 +272,20 @@ def rgo_consolidation_vectors(
     task's own FEL permutation); the softmax of the curvature weights is taken over the
     task's classes (the masked head). The chunks (``ctx.run.vector_chunk`` batches each) are
     a Python loop rather than a ``lax.map``: XLA on CPU runs convolutions inside a loop
-    several times slower.
+    several times slower. ``num_batches=None``: every training example once (an epoch).
+    ``hessian`` as for :func:`rgo_jax.curvature_vectors` (``sampled`` draws its key from
+    ``ctx.rng`` after the batches).
     """
-    xs, ys = _sample_batches(ctx, num_batches, batch_size)
+    if num_batches is None:
+        xs, ys = _epoch_batches(ctx, batch_size)
+    else:
+        xs, ys = _sample_batches(ctx, num_batches, batch_size)
     logits_fn = ctx.curvature_logits_fn or ctx.logits_fn
+    extra = {}
+    if hessian != "true-class":
+        extra["hessian"] = hessian
+    if hessian == "sampled":
+        extra["rng"] = jax.random.key(int(ctx.rng.integers(2**31)))
     return curvature_vectors(
         logits_fn,
         params,
@@ -246,6 +295,7 @@ def rgo_consolidation_vectors(
         class_mask=jnp.asarray(ctx.class_mask),
         per_sample=per_sample,
         chunk=ctx.run.vector_chunk,
+        **extra,
     )
 
 
@@ -269,19 +319,27 @@ class RGO(Method):
 
     def optimizer(self, run: RunInfo) -> optax.GradientTransformation:
         selected = models.LINEAR_KERNELS if run.input_projection else None
-        return _transform.rgo(run.learning_rate, dtype=self.dtype, input_projected=selected)
+        extra = {}
+        if self.options.trace_normalisation != "per-leaf":
+            extra["trace_normalisation"] = self.options.trace_normalisation
+        return _transform.rgo(
+            run.learning_rate, dtype=self.dtype, input_projected=selected, **extra
+        )
 
     def after_task(self, ctx: TaskContext, params, opt_state, extra):
+        opts = self.options
         vecs = rgo_consolidation_vectors(
             ctx,
             params,
             per_sample=self.per_sample,
-            num_batches=self.options.consolidation_batches,
+            num_batches=None if opts.consolidation == "epoch" else opts.consolidation_batches,
             batch_size=ctx.run.batch_size,
+            hessian=opts.hessian,
         )
-        opt_state = _transform.consolidate(
-            opt_state, vecs, self.options.alpha, method=self.options.rls_method
-        )
+        kwargs = {"method": opts.rls_method}
+        if opts.alpha_scale == "relative":
+            kwargs["relative_alpha"] = True
+        opt_state = _transform.consolidate(opt_state, vecs, opts.alpha, **kwargs)
         return opt_state, extra
 
 
