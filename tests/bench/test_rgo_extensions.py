@@ -1,0 +1,120 @@
+"""RGO's opt-in extensions in the harness: options, their wiring, and unchanged defaults."""
+
+import jax
+import numpy as np
+import pytest
+
+from rgo_jax import _transform
+from rgo_jax.bench import _methods, cli, train
+from tests.bench.test_train_fast_paths import _train_task_1
+
+TINY = dict(
+    benchmark="permuted_digits", num_tasks=2, hidden=(16,), batch_size=10, max_train_per_task=200
+)
+
+
+def _ctx(cfg, stream, net, rng=0):
+    x, y = stream.get_split(0, "train")
+    return _methods.TaskContext(
+        task=0,
+        x_train=x,
+        y_train=y,
+        class_mask=stream.class_masks()[0],
+        logits_fn=net.logits,
+        inputs_fn=net.inputs,
+        rng=np.random.default_rng(rng),
+        run=cfg.run_info(),
+    )
+
+
+def _set_up(**options):
+    cfg = train.Config(**TINY, methods=("rgo",), method_options=options)
+    method = cfg.method("rgo")
+    stream = train.build_stream(cfg, 0)
+    graphdef, params, rest = train._build(cfg, method, stream, 0)
+    return cfg, method, stream, train._Net(graphdef, rest), params
+
+
+def test_the_default_options_are_the_reference_code():
+    opts = _methods.RGOOptions()
+    assert (opts.hessian, opts.alpha_scale) == ("true-class", "absolute")
+    assert (opts.trace_normalisation, opts.consolidation) == ("per-leaf", "sampled")
+    # a configuration that does not name them has the fingerprint it had before them
+    cfg = train.Config(**TINY, methods=("rgo",))
+    assert cfg.method_options == {}
+    assert "hessian" not in str(cfg.to_dict())
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("rgo.hessian", "diagonal"),
+        ("rgo.alpha_scale", "per-layer"),
+        ("rgo.trace_normalisation", "none"),
+        ("rgo.consolidation", "all"),
+    ],
+)
+def test_extension_options_refuse_unknown_values_naming_the_option(option, value):
+    with pytest.raises(SystemExit, match=f"'{option}' must be one of"):
+        cli.config_from_args(cli._parser().parse_args(["--option", f"{option}={value}"]))
+
+
+def test_epoch_consolidation_uses_every_training_example_once():
+    cfg, method, stream, net, params = _set_up()
+    ctx = _ctx(cfg, stream, net)
+    xs, ys = _methods._epoch_batches(ctx, 10)
+    n = len(ctx.x_train) // 10 * 10
+    assert xs.shape[:2] == ys.shape == (n // 10, 10)
+    # the same draw: a permutation of the training examples, each used at most once
+    idx = np.random.default_rng(0).permutation(len(ctx.x_train))[:n]
+    assert len(np.unique(idx)) == n
+    np.testing.assert_array_equal(xs.reshape(n, *xs.shape[2:]), ctx.x_train[idx])
+    np.testing.assert_array_equal(ys.ravel(), ctx.y_train[idx])
+    ctx = _ctx(cfg, stream, net)
+    vecs = _methods.rgo_consolidation_vectors(
+        ctx, params, per_sample=False, num_batches=None, batch_size=10
+    )
+    assert all(v.shape[0] == n // 10 for v in jax.tree.leaves(vecs))
+
+
+def test_after_task_passes_the_extension_options_on(monkeypatch):
+    cfg, method, stream, net, params = _set_up(
+        **{"rgo.hessian": "sampled", "rgo.alpha_scale": "relative", "rgo.consolidation": "epoch"}
+    )
+    seen = {}
+    real_cv = _methods.curvature_vectors
+
+    def cv(*args, **kwargs):
+        seen["cv"] = kwargs
+        return real_cv(*args, **kwargs)
+
+    def cons(state, vecs, alpha, **kwargs):  # records the call (the RLS has its own tests)
+        seen["cons"] = kwargs
+        seen["n"] = jax.tree.leaves(vecs)[0].shape[0]
+        return state
+
+    monkeypatch.setattr(_methods, "curvature_vectors", cv)
+    monkeypatch.setattr(_transform, "consolidate", cons)
+    ctx = _ctx(cfg, stream, net)
+    method.after_task(ctx, params, method.optimizer(cfg.run_info()).init(params), ())
+    assert seen["cv"]["hessian"] == "sampled" and "rng" in seen["cv"]
+    assert seen["cons"] == {"method": "block", "relative_alpha": True}
+    assert seen["n"] == len(ctx.x_train) // 10  # an epoch, not consolidation_batches
+    # the default passes none of them (the reference code's call, unchanged)
+    cfg, method, stream, net, params = _set_up()
+    method.after_task(
+        _ctx(cfg, stream, net), params, method.optimizer(cfg.run_info()).init(params), ()
+    )
+    assert "hessian" not in seen["cv"] and "rng" not in seen["cv"]
+    assert seen["cons"] == {"method": "block"}
+
+
+@pytest.mark.slow
+def test_global_normalisation_trains_the_same_network_with_input_projection():
+    """The input-projected kernels are rescaled by (tr P / d) / t_bar after their layer."""
+    options = {"method_options": {"rgo.trace_normalisation": "global"}}
+    plain, _ = _train_task_1("rgo", steps=10, **options)
+    fast, _ = _train_task_1("rgo", steps=10, input_projection=True, **options)
+    fast_leaves = dict(jax.tree_util.tree_leaves_with_path(fast))
+    for path, a in jax.tree_util.tree_leaves_with_path(plain):
+        np.testing.assert_allclose(fast_leaves[path], a, rtol=1e-4, atol=2e-6, err_msg=str(path))
