@@ -138,6 +138,13 @@ def wrap(method: _methods.RGO) -> _methods.RGO:
                     "vectors": _vector_stats(vecs_seen[name], a) if name in vecs_seen else None,
                     "P": _spectrum(np.asarray(p), a),
                 }
+            # the mean step scale of each leaf under global trace normalisation,
+            # (tr P_l / d_l) / t_bar, with t_bar weighted by the leaves' parameter counts
+            sizes = {k: v.size for k, v in _leaves(params).items()}
+            t = {k: s["P"]["trace_over_d"] for k, s in rec["leaves"].items()}
+            t_bar = sum(sizes[k] * t[k] for k in t) / sum(sizes[k] for k in t)
+            for k, s in rec["leaves"].items():
+                s["global_step_scale"] = t[k] / t_bar
             REC.tasks.setdefault(self.name, []).append(rec)
             REC.params.setdefault(self.name, []).append(jax.tree.map(np.asarray, params))
             rng = np.random.default_rng(int(ctx.task))
@@ -210,9 +217,10 @@ def markdown(report: dict) -> str:
         lines.append("### Curvature vectors and P after each task (per leaf)\n")
         lines.append(
             "| task | leaf | d | mean norm of v | tr(sum vv^T)/d | alpha/mean norm^2 | tr P/d | "
-            "free (eig>0.5) | protected (eig<0.01) | min eig of normalised P |"
+            "free (eig>0.5) | protected (eig<0.01) | min eig of normalised P | "
+            "step scale if normalised globally |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for rec in m["tasks"]:
             if rec["task"] not in (0, 1, 4, 9, 14, 19) and rec["task"] != len(m["tasks"]) - 1:
                 continue
@@ -224,7 +232,8 @@ def markdown(report: dict) -> str:
                     f"{v.get('trace_sum_vvT_over_d', float('nan')):.3g} | "
                     f"{v.get('alpha_over_mean_sq_norm', float('nan')):.3g} | "
                     f"{p['trace_over_d']:.3g} | {p['free_fraction']:.2f} | "
-                    f"{p['protected_fraction']:.2f} | {p['normalised_min']:.2e} |"
+                    f"{p['protected_fraction']:.2f} | {p['normalised_min']:.2e} | "
+                    f"{s['global_step_scale']:.3g} |"
                 )
         att = m["attribution"]
         if att:

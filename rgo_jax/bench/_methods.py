@@ -621,6 +621,13 @@ for _m in (
         fixed=("alpha",),
     ),
     RGO("rgo-bf16", "RGO with FEL, P stored in bfloat16 (half the memory)", dtype=jnp.bfloat16),
+    RGO(
+        "rgo-plus",
+        "RGO beyond the paper: one trace normalisation for the whole network "
+        "(rgo.trace_normalisation=global); not in the reproduction rows",
+        options=RGOOptions(trace_normalisation="global"),
+        fixed=("trace_normalisation",),
+    ),
     Method("sgd", "SGD fine-tuning (lower bound)"),
     Method("stl", "single-task learning: a fresh network per task", fresh_network_per_task=True),
     Method(
