@@ -118,3 +118,20 @@ def test_global_normalisation_trains_the_same_network_with_input_projection():
     fast_leaves = dict(jax.tree_util.tree_leaves_with_path(fast))
     for path, a in jax.tree_util.tree_leaves_with_path(plain):
         np.testing.assert_allclose(fast_leaves[path], a, rtol=1e-4, atol=2e-6, err_msg=str(path))
+
+
+def test_rgo_plus_is_rgo_with_global_normalisation_and_keeps_it():
+    plus = _methods.get_method("rgo-plus")
+    assert plus.options == _methods.RGOOptions(trace_normalisation="global")
+    assert plus.fel and not plus.per_sample
+    # the family's option does not apply to the preset's fixed field; the preset's own does
+    kept = _methods.bind_options("rgo-plus", {"rgo.trace_normalisation": "per-leaf"})
+    assert kept.options.trace_normalisation == "global"
+    changed = _methods.bind_options("rgo-plus", {"rgo-plus.trace_normalisation": "per-leaf"})
+    assert changed.options.trace_normalisation == "per-leaf"
+    # its optimizer scales a fresh (P = I) state's update like SGD, with one global scale
+    params = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
+    tx = plus.optimizer(_methods.RunInfo(learning_rate=0.5))
+    g = {"w": np.ones((3, 2), np.float32), "b": np.ones(2, np.float32)}
+    out, _ = tx.update(g, tx.init(params))
+    np.testing.assert_allclose(out["w"], -0.5 * np.ones((3, 2)), rtol=1e-6)
