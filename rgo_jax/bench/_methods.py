@@ -496,8 +496,9 @@ class GPM(Method):
         n = min(len(ctx.x_train), int(self.options.samples))
         idx = ctx.rng.choice(len(ctx.x_train), size=n, replace=False)
         reps = ctx.inputs_fn(params, jnp.asarray(ctx.x_train[idx]), ctx.task)
+        # the kernels in forward order, read before jax.tree.map (which sorts the keys)
+        paths = [models.param_path_str(k) for k in reps]
         reps = jax.tree.map(np.asarray, reps)
-        paths = [models.param_path_str(k) for k in reps]  # kernels, forward order
         threshold = self.options.layer_thresholds(paths, ctx.task)
         return baselines.gpm_update_bases(opt_state, reps, threshold), extra
 

@@ -153,7 +153,8 @@ class MLP(_Model):
       >>> logits, inputs = model(jnp.ones((5, 4)), task=1, return_inputs=True)
       >>> {path: m.shape for path, m in inputs.items()}
       {('hidden', 0, 'kernel'): (5, 4), ('head', 'kernel'): (5, 3)}
-      >>> sorted(nnx.to_flat_state(nnx.state(MLP(4, (3,), 2, bias=False, rngs=nnx.Rngs(0)))))
+      >>> bias_free = MLP(4, (3,), 2, bias=False, rngs=nnx.Rngs(0))
+      >>> sorted(path for path, _ in nnx.to_flat_state(nnx.state(bias_free, nnx.Param)))
       [('head', 'kernel'), ('hidden', 0, 'kernel')]
     """
 
