@@ -472,9 +472,58 @@ class GPMOptions:
             )
 
 
+def _scale_by_gpm_input_side() -> optax.GradientTransformationExtraArgs:
+    r"""GPM's projection of a dense kernel's gradient through the span of its batch inputs.
+
+    A dense kernel's gradient is ``G = X^T D`` for the batch inputs ``X [B, d]``, so
+    ``G = Q Q^T G`` with ``Q [d, B]`` an orthonormal basis of ``X``'s rows (QR), and
+
+    .. math::  (I - M M^\top) G = \big(Q - M (M^\top Q)\big) (Q^\top G) ,
+
+    which touches ``M`` with ``B`` columns instead of ``G``'s ``m``: for permuted MNIST's
+    784 x 100 first layer at batch 10, about 8x fewer FLOPs than ``G - M (M^T G)``. The
+    result is orthogonal to ``M`` by construction. Valid only for a gradient of the loss
+    alone (GPM adds no penalty); leaves without inputs, or with ``B >= d``, are projected as
+    :func:`rgo_jax.baselines.scale_by_gpm` does. The state is ``scale_by_gpm``'s, so
+    checkpoints are interchangeable; the numbers agree with it to float32 rounding.
+    Extra argument ``gpm_inputs``: ``{path: [B, d]}`` layer inputs of the step's batch.
+    """
+    from rgo_jax import _matrices, baselines  # noqa: PLC0415
+    from rgo_jax.baselines._gpm import project_out_basis  # noqa: PLC0415
+
+    base = baselines.scale_by_gpm(project_biases=True)
+
+    def update_fn(updates, state, params=None, gpm_inputs=None, **extra_args):
+        del params, extra_args
+        inputs = gpm_inputs or {}
+        specs = _matrices.leaf_specs(updates, None, True, bias_input=True)
+
+        def one(path, g, m, r):
+            name = _layout.path_str(path)
+            spec = specs[name]
+            if spec is None or _matrices.is_placeholder(m):
+                return g
+            x = inputs.get(name)
+            rank = jnp.max(r, initial=0)
+            m = m.astype(g.dtype)
+            if x is not None and g.ndim == 2 and x.ndim == 2 and x.shape[0] < x.shape[1]:
+                q, _ = jnp.linalg.qr(jnp.swapaxes(x, 0, 1).astype(g.dtype))  # [d, B]
+                return project_out_basis(m, q, rank) @ (jnp.swapaxes(q, 0, 1) @ g)
+            return spec.from_matrix(project_out_basis(m, spec.to_matrix(g), rank))
+
+        return jax.tree_util.tree_map_with_path(one, updates, state.bases, state.rank), state
+
+    return optax.GradientTransformationExtraArgs(base.init, update_fn)
+
+
 @dataclasses.dataclass(frozen=True)
 class GPM(Method):
-    """GPM: the gradient kept orthogonal to stored bases of earlier tasks' layer inputs."""
+    """GPM: the gradient kept orthogonal to stored bases of earlier tasks' layer inputs.
+
+    With ``RunInfo.input_projection`` (``Config.input_projection``, which changes how the
+    step is computed, not the protocol) dense kernels are projected through the span of the
+    batch's inputs (:func:`_scale_by_gpm_input_side`), several times cheaper at batch 10.
+    """
 
     family: ClassVar[str] = "gpm"
     Options: ClassVar[type] = GPMOptions
@@ -482,9 +531,16 @@ class GPM(Method):
     def optimizer(self, run):
         from rgo_jax import baselines  # noqa: PLC0415
 
+        if run.input_projection:
+            return optax.chain(_scale_by_gpm_input_side(), optax.sgd(run.learning_rate))
         return optax.chain(
             baselines.scale_by_gpm(project_biases=True), optax.sgd(run.learning_rate)
         )
+
+    def step_kwargs(self, net, params, x, task, extra, step):
+        # Read only by the input-side projection; otherwise unused and compiled away.
+        inputs = net.inputs(params, x, task)
+        return {"gpm_inputs": {models.param_path_str(k): v for k, v in inputs.items()}}
 
     def init_extra(self, params, stream, run):
         self.options.check_layers(_kernel_paths(params))  # a wrong list fails before training

@@ -171,3 +171,34 @@ def test_the_gpm_protocol_config_reads():
     gpm = cfg.method("gpm").options
     assert gpm.threshold == (0.95, 0.99, 0.99) and gpm.samples == 300
     jax.tree.map(lambda a: a, gpm.threshold)  # a plain tuple of floats
+
+
+def test_input_side_gpm_projection_equals_the_plain_one():
+    """Through the span of the batch inputs, the projected gradient is the plain
+    ``G - M M^T G`` (float64 reference), orthogonal to the basis, for every layer."""
+    from rgo_jax import baselines
+    from rgo_jax.bench._methods import _scale_by_gpm_input_side
+
+    rng = np.random.default_rng(0)
+    params = {"a": {"kernel": jnp.zeros((40, 7))}, "b": {"kernel": jnp.zeros((7, 3))}}
+    plain, side = baselines.scale_by_gpm(project_biases=True), _scale_by_gpm_input_side()
+    reps = {"a/kernel": rng.normal(size=(12, 40)), "b/kernel": rng.normal(size=(12, 7))}
+    state = baselines.gpm_update_bases(plain.init(params), reps, 0.8)
+    x = {"a/kernel": rng.normal(size=(5, 40)), "b/kernel": rng.normal(size=(5, 7))}
+    d = {"a/kernel": rng.normal(size=(5, 7)), "b/kernel": rng.normal(size=(5, 3))}
+    grads = {k.split("/")[0]: {"kernel": jnp.asarray(x[k].T @ d[k], jnp.float32)} for k in x}
+    inputs = {k: jnp.asarray(v, jnp.float32) for k, v in x.items()}
+    got, _ = side.update(grads, state, gpm_inputs=inputs)
+    want, _ = plain.update(grads, state)
+    for name in ("a", "b"):
+        m = np.asarray(state.bases[name]["kernel"], np.float64)
+        g = np.asarray(grads[name]["kernel"], np.float64)
+        ref = g - m @ (m.T @ g)
+        scale = np.abs(ref).max()
+        np.testing.assert_allclose(got[name]["kernel"], ref, atol=1e-5 * scale)
+        np.testing.assert_allclose(want[name]["kernel"], ref, atol=1e-5 * scale)
+        assert np.abs(m.T @ np.asarray(got[name]["kernel"], np.float64)).max() < 1e-5 * scale
+    assert int(state.rank["a"]["kernel"]) > 0 and int(state.rank["b"]["kernel"]) > 0
+    # no inputs given: the plain projection
+    fallback, _ = side.update(grads, state)
+    np.testing.assert_allclose(fallback["a"]["kernel"], want["a"]["kernel"], rtol=1e-6)
