@@ -132,6 +132,8 @@ _FIELDS = {
     "width": _optional(_int),
     "init": _str,
     "init_scale": _real,
+    "bias": _bool,
+    "normalize": _optional(lambda k, v: _mean_std(k, v)),
     "num_tasks": lambda k, v: _int(k, v, 1, MAX_NUM_TASKS),
     "steps_per_task": _int,
     "batch_size": _int,
@@ -160,6 +162,22 @@ _FIELDS = {
     "method_options": lambda k, v: _method_options(k, v),
 }
 
+
+def _mean_std(key: str, v: Any) -> None:
+    if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)) or len(v) != 2:
+        raise ValueError(f"{key} must be a pair [mean, std], got {v!r} ({_kind(v)}).")
+    _real(f"{key}[0] (mean)", v[0], lo=-math.inf, lo_open=False)
+    _real(f"{key}[1] (std)", v[1])
+
+
+def _thresholds(key: str, v: Any) -> None:
+    """GPM's energy threshold: a number in (0, 1], or a list of them (one per layer)."""
+    if isinstance(v, (list, tuple)):
+        _seq(key, v, lambda k, x: _real(k, x, lo=0.0, hi=1.0), unique=False)
+    else:
+        _real(key, v, lo=0.0, hi=1.0)
+
+
 #: Ranges of the numeric method options (their names and kinds are checked by
 #: :func:`rgo_jax.bench._methods.check_method_options`).
 _OPTION_RANGES = {
@@ -167,7 +185,7 @@ _OPTION_RANGES = {
     "ewc_gamma": lambda k, v: _real(k, v, lo=0.0, lo_open=False, hi=1.0),
     "ewc_samples": _count,
     "owm_alpha": _real,
-    "gpm_threshold": lambda k, v: _real(k, v, lo=0.0, hi=1.0),
+    "gpm_threshold": _thresholds,
     "gpm_threshold_step": lambda k, v: _real(k, v, lo=0.0, lo_open=False, hi=1.0),
     "gpm_samples": _count,
     "agem_per_task": _count,

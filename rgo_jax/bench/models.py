@@ -127,8 +127,9 @@ class MLP(_Model):
     """Fully connected net: ``Linear -> ReLU -> FEL`` per hidden layer, then a linear head.
 
     The default is the paper's MNIST network 784-256-256-10. Parameter paths:
-    ``("hidden", i, "kernel" | "bias")`` and ``("head", "kernel" | "bias")``. FEL layer ids
-    are ``0 .. len(hidden) - 1``.
+    ``("hidden", i, "kernel" | "bias")`` and ``("head", "kernel" | "bias")``; with
+    ``bias=False`` (GPM's and OWM's MNIST networks) every layer is ``x @ kernel`` and there
+    are no bias paths. FEL layer ids are ``0 .. len(hidden) - 1``.
 
     Args:
       in_features: size of a flattened input.
@@ -136,6 +137,10 @@ class MLP(_Model):
       num_classes: number of logits (one shared head).
       fel: put a FEL after each hidden ReLU (``False``: RGO-2 ablation).
       fel_seed: seed of the FEL permutations.
+      bias: give every layer (hidden and head) a bias (``False``: none anywhere). A bias
+        draws a key from ``rngs``, so under the default initialiser the kernels after the
+        first differ between ``True`` and ``False``; :func:`initialize` (``init="torch"``
+        / ``"glorot"``) draws the same kernels either way.
       rngs: parameter initialisation randomness.
 
     Examples:
@@ -148,6 +153,9 @@ class MLP(_Model):
       >>> logits, inputs = model(jnp.ones((5, 4)), task=1, return_inputs=True)
       >>> {path: m.shape for path, m in inputs.items()}
       {('hidden', 0, 'kernel'): (5, 4), ('head', 'kernel'): (5, 3)}
+      >>> bias_free = MLP(4, (3,), 2, bias=False, rngs=nnx.Rngs(0))
+      >>> sorted(path for path, _ in nnx.to_flat_state(nnx.state(bias_free, nnx.Param)))
+      [('head', 'kernel'), ('hidden', 0, 'kernel')]
     """
 
     def __init__(
@@ -158,18 +166,24 @@ class MLP(_Model):
         *,
         fel: bool = True,
         fel_seed: int = 0,
+        bias: bool = True,
         rngs: nnx.Rngs,
     ):
         self.in_features = _positive_int(in_features, "MLP in_features")
         hidden = tuple(_positive_int(h, "MLP hidden width") for h in hidden)
         self.num_classes = _positive_int(num_classes, "MLP num_classes")
+        if not isinstance(bias, (bool, np.bool_)):
+            raise ValueError(f"MLP bias must be True or False, got {bias!r}.")
         self.fel = bool(fel)
         dims = (self.in_features, *hidden)
         self.hidden = nnx.List(
-            [nnx.Linear(a, b, rngs=rngs) for a, b in zip(dims[:-1], dims[1:], strict=True)]
+            [
+                nnx.Linear(a, b, use_bias=bool(bias), rngs=rngs)
+                for a, b in zip(dims[:-1], dims[1:], strict=True)
+            ]
         )
         self.fels = nnx.List([FEL(i, seed=fel_seed) for i in range(len(hidden))]) if fel else None
-        self.head = nnx.Linear(dims[-1], self.num_classes, rngs=rngs)
+        self.head = nnx.Linear(dims[-1], self.num_classes, use_bias=bool(bias), rngs=rngs)
 
     def _forward(self, x: jax.Array, task: int | jax.Array, rec: InputRecorder | None) -> jax.Array:
         x = jnp.asarray(x)

@@ -97,6 +97,8 @@ ADDED_KEYS = {
     "dataset": None,
     "stream": None,
     "classes_per_task": None,
+    "bias": True,
+    "normalize": None,
 }
 
 #: ``stream`` values of a :class:`Config` that names its own ``dataset``: the builders.
@@ -127,6 +129,11 @@ class Config:
       init: the parameter initialisation, a key of :data:`rgo_jax.bench.models.INIT_SCHEMES`:
         ``lecun`` (Flax's default), ``torch`` or ``glorot``; ``init_scale`` multiplies every
         initial kernel. Both change how much RGO forgets (``benchmarks/REPRODUCIBILITY.md``).
+      bias: the MLP's layers have biases (``False``: none, as in GPM's and OWM's MNIST
+        networks; only for ``model`` ``mlp``).
+      normalize: ``(mean, std)``: every input value becomes ``(x - mean) / std`` before the
+        tasks are built (GPM's code standardises MNIST with ``(0.1307, 0.3081)``); ``None``
+        (the default) keeps the loaders' ``[0, 1]`` values.
       num_tasks, steps_per_task, batch_size, learning_rate: the training budget (SGD).
       alpha, consolidation_batches, rls_method: RGO's options ``rgo.alpha``,
         ``rgo.consolidation_batches``, ``rgo.rls_method``
@@ -176,6 +183,8 @@ class Config:
     width: int | None = None
     init: str = "lecun"
     init_scale: float = 1.0
+    bias: bool = True
+    normalize: tuple[float, float] | None = None
     num_tasks: int = 20
     steps_per_task: int = 1000
     batch_size: int = 10
@@ -260,6 +269,10 @@ class Config:
             )
         if self.head not in ("masked", "multi"):
             raise ValueError(f"head must be 'masked' or 'multi', got {self.head!r}.")
+        if not self.bias and self.model != "mlp":
+            raise ValueError(f"bias = false applies to the MLP, not to model {self.model!r}.")
+        if self.normalize is not None:  # a JSON list: stored as the tuple it stands for
+            object.__setattr__(self, "normalize", tuple(self.normalize))
         for m in self.methods:  # each method's options pass their own checks
             self.method(m)
 
@@ -330,6 +343,11 @@ class Config:
 
 def _dataset(name: str, cfg: Config) -> data.Dataset:
     ds = data.load_digits() if name == "digits" else data.load_dataset(name, cfg.data_dir)
+    if cfg.normalize is not None:
+        mean, std = (np.float32(v) for v in cfg.normalize)
+        ds = dataclasses.replace(
+            ds, x_train=(ds.x_train - mean) / std, x_test=(ds.x_test - mean) / std
+        )
     if cfg.validation_fraction > 0:
         ds = ds.split_validation(cfg.validation_fraction, seed=0)
     return ds
@@ -458,6 +476,8 @@ def _build(cfg: Config, method: Method, stream: data.TaskStream, seed: int):
         if cfg.model not in ("resnet18", "reduced_resnet18"):
             raise ValueError(f"width applies to the ResNets, not to model {cfg.model!r}.")
         kwargs["width"] = cfg.width
+    if not cfg.bias:
+        kwargs["bias"] = False
     model = models.build_model(
         cfg.model,
         num_classes=stream.num_classes,
