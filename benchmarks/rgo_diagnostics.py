@@ -19,7 +19,7 @@ report in ``--out``). Example (one seed, the paper protocol)::
 
     PYTHONPATH=. python benchmarks/rgo_diagnostics.py --diag-out results/extension_diag \\
         --config benchmarks/configs/permuted_mnist.json --data-dir DATA --methods rgo \\
-        --seeds 0 --input-projection --out /tmp/diag_run
+        --seeds 0 --input-projection --out runs/diag
 """
 
 from __future__ import annotations

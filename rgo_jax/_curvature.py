@@ -64,6 +64,16 @@ def hessian_factor(p: jax.Array) -> jax.Array:
 
     Returns:
       ``[..., C, C]``, rows indexed by logit, columns by class.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from rgo_jax._curvature import hessian_factor
+      >>> p = jnp.array([0.5, 0.25, 0.25])
+      >>> f = hessian_factor(p)
+      >>> bool(jnp.allclose(f @ f.T, jnp.diag(p) - jnp.outer(p, p)))
+      True
+      >>> bool(jnp.allclose(f.sum(axis=0), 0.0, atol=1e-7))  # columns sum to zero
+      True
     """
     p = jnp.asarray(p)
     sq = jnp.sqrt(p)[..., None, :]
