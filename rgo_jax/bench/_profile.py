@@ -87,15 +87,18 @@ class _Profile:
         self.since = self.t0
         self.phases: dict[tuple[int | None, str], float] = defaultdict(float)
         self.phase_compile: dict[tuple[int | None, str], float] = defaultdict(float)
+        self.phase_compiled: dict[tuple[int | None, str], list[str]] = defaultdict(list)
         self.compiles: dict[str, list] = defaultdict(lambda: [0, 0.0])
         self.trace_s = 0.0
 
     def listener(self, event: str, duration: float, **kwargs: Any) -> None:
         if event == _COMPILE_EVENT:
-            entry = self.compiles[str(kwargs.get("fun_name", "?"))]
+            name = str(kwargs.get("fun_name", "?"))
+            entry = self.compiles[name]
             entry[0] += 1
             entry[1] += duration
             self.phase_compile[self.phase] += duration
+            self.phase_compiled[self.phase].append(name)
         elif event in _TRACE_EVENTS:
             self.trace_s += duration
 
@@ -113,6 +116,7 @@ class _Profile:
                 "phase": n,
                 "seconds": s,
                 "compile_seconds": self.phase_compile.get((t, n), 0.0),
+                "compiled": list(self.phase_compiled.get((t, n), [])),
             }
             for (t, n), s in self.phases.items()
         ]
