@@ -60,7 +60,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 import torch_reference as T  # noqa: E402 - sets OMP_WAIT_POLICY before torch loads
-from bench_methods import _problem, _step  # noqa: E402
 
 LR = 0.1
 
@@ -77,6 +76,8 @@ def _torch_model(hidden, seed=0):
 
 def steps_row(rounds: int, budget: float) -> dict:
     """SGD, plain RGO, input-side RGO (single step and scan chunk): JAX vs PyTorch."""
+    from bench_methods import _problem, _step  # noqa: PLC0415 - the kernel rows only
+
     params, x, y, ce, _, _ = _problem(10, (256, 256))
     own = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731
     sgd, rgo = optax.sgd(LR), rgo_jax.rgo(LR)
@@ -125,6 +126,8 @@ def steps_row(rounds: int, budget: float) -> dict:
 
 def wide_row(rounds: int, budget: float, width: int = 2048) -> dict:
     """The plain RGO step at hidden width ``width``."""
+    from bench_methods import _problem, _step  # noqa: PLC0415 - the kernel rows only
+
     params, x, y, ce, _, _ = _problem(10, (width, width))
     rgo = rgo_jax.rgo(LR)
     case = C._Case(_step(rgo, ce), (params, rgo.init(params), x, y), (0, 1))
@@ -251,6 +254,7 @@ def time_to_result(
     Returns the timings, the harness's ``--profile`` breakdowns of the first repetition and
     the 1-minute load average before each run.
     """
+    data_dir = str(Path(data_dir).resolve())  # the runs start in other folders
     out: dict[str, list[float]] = {}
     profiles: dict[str, dict] = {}
     loads: dict[str, list[float]] = {}

@@ -6,7 +6,11 @@ active (:func:`start`), XLA compilations are recorded per function through
 ``jax.monitoring``. :func:`finish` returns the breakdown: import, every phase per task
 (setup, data, train, task boundary i.e. consolidation / Fisher / bases, evaluation,
 checkpoint, report), and each jitted function's compile count and time, with the share of
-compilation inside each phase. Without an active profile every hook is a no-op.
+compilation inside each phase (and, in ``profile.json``, the functions compiled in each).
+A compilation in a background thread (the harness compiles the first task boundary's
+work while the task trains) counts in the phase during which it ends. Checkpoints and
+reports are written by a background thread too: their phases time only the hand-off.
+Without an active profile every hook is a no-op.
 """
 
 from __future__ import annotations
