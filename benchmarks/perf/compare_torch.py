@@ -60,7 +60,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 import torch_reference as T  # noqa: E402 - sets OMP_WAIT_POLICY before torch loads
-from bench_methods import _problem, _step  # noqa: E402
 
 LR = 0.1
 
@@ -77,6 +76,8 @@ def _torch_model(hidden, seed=0):
 
 def steps_row(rounds: int, budget: float) -> dict:
     """SGD, plain RGO, input-side RGO (single step and scan chunk): JAX vs PyTorch."""
+    from bench_methods import _problem, _step  # noqa: PLC0415 - the kernel rows only
+
     params, x, y, ce, _, _ = _problem(10, (256, 256))
     own = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731
     sgd, rgo = optax.sgd(LR), rgo_jax.rgo(LR)
@@ -125,6 +126,8 @@ def steps_row(rounds: int, budget: float) -> dict:
 
 def wide_row(rounds: int, budget: float, width: int = 2048) -> dict:
     """The plain RGO step at hidden width ``width``."""
+    from bench_methods import _problem, _step  # noqa: PLC0415 - the kernel rows only
+
     params, x, y, ce, _, _ = _problem(10, (width, width))
     rgo = rgo_jax.rgo(LR)
     case = C._Case(_step(rgo, ce), (params, rgo.init(params), x, y), (0, 1))
@@ -205,65 +208,88 @@ def consolidation_rows(rounds: int, budget: float, batches: int = 1000) -> dict:
     return out
 
 
-def _run(cmd: list[str], env: dict) -> float:
+def _run(cmd: list[str], env: dict, cwd: Path = C.REPO) -> float:
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=C.REPO)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cwd)
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
     return wall
 
 
-def time_to_result(data_dir: str, reps: int, tasks=(1, 4)) -> tuple[dict, dict]:
+def _jax_cmd(n: int, data_dir: str, out: Path) -> list[str]:
+    """The timed ``rgo-bench`` command: ``n`` permuted-MNIST tasks, one seed, input-side."""
+    return [
+        sys.executable,
+        "-m",
+        "rgo_jax",
+        "--config",
+        "benchmarks/configs/permuted_mnist.json",
+        "--methods",
+        "rgo",
+        "--seeds",
+        "0",
+        "--tasks",
+        str(n),
+        "--input-projection",
+        "--no-checkpoint",
+        "--no-plots",
+        "--profile",
+        "--data-dir",
+        data_dir,
+        "--out",
+        str(out),
+    ]
+
+
+def time_to_result(
+    data_dir: str, reps: int, tasks=(1, 4), baseline: Path | None = None
+) -> tuple[dict, dict, dict]:
     """Fresh-process wall time of rgo-bench (cold and warm compilation cache) and PyTorch.
 
-    Returns the timings and the harness's ``--profile`` breakdowns of the first repetition.
+    Every repetition runs, for each task count, the harness cold, PyTorch, the harness warm
+    (and, with ``baseline``, the same harness command from that checkout of an earlier
+    commit, cold and warm), one after the other: load from other processes hits all alike.
+
+    Returns the timings, the harness's ``--profile`` breakdowns of the first repetition and
+    the 1-minute load average before each run.
     """
+    data_dir = str(Path(data_dir).resolve())  # the runs start in other folders
     out: dict[str, list[float]] = {}
     profiles: dict[str, dict] = {}
+    loads: dict[str, list[float]] = {}
+    trees = {"jax": C.REPO} | ({} if baseline is None else {"base": baseline})
     with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, PYTHONPATH=str(C.REPO))
         for rep in range(reps):
             for n in tasks:
-                cache = Path(tmp) / f"cache_{rep}_{n}"
-                jax_cmd = [
-                    sys.executable,
-                    "-m",
-                    "rgo_jax",
-                    "--config",
-                    "benchmarks/configs/permuted_mnist.json",
-                    "--methods",
-                    "rgo",
-                    "--seeds",
-                    "0",
-                    "--tasks",
-                    str(n),
-                    "--input-projection",
-                    "--no-checkpoint",
-                    "--no-plots",
-                    "--profile",
-                    "--data-dir",
-                    data_dir,
-                    "--out",
-                    str(Path(tmp) / f"run_{rep}_{n}"),
-                ]
-                jenv = dict(env, RGO_JAX_COMPILATION_CACHE=str(cache))
-                prof = Path(jax_cmd[-1]) / "profile.json"
-                out.setdefault(f"jax_{n}_cold", []).append(_run(jax_cmd, jenv))
-                if rep == 0:
-                    profiles[f"jax_{n}_cold"] = json.loads(prof.read_text())
                 torch_cmd = [sys.executable, str(HERE / "torch_reference.py")]
                 torch_cmd += ["--data-dir", data_dir, "--tasks", str(n)]
-                out.setdefault(f"torch_{n}", []).append(_run(torch_cmd, env))
-                out.setdefault(f"jax_{n}_warm", []).append(_run(jax_cmd, jenv))
-                if rep == 0:
-                    profiles[f"jax_{n}_warm"] = json.loads(prof.read_text())
+                runs = []
+                for tag, tree in trees.items():
+                    cache = Path(tmp) / f"cache_{tag}_{rep}_{n}"
+                    env = dict(os.environ, PYTHONPATH=str(tree))
+                    env["RGO_JAX_COMPILATION_CACHE"] = str(cache)
+                    run_dir = Path(tmp) / f"run_{tag}_{rep}_{n}"
+                    cmd = _jax_cmd(n, data_dir, run_dir)
+                    runs.append((f"{tag}_{n}_cold", cmd, env, tree, run_dir))
+                    if tag == "jax":
+                        env_t = dict(os.environ, PYTHONPATH=str(C.REPO))
+                        runs.append((f"torch_{n}", torch_cmd, env_t, C.REPO, None))
+                    runs.append((f"{tag}_{n}_warm", cmd, env, tree, run_dir))
+                for key, cmd, env, tree, run_dir in runs:
+                    loads.setdefault(key, []).append(os.getloadavg()[0])
+                    out.setdefault(key, []).append(_run(cmd, env, tree))
+                    if rep == 0 and run_dir is not None and key.startswith("jax_"):
+                        profiles[key] = json.loads((run_dir / "profile.json").read_text())
                 print(
                     f"  [ttr] rep {rep} tasks {n}: "
-                    + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in out.items() if f"_{n}" in k),
+                    + ", ".join(
+                        f"{k} {v[-1]:.1f} s" for k, v in out.items() if k.split("_")[1] == str(n)
+                    )
+                    + f" (load {os.getloadavg()[0]:.1f})",
                     flush=True,
                 )
-    return {k: C.summarize(v) for k, v in out.items()}, profiles
+    return {k: C.summarize(v) for k, v in out.items()}, profiles, loads
 
 
 ROWS = [
@@ -299,7 +325,10 @@ ROWS = [
 ]
 
 
-def markdown(res: dict, quick: bool, load: list[float], profiles: dict) -> str:
+def markdown(
+    res: dict, quick: bool, load: list[float], profiles: dict, loads: dict | None = None
+) -> str:
+    loads = loads or {}
     rows = []
     for label, j, t in ROWS:
         if j not in res or t not in res:
@@ -313,6 +342,47 @@ def markdown(res: dict, quick: bool, load: list[float], profiles: dict) -> str:
                 f"{a['median_s'] / b['median_s']:.2f}",
                 f"{a['min_s'] / b['min_s']:.2f}",
             ]
+        )
+    base = [
+        [
+            f"{what}, {n} task{'s' if n > 1 else ''}",
+            f"{res[f'base_{n}_{what}']['median_s']:.1f} s",
+            f"{res[f'jax_{n}_{what}']['median_s']:.1f} s",
+            f"{res[f'torch_{n}']['median_s']:.1f} s",
+            f"{res[f'base_{n}_{what}']['median_s'] / res[f'torch_{n}']['median_s']:.2f}",
+            f"{res[f'jax_{n}_{what}']['median_s'] / res[f'torch_{n}']['median_s']:.2f}",
+        ]
+        for n in (1, 4)
+        for what in ("cold", "warm")
+        if f"base_{n}_{what}" in res and f"jax_{n}_{what}" in res and f"torch_{n}" in res
+    ]
+    before_after = ""
+    if base:
+        before_after = "\n".join(
+            [
+                "",
+                "Time to result, the harness of the baseline commit (`--baseline-repo`) and of "
+                "this one, in the same interleaved rounds (medians):",
+                "",
+                C.md_table(
+                    [
+                        "cache, tasks",
+                        "before",
+                        "after",
+                        "PyTorch",
+                        "before / PyTorch",
+                        "after / PyTorch",
+                    ],
+                    base,
+                ),
+                "",
+            ]
+        )
+    if loads:
+        allv = [v for vs in loads.values() for v in vs]
+        before_after += (
+            f"\nLoad average (1-minute) before the time-to-result runs: median "
+            f"{float(np.median(allv)):.1f}, range {min(allv):.1f}-{max(allv):.1f}.\n"
         )
     slope = ""
     if all(k in res for k in ("jax_1_warm", "jax_4_warm", "torch_1", "torch_4")):
@@ -333,6 +403,7 @@ def markdown(res: dict, quick: bool, load: list[float], profiles: dict) -> str:
             "",
             C.md_table(["measure", "rgo_jax", "PyTorch", "ratio (median)", "ratio (min)"], rows),
             slope,
+            before_after,
             *(
                 f"\n### `--profile` of the first {k} run\n\n```{format_profile(v)}\n```"
                 for k, v in profiles.items()
@@ -341,11 +412,29 @@ def markdown(res: dict, quick: bool, load: list[float], profiles: dict) -> str:
     )
 
 
+def _commit_of(tree: Path) -> str:
+    """The commit a checkout is at (``tree/COMMIT`` for an exported tree), or ``unknown``."""
+    marker = tree / "COMMIT"
+    if marker.is_file():
+        return marker.read_text().strip()
+    res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tree, capture_output=True, text=True)
+    return res.stdout.strip() or "unknown"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few rounds, one run per time to result")
     ap.add_argument("--data-dir", default=os.environ.get("RGO_DATA_DIR"))
     ap.add_argument("--no-ttr", action="store_true", help="skip the time-to-result runs")
+    ap.add_argument(
+        "--ttr-only", action="store_true", help="only the time-to-result runs (no kernel rows)"
+    )
+    ap.add_argument("--reps", type=int, help="time-to-result repetitions (default 3; --quick 1)")
+    ap.add_argument(
+        "--baseline-repo",
+        type=Path,
+        help="a checkout of an earlier commit: its harness is timed in the same rounds",
+    )
     ap.add_argument("--out", default="compare_torch")
     args = ap.parse_args()
     if not args.no_ttr and not args.data_dir:
@@ -353,28 +442,33 @@ def main() -> None:
     prov = C.provenance()
     prov["torch"] = torch.__version__
     prov["torch_threads"] = torch.get_num_threads()
+    if args.baseline_repo is not None:
+        prov["baseline_commit"] = _commit_of(args.baseline_repo)
     load0 = os.getloadavg()[0]
     rounds, budget = (5, 8.0) if args.quick else (15, 30.0)
     res = {}
-    for name, fn in (
+    kernels = (
         ("steps", lambda: steps_row(rounds, budget)),
         ("width 2048", lambda: wide_row(rounds, budget)),
         ("consolidation", lambda: consolidation_rows(rounds, budget)),
-    ):
+    )
+    for name, fn in () if args.ttr_only else kernels:
         print(f"[compare_torch] {name} ...", flush=True)
         part = fn()
         for k, v in part.items():
             print(f"  {k:38s} {C.fmt_s(v['median_s']):>10s}", flush=True)
         res |= part
     profiles: dict = {}
+    loads: dict = {}
     if not args.no_ttr:
         print("[compare_torch] time to result ...", flush=True)
-        ttr, profiles = time_to_result(args.data_dir, 1 if args.quick else 3)
+        reps = args.reps or (1 if args.quick else 3)
+        ttr, profiles, loads = time_to_result(args.data_dir, reps, baseline=args.baseline_repo)
         res |= ttr
     load = [load0, os.getloadavg()[0]]
-    md = markdown(res, args.quick, load, profiles)
+    md = markdown(res, args.quick, load, profiles, loads)
     print(md)
-    data = {"results": res, "quick": args.quick, "profiles": profiles}
+    data = {"results": res, "quick": args.quick, "profiles": profiles, "loads": loads}
     path = C.write_results(args.out, prov, data, md)
     print(f"[compare_torch] wrote {path}")
 

@@ -26,6 +26,7 @@ and ``rls_method``) remain their aliases: :data:`OPTION_ALIASES`.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -100,6 +101,9 @@ class TaskContext:
     """``logits_fn`` whose kernel cotangents come pre-averaged over the output axes
     (:func:`rgo_jax.nnx.use_reduced_kernel_gradients`): for curvature vectors
     only, which it gives exactly and much faster. ``None``: use ``logits_fn``."""
+    wait_compiled: Callable[[], None] = lambda: None
+    """Waits until :meth:`Method.compile_ahead` (run in the background) is done: call it
+    before the first compiled call that it compiles, so that it is not compiled twice."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,6 +172,14 @@ class Method:
         """Task-boundary work: returns the new ``(opt_state, extra)``."""
         del ctx, params
         return opt_state, extra
+
+    def compile_ahead(self, ctx: TaskContext, params: Any, opt_state: Any, extra: Any) -> None:
+        """Compiles (without running) task-boundary work for the shapes of ``ctx`` and the state.
+
+        The harness calls it in a background thread while the first task trains, with a
+        ``ctx`` of its own (its ``rng`` may be drawn from). Nothing by default.
+        """
+        del ctx, params, opt_state, extra
 
 
 class _OptionError(ValueError):
@@ -299,6 +311,11 @@ def rgo_consolidation_vectors(
     )
 
 
+def _weak(x) -> bool:
+    """Whether ``x`` is weakly typed (part of a compiled function's cache key)."""
+    return bool(getattr(getattr(x, "aval", None), "weak_type", False))
+
+
 @dataclasses.dataclass(frozen=True)
 class RGO(Method):
     """RGO: gradients projected by per-layer P matrices, consolidated at each task's end.
@@ -336,11 +353,42 @@ class RGO(Method):
             batch_size=ctx.run.batch_size,
             hessian=opts.hessian,
         )
+        ctx.wait_compiled()
         kwargs = {"method": opts.rls_method}
         if opts.alpha_scale == "relative":
             kwargs["relative_alpha"] = True
         opt_state = _transform.consolidate(opt_state, vecs, opts.alpha, **kwargs)
         return opt_state, extra
+
+    def compile_ahead(self, ctx: TaskContext, params, opt_state, extra) -> None:
+        """Compiles the consolidation's RLS update (the slowest compilation of a run).
+
+        The vectors' shapes come from :func:`jax.eval_shape` (nothing is computed), and the
+        update is lowered with the arguments :func:`rgo_jax.consolidate` gives it, so the
+        compiled program is the one the task's end then calls.
+        """
+        del extra
+        opts = self.options
+        vecs = jax.eval_shape(
+            lambda p: rgo_consolidation_vectors(
+                ctx,
+                p,
+                per_sample=self.per_sample,
+                num_batches=None if opts.consolidation == "epoch" else opts.consolidation_batches,
+                batch_size=ctx.run.batch_size,
+                hessian=opts.hessian,
+            ),
+            params,
+        )
+        block = inspect.signature(_transform.update_projection).parameters["block_size"].default
+        alpha = jax.ShapeDtypeStruct((), jnp.float32)  # update_projection's float32 array
+        for state in _transform.rgo_states(opt_state):
+            abstract = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=_weak(x)), state
+            )
+            _transform._update_projection.lower(
+                abstract, vecs, alpha, opts.rls_method, int(block), opts.alpha_scale == "relative"
+            ).compile()
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,11 @@ active (:func:`start`), XLA compilations are recorded per function through
 ``jax.monitoring``. :func:`finish` returns the breakdown: import, every phase per task
 (setup, data, train, task boundary i.e. consolidation / Fisher / bases, evaluation,
 checkpoint, report), and each jitted function's compile count and time, with the share of
-compilation inside each phase. Without an active profile every hook is a no-op.
+compilation inside each phase (and, in ``profile.json``, the functions compiled in each).
+A compilation in a background thread (the harness compiles the first task boundary's
+work while the task trains) counts in the phase during which it ends. Checkpoints and
+reports are written by a background thread too: their phases time only the hand-off.
+Without an active profile every hook is a no-op.
 """
 
 from __future__ import annotations
@@ -87,15 +91,18 @@ class _Profile:
         self.since = self.t0
         self.phases: dict[tuple[int | None, str], float] = defaultdict(float)
         self.phase_compile: dict[tuple[int | None, str], float] = defaultdict(float)
+        self.phase_compiled: dict[tuple[int | None, str], list[str]] = defaultdict(list)
         self.compiles: dict[str, list] = defaultdict(lambda: [0, 0.0])
         self.trace_s = 0.0
 
     def listener(self, event: str, duration: float, **kwargs: Any) -> None:
         if event == _COMPILE_EVENT:
-            entry = self.compiles[str(kwargs.get("fun_name", "?"))]
+            name = str(kwargs.get("fun_name", "?"))
+            entry = self.compiles[name]
             entry[0] += 1
             entry[1] += duration
             self.phase_compile[self.phase] += duration
+            self.phase_compiled[self.phase].append(name)
         elif event in _TRACE_EVENTS:
             self.trace_s += duration
 
@@ -113,6 +120,7 @@ class _Profile:
                 "phase": n,
                 "seconds": s,
                 "compile_seconds": self.phase_compile.get((t, n), 0.0),
+                "compiled": list(self.phase_compiled.get((t, n), [])),
             }
             for (t, n), s in self.phases.items()
         ]

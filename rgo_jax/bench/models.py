@@ -584,13 +584,35 @@ def build_model(
     _check_scheme(init)
     if not init_scale > 0:
         raise ValueError(f"init_scale must be positive, got {init_scale!r}.")
-    model = _build(name, num_classes, input_shape, fel, fel_seed, seed, model_kwargs)
+
+    input_shape = tuple(int(d) for d in input_shape)
+    options = tuple(sorted(model_kwargs.items()))
+    static = (name, num_classes, input_shape, bool(fel), fel_seed, init, init_scale, options)
+    try:
+        hash(static)
+    except TypeError:  # an unhashable model option: build eagerly
+        return _construct(*static, seed)
+    return _construct_compiled(*static, np.int32(seed))
+
+
+def _construct(name, num_classes, input_shape, fel, fel_seed, init, init_scale, options, seed):
+    """The model of :func:`build_model`, its parameters drawn from ``seed``."""
+    # nnx.Rngs(int) draws from jax.random.key(int): the same key from a traced seed.
+    model = _build(
+        name, num_classes, input_shape, fel, fel_seed, jax.random.key(seed), dict(options)
+    )
     if init != "lecun":
         initialize(model, init, seed=seed)
     if init_scale != 1.0:
         for layer in _weight_layers(model):
             layer.kernel[...] = layer.kernel[...] * init_scale
     return model
+
+
+# One compiled program draws every parameter, for any seed: eagerly, each initialiser,
+# shape and rescaling compiled on its own, and a scheme that redraws the layers compiled
+# Flax's default draws only to discard them (inside one program they are dead code).
+_construct_compiled = nnx.jit(_construct, static_argnums=tuple(range(8)))
 
 
 def _build(name, num_classes, input_shape, fel, fel_seed, seed, model_kwargs) -> nnx.Module:

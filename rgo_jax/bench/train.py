@@ -11,11 +11,14 @@ same numbers.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -584,19 +587,56 @@ def _accuracy_fn(net: _Net):
 
 
 def _evaluate(correct, params, x, y, mask, task, batch):
+    """Accuracy over ``x`` in batches of exactly ``batch`` rows (one compiled shape).
+
+    The last batch is padded with zero inputs labelled ``-1``, which no argmax equals, so
+    the padding counts as neither right nor wrong; every call has the same shapes, so
+    ``correct`` compiles once for all tasks, whatever their test-set sizes. The inputs go
+    in as NumPy arrays: no per-shape conversion is compiled.
+    """
     n = len(x)
     total = 0
+    mask = np.asarray(mask)
+    task = np.int32(task)
     for lo in range(0, n, batch):
-        total += int(
-            correct(
-                params,
-                jnp.asarray(x[lo : lo + batch]),
-                jnp.asarray(y[lo : lo + batch]),
-                jnp.asarray(mask),
-                jnp.int32(task),
-            )
-        )
+        xb, yb = np.asarray(x[lo : lo + batch]), np.asarray(y[lo : lo + batch])
+        if len(yb) < batch:
+            xb = np.concatenate([xb, np.zeros((batch - len(yb), *xb.shape[1:]), xb.dtype)])
+            yb = np.concatenate([yb, np.full(batch - len(yb), -1, yb.dtype)])
+        total += int(correct(params, xb, yb, mask, task))
     return total / n
+
+
+def _eval_rows(cfg: Config, lanes) -> int:
+    """The one evaluation batch shape of a group: ``eval_batch_size`` or the largest test set."""
+    largest = max(len(ln.test_split(j)[1]) for ln in lanes for j in range(ln.T))
+    return max(1, min(cfg.eval_batch_size, largest))
+
+
+def _train_rows(cfg: Config, method: Method, lanes) -> int | None:
+    """Rows every task's training arrays are padded to, so that the chunk compiles once.
+
+    The largest training set of the group's tasks where the stream records their sizes
+    (``meta["train_sizes"]``: class splits, whose tasks differ in size), else ``None`` (no
+    padding: the tasks of permuted and rotated streams have one size). Joint training's
+    data grows with every task and is not padded (that would hold all tasks' data from the
+    first task on). The step indices never reach the padding, so the numbers are the same.
+    """
+    if method.joint:
+        return None
+    sizes = [ln.stream.meta.get("train_sizes") for ln in lanes]
+    if any(s is None for s in sizes):
+        return None
+    return max(int(n) for s, ln in zip(sizes, lanes, strict=True) for n in s[: ln.T])
+
+
+def _pad_rows(a: np.ndarray, rows: int | None) -> np.ndarray:
+    """``a`` with zero rows appended up to ``rows`` (unchanged when ``rows`` is ``None``)."""
+    if rows is None or len(a) >= rows:
+        return a
+    out = np.zeros((rows, *a.shape[1:]), a.dtype)
+    out[: len(a)] = a
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -674,11 +714,15 @@ def _step_indices(n: int, steps: int, batch: int, seed: int, t: int) -> np.ndarr
     return order[:need].reshape(steps, batch)
 
 
+@jax.jit
 def _stack(trees):
+    """The trees stacked leaf by leaf on a new leading axis (one compiled call per tree)."""
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def _unstack(tree, i):
+    """Entry ``i`` of every leaf's leading axis (one compiled call per tree)."""
     return jax.tree.map(lambda x: x[i], tree)
 
 
@@ -786,6 +830,8 @@ class _Group:
     tx: Any
     run_info: RunInfo
     correct: Any
+    eval_rows: int
+    train_rows: int | None
 
     @property
     def T(self) -> int:
@@ -793,17 +839,22 @@ class _Group:
 
     def fresh_state(self):
         """Stacked initial ``(params, opt_state, extra)`` of every lane."""
-        lanes, tx, method = self.lanes, self.tx, self.method
+        lanes, method = self.lanes, self.method
         return (
             _stack([ln.params0 for ln in lanes]),
-            _stack([tx.init(ln.params0) for ln in lanes]),
+            _stack([self.init_opt_state(ln.params0) for ln in lanes]),
             _stack([method.init_extra(ln.params0, ln.stream, self.run_info) for ln in lanes]),
         )
+
+    @functools.cached_property
+    def init_opt_state(self):
+        """``tx.init`` compiled as one call (not one small compile per P's identity)."""
+        return jax.jit(self.tx.init)
 
     def accuracy(self, lane: _Lane, params, j: int) -> float:
         """Test accuracy of ``params`` on task ``j`` of ``lane``."""
         x, y = lane.test_split(j)
-        return _evaluate(self.correct, params, x, y, lane.masks[j], j, self.cfg.eval_batch_size)
+        return _evaluate(self.correct, params, x, y, lane.masks[j], j, self.eval_rows)
 
 
 def _set_up_lanes(cfg, method, seeds, workdir, streams) -> _Group:
@@ -811,7 +862,17 @@ def _set_up_lanes(cfg, method, seeds, workdir, streams) -> _Group:
     lanes = [_Lane(cfg, method, s, workdir, streams.pop(s, None)) for s in seeds]
     net = _Net(lanes[0].graphdef, lanes[0].rest)
     run_info = cfg.run_info()
-    return _Group(cfg, method, lanes, net, method.optimizer(run_info), run_info, _accuracy_fn(net))
+    return _Group(
+        cfg,
+        method,
+        lanes,
+        net,
+        method.optimizer(run_info),
+        run_info,
+        _accuracy_fn(net),
+        _eval_rows(cfg, lanes),
+        _train_rows(cfg, method, lanes),
+    )
 
 
 def _resume(group: _Group, state, log):
@@ -855,24 +916,30 @@ def _train_task(group: _Group, chunk_fn, t: int, arrays, state, progress):
         ]
     )
     # One seed: a view, not a stacked copy (joint training's data is GBs); device_put
-    # copies once, where jnp.asarray holds a second transient copy on CPU.
+    # copies once, where jnp.asarray holds a second transient copy on CPU. Tasks of other
+    # sizes are padded to one size (``train_rows``), so that the chunk compiles once.
     dx, dy, dm, dt = (
-        jax.device_put(np.stack(col) if len(col) > 1 else col[0][None])
+        jax.device_put(
+            np.stack([_pad_rows(a, group.train_rows) for a in col])
+            if len(col) > 1
+            else _pad_rows(col[0], group.train_rows)[None]
+        )
         for col in zip(*arrays, strict=True)
     )
     _profile.lap("train", t)
+    idx = idx.astype(np.int32)
     for lo in range(0, cfg.steps_per_task, cfg.chunk_steps):
-        sl = jnp.asarray(idx[:, lo : lo + cfg.chunk_steps])
-        steps = jnp.broadcast_to(jnp.arange(lo, lo + sl.shape[1], dtype=jnp.int32), sl.shape[:2])
+        sl = idx[:, lo : lo + cfg.chunk_steps]  # NumPy in: nothing compiled to convert them
+        steps = np.broadcast_to(np.arange(lo, lo + sl.shape[1], dtype=np.int32), sl.shape[:2])
         params, opt_state, losses = chunk_fn(params, opt_state, extra, dx, dy, dm, dt, sl, steps)
+        losses = np.asarray(losses)
         check_finite_losses(losses, group.method.name, tuple(ln.seed for ln in group.lanes), t, lo)
         progress.update(int(sl.shape[1]), task=t, loss=f"{float(losses[:, -1].mean()):.3f}")
     return params, opt_state
 
 
-def _end_task(group: _Group, t: int, lane: _Lane, arrays, params, opt_state, extra):
-    """Step 4: one lane's task-boundary work (the method's), returning its new state."""
-    ctx = TaskContext(
+def _task_context(group: _Group, t: int, lane: _Lane, arrays, rng, wait=None) -> TaskContext:
+    return TaskContext(
         task=t,
         x_train=arrays[0],
         y_train=arrays[1],
@@ -880,10 +947,55 @@ def _end_task(group: _Group, t: int, lane: _Lane, arrays, params, opt_state, ext
         logits_fn=group.net.logits,
         inputs_fn=group.net.inputs,
         curvature_logits_fn=group.net.reduced_logits,
-        rng=np.random.default_rng([lane.seed, t, 2]),
+        rng=rng,
         run=group.run_info,
+        **({} if wait is None else {"wait_compiled": wait}),
     )
-    opt_state, extra = group.method.after_task(ctx, params, opt_state, extra)
+
+
+class _CompileAhead:
+    """:meth:`Method.compile_ahead` of the first task's boundary in a background thread.
+
+    Started before the first task trains, so that the task boundary's compilation (RGO's
+    RLS update: seconds) overlaps the training instead of following it. It only compiles:
+    the state it sees is the initial one, its ``rng`` is its own, and a failure is ignored
+    (the task's end then compiles as it would have).
+    """
+
+    def __init__(self, group: _Group, t: int, lane: _Lane, arrays, state):
+        ctx = _task_context(group, t, lane, arrays, np.random.default_rng(0))
+        params, opt_state, extra = (_unstack(x, 0) for x in state)
+        self.thread = threading.Thread(
+            target=self._run,
+            args=(group.method, ctx, params, opt_state, extra),
+            name="rgo-bench-compile-ahead",
+            daemon=True,
+        )
+        self.thread.start()
+
+    @staticmethod
+    def _run(method, ctx, params, opt_state, extra) -> None:
+        try:
+            method.compile_ahead(ctx, params, opt_state, extra)
+        except Exception:  # noqa: BLE001 - only a head start; the real call compiles anyway
+            pass
+
+    def wait(self) -> None:
+        self.thread.join()
+
+
+def _end_task(group: _Group, t: int, lane: _Lane, arrays, params, opt_state, extra, ahead=None):
+    """Step 4: one lane's task-boundary work (the method's), returning its new state.
+
+    ``ahead``: a :class:`_CompileAhead` to wait for before the compiled calls it covers.
+    """
+    rng = np.random.default_rng([lane.seed, t, 2])
+    ctx = _task_context(group, t, lane, arrays, rng, None if ahead is None else ahead.wait)
+    try:
+        opt_state, extra = group.method.after_task(ctx, params, opt_state, extra)
+    finally:
+        if ahead is not None:
+            ahead.wait()
     del ctx
     check_finite_state(
         {"params": params, "opt_state": opt_state, "extra": extra}, group.method.name, lane.seed, t
@@ -900,25 +1012,72 @@ def _evaluate_task(group: _Group, t: int, lane: _Lane, params) -> None:
         lane.R[t, j] = group.accuracy(lane, pj, j)
 
 
-def _save_task(group: _Group, t: int, lane: _Lane, params, opt_state, extra) -> None:
-    """The lane's checkpoint after task ``t`` (with its results so far)."""
+class _Writer:
+    """Checkpoints and reports written by one background thread, in the order submitted.
+
+    Writing is off the training's critical path, and one thread keeps every write in order:
+    a lane's checkpoint is complete (and the older ones pruned) before its next one starts,
+    and each report follows the checkpoints submitted before it. A checkpoint still counts
+    only once its ``meta.json`` is written last (:func:`save_checkpoint`), so a process killed
+    mid-write leaves no checkpoint that looks complete. :meth:`close` waits for everything
+    and raises the first error; :meth:`submit` raises it as soon as it is known.
+    """
+
+    def __init__(self):
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rgo-bench-write")
+        self.pending: list[concurrent.futures.Future] = []
+
+    def _raise_finished(self) -> None:
+        done = [f for f in self.pending if f.done()]
+        self.pending = [f for f in self.pending if not f.done()]
+        for f in done:
+            f.result()
+
+    def submit(self, fn, *args, **kwargs) -> concurrent.futures.Future:
+        self._raise_finished()
+        future = self.pool.submit(fn, *args, **kwargs)
+        self.pending.append(future)
+        return future
+
+    def close(self) -> None:
+        try:
+            for f in self.pending:
+                f.result()
+        finally:
+            self.pending = []
+            self.pool.shutdown(wait=True)
+
+
+def _write_checkpoint(root: Path, t: int, state: dict, meta: dict, keep_all: bool) -> None:
+    save_checkpoint(root / f"task_{t:03d}", state, meta)
+    if not keep_all:
+        prune_checkpoints(root, KEPT_CHECKPOINTS)
+
+
+def _save_task(group: _Group, t: int, lane: _Lane, params, opt_state, extra, writer=None) -> None:
+    """The lane's checkpoint after task ``t`` (with its results so far).
+
+    With a :class:`_Writer`, written in its thread: the arrays are this task's own (not
+    donated to a later step), and the results and per-task list are copied here.
+    """
     if not group.cfg.checkpoint:
         return
-    save_checkpoint(
-        lane.ckpt_root / f"task_{t:03d}",
-        {"params": params, "opt_state": opt_state, "extra": extra, "per_task": lane.per_task},
-        {
-            "task": t,
-            "seed": lane.seed,
-            "method": group.method.name,
-            "R": lane.R.tolist(),
-            "per_task": len(lane.per_task),
-            "fingerprint": group.cfg.fingerprint(),
-            "rng": {"kind": "numpy default_rng keyed by [seed, task, stream]", "seed": lane.seed},
-        },
-    )
-    if not group.cfg.keep_checkpoints:
-        prune_checkpoints(lane.ckpt_root, KEPT_CHECKPOINTS)
+    state = {"params": params, "opt_state": opt_state, "extra": extra, "per_task": lane.per_task}
+    meta = {
+        "task": t,
+        "seed": lane.seed,
+        "method": group.method.name,
+        "R": lane.R.tolist(),
+        "per_task": len(lane.per_task),
+        "fingerprint": group.cfg.fingerprint(),
+        "rng": {"kind": "numpy default_rng keyed by [seed, task, stream]", "seed": lane.seed},
+    }
+    args = (lane.ckpt_root, t, state, meta, group.cfg.keep_checkpoints)
+    if writer is None:
+        _write_checkpoint(*args)
+    else:
+        state["per_task"] = list(lane.per_task)
+        writer.submit(_write_checkpoint, *args)
 
 
 def _run_group(
@@ -929,12 +1088,14 @@ def _run_group(
     log,
     streams=None,
     show_progress=None,
+    writer=None,
 ):
     """Trains ``seeds`` in lockstep, the training steps ``vmap``-ed over the seed axis.
 
     Yields ``(t, lanes, random_init)`` after every task. Consolidation, evaluation and
     checkpoints are per seed (one checkpoint directory per seed, as in a sequential run).
-    ``streams`` may hold already built streams by seed (each is taken by its lane).
+    ``streams`` may hold already built streams by seed (each is taken by its lane);
+    ``writer``: a :class:`_Writer` for the checkpoints (else they are written here).
     """
     _profile.lap("setup (data, model)")
     group = _set_up_lanes(cfg, method, seeds, workdir, {} if streams is None else streams)
@@ -966,17 +1127,19 @@ def _run_group(
             state = group.fresh_state()
         _profile.lap("data", t)
         arrays = [_task_arrays(ln.stream, t, cfg, method) for ln in lanes]
+        ahead = _CompileAhead(group, t, lanes[0], arrays[0], state) if t == start else None
         params, opt_state = _train_task(group, chunk_fn, t, arrays, state, progress)
         extra = state[2]
         new_opt, new_extra = [], []
         for i, ln in enumerate(lanes):
             p_i, o_i, e_i = _unstack(params, i), _unstack(opt_state, i), _unstack(extra, i)
             _profile.lap("task boundary", t)
-            o_i, e_i = _end_task(group, t, ln, arrays[i], p_i, o_i, e_i)
+            o_i, e_i = _end_task(group, t, ln, arrays[i], p_i, o_i, e_i, ahead)
+            ahead = None
             _profile.lap("evaluation", t)
             _evaluate_task(group, t, ln, p_i)
             _profile.lap("checkpoint", t)
-            _save_task(group, t, ln, p_i, o_i, e_i)
+            _save_task(group, t, ln, p_i, o_i, e_i, writer)
             new_opt.append(o_i)
             new_extra.append(e_i)
         # Drop this task's training data before the next task's is built (joint training:
@@ -1029,17 +1192,29 @@ def run(
 
 def _run(cfg: Config, workdir: Path, *, log, progress) -> dict[str, Any]:
     previous = prepare_run_dir(cfg, workdir)
-    matrices: dict[str, list] = {m: [] for m in cfg.methods}
-    random_init: dict[str, list] = {m: [] for m in cfg.methods}
     config = {
         **cfg.to_dict(),
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "scenario": _report.SCENARIO,
     }
-    summaries: dict = {}
     for note in _fixed_option_notes(cfg):
         log(note)
+    writer = _Writer()  # checkpoints and reports: written while the next task trains
+    try:
+        matrices, report = _train_and_report(cfg, workdir, previous, config, writer, log, progress)
+    finally:
+        writer.close()  # everything written (or the first error raised) before returning
+    summaries = {} if report is None else report.result()
+    log("\n" + _report.summary_table(summaries) + "\n" + _plot_style.FORGETTING_NOTE)
+    return {"summaries": summaries, "matrices": matrices}
+
+
+def _train_and_report(cfg: Config, workdir: Path, previous, config, writer: _Writer, log, progress):
+    """Every method and seed group; returns the matrices and the last report's future."""
+    matrices: dict[str, list] = {m: [] for m in cfg.methods}
+    random_init: dict[str, list] = {m: [] for m in cfg.methods}
+    report = None
     for name in cfg.methods:
         method = cfg.method(name)
         streams: dict = {}  # built by _seed_groups, taken by the lanes: once per seed
@@ -1054,18 +1229,21 @@ def _run(cfg: Config, workdir: Path, *, log, progress) -> dict[str, Any]:
                 matrices[name].append(None)
                 random_init[name].append(None)
             lanes: list[_Lane] = []
-            for t, lanes, b in _run_group(cfg, method, seeds, workdir, log, streams, progress):
+            for t, lanes, b in _run_group(
+                cfg, method, seeds, workdir, log, streams, progress, writer
+            ):
                 for slot, ln, b_i in zip(slots, lanes, b, strict=True):
                     matrices[name][slot] = ln.R[: t + 1, : t + 1].copy()
                     random_init[name][slot] = b_i
                 _profile.lap("report", t)
-                summaries = write_report(
+                report = writer.submit(
+                    write_report,
                     workdir,
                     previous,
                     cfg.seeds,
                     lanes[0].T,
                     config=config,
-                    matrices={k: v for k, v in matrices.items() if v and v[0] is not None},
+                    matrices={k: list(v) for k, v in matrices.items() if v and v[0] is not None},
                     random_init={
                         k: np.stack(v) for k, v in random_init.items() if v and v[0] is not None
                     },
@@ -1074,5 +1252,4 @@ def _run(cfg: Config, workdir: Path, *, log, progress) -> dict[str, Any]:
             for slot, seed in zip(slots, seeds, strict=True):
                 log(f"\n[{name} seed {seed}] accuracy matrix ({time.time() - t0:.1f} s)")
                 log(_report.format_matrix(matrices[name][slot]))
-    log("\n" + _report.summary_table(summaries) + "\n" + _plot_style.FORGETTING_NOTE)
-    return {"summaries": summaries, "matrices": matrices}
+    return matrices, report
