@@ -33,13 +33,9 @@ from flax import nnx
 
 import rgo_jax
 from rgo_jax import baselines
-from rgo_jax._input_projection import (
-    input_projection_matrices,
-    rgo_input_projected,
-    use_input_projection,
-)
-from rgo_jax.bench._methods import METHOD_OPTIONS
+from rgo_jax.bench._methods import AGEMOptions, EWCOptions, OWMOptions
 from rgo_jax.bench.models import build_model
+from rgo_jax.nnx import use_input_projection
 
 LR = 0.1
 
@@ -54,26 +50,27 @@ def _problem(batch: int, hidden: tuple[int, ...], seed: int = 0):
     x = jnp.asarray(rng.normal(size=(batch, 28, 28, 1)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 10, size=batch), jnp.int32)
 
-    def logits(params, x, mats=None):
+    def logits(params, x, opt_state=None):
         model = nnx.merge(graph, params, rest)
-        if mats is None:
+        if opt_state is None:
             return model(x, 0)
-        with use_input_projection(model, mats):
+        with use_input_projection(model, opt_state):
             return model(x, 0)
 
     def inputs(params, x):
         return nnx.merge(graph, params, rest)(x, 0, return_inputs=True)[1]
 
-    def ce(params, x, y, mats=None):
-        return optax.softmax_cross_entropy_with_integer_labels(logits(params, x, mats), y).mean()
+    def ce(params, x, y, opt_state=None):
+        return optax.softmax_cross_entropy_with_integer_labels(
+            logits(params, x, opt_state), y
+        ).mean()
 
     return params, x, y, ce, inputs, rng
 
 
-def _step(tx, loss, kwargs_fn=None, input_rx=None):
+def _step(tx, loss, kwargs_fn=None, input_projected=False):
     def step(params, state, x, y):
-        mats = None if input_rx is None else input_projection_matrices(state, input_rx)
-        g = jax.grad(loss)(params, x, y, mats)
+        g = jax.grad(loss)(params, x, y, state if input_projected else None)
         kwargs = {} if kwargs_fn is None else kwargs_fn(params, x)
         u, state = tx.update(g, state, params, **kwargs)
         return optax.apply_updates(params, u), state
@@ -134,15 +131,20 @@ def _analytic(params, hidden) -> dict[str, float]:
 def bench(batch: int, hidden: tuple[int, ...], rounds: int, budget: float) -> dict:
     params, x, y, ce, inputs, rng = _problem(batch, hidden)
     own = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731 - each case donates its own
-    o = METHOD_OPTIONS
+    o = {
+        "owm_alpha": OWMOptions().alpha,
+        "ewc_lambda": EWCOptions().lambda_,
+        "agem_per_task": AGEMOptions().per_task,
+        "agem_batch": AGEMOptions().batch,
+    }
     cases = {}
     sgd = optax.sgd(LR)
     cases["sgd"] = (_step(sgd, ce), (own(params), sgd.init(params), x, y), (0, 1))
     rgo = rgo_jax.rgo(LR)
     cases["rgo"] = (_step(rgo, ce), (own(params), rgo.init(params), x, y), (0, 1))
-    rgo_in = rgo_input_projected(LR, r"kernel$")
+    rgo_in = rgo_jax.rgo(LR, input_projected=r"kernel$")
     cases["rgo_input"] = (
-        _step(rgo_in, ce, input_rx=r"kernel$"),
+        _step(rgo_in, ce, input_projected=True),
         (own(params), rgo_in.init(params), x, y),
         (0, 1),
     )
@@ -175,7 +177,7 @@ def bench(batch: int, hidden: tuple[int, ...], rounds: int, budget: float) -> di
     ewc_state = baselines.ewc_accumulate(None, params, fisher)
     ewc_state = baselines.ewc_accumulate(ewc_state, jax.tree.map(lambda p: p * 0.9, params), zeros)
 
-    def ewc_loss(params, x, y, mats=None):
+    def ewc_loss(params, x, y, opt_state=None):
         return ce(params, x, y) + ewc_state.penalty(params, o["ewc_lambda"])
 
     cases["ewc"] = (_step(sgd, ewc_loss), (own(params), sgd.init(params), x, y), (0, 1))

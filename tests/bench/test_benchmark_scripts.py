@@ -1,0 +1,43 @@
+"""The benchmark scripts still run against the library they measure.
+
+They are not part of the suite's runs (they take minutes), so an API change can break them
+silently (the per-method step benchmark imported two names the redesign removed): this
+imports every one of them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.helpers import REPO
+
+IMPORT_ALL = r"""
+import importlib.util, pathlib, sys
+failed = []
+for f in sorted(pathlib.Path("benchmarks").rglob("*.py")):
+    sys.path.insert(0, str(f.parent))
+    spec = importlib.util.spec_from_file_location("benchmark_" + f.stem, f)
+    try:
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    except ModuleNotFoundError as err:  # an optional dependency (PyTorch) not installed
+        if err.name not in {"torch"}:
+            failed.append(f"{f}: {err!r}")
+    except Exception as err:
+        failed.append(f"{f}: {err!r}")
+    finally:
+        sys.path.pop(0)
+print("\n".join(failed))
+sys.exit(1 if failed else 0)
+"""
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_every_benchmark_script_imports():
+    out = _run(IMPORT_ALL)
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]
