@@ -52,6 +52,7 @@ def _trained_state(kw):
 
 
 @pytest.mark.parametrize("kind", sorted(LAYOUTS))
+@pytest.mark.slow
 def test_orbax_round_trip_and_next_update_is_bit_identical(kind, tmp_path):
     tx, state = _trained_state(LAYOUTS[kind])
     ckptr = ocp.StandardCheckpointer()

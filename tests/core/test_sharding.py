@@ -107,6 +107,7 @@ def ref_step(prob):
 
 
 @pytest.mark.parametrize("kind", STEP_KINDS)
+@pytest.mark.slow
 def test_data_parallel_step_equals_single_device(prob, ref_step, kind):
     mesh = make_mesh(kind)
     with in_context(kind, mesh):
@@ -156,6 +157,7 @@ def ref_p(prob):
 
 @pytest.mark.parametrize("method", ["block", "sequential"])
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.slow
 def test_consolidation_with_batch_sharded_vectors(prob, ref_p, kind, method):
     mesh = make_mesh(kind)
     with in_context(kind, mesh):
@@ -171,6 +173,7 @@ def test_consolidation_with_batch_sharded_vectors(prob, ref_p, kind, method):
 
 
 @pytest.mark.parametrize("kind", STEP_KINDS)
+@pytest.mark.slow
 def test_row_sharded_projection_step_and_consolidation(prob, ref_step, ref_p, kind):
     mesh = make_mesh(kind)
     rows = P("data", None)
@@ -250,6 +253,7 @@ def test_data_parallel_step_inside_shard_map(prob, ref_step, kind):
 
 @pytest.mark.parametrize("method", ["block", "sequential"])
 @pytest.mark.parametrize("kind", ["auto", "explicit"])
+@pytest.mark.slow
 def test_consolidation_inside_shard_map(prob, ref_p, kind, method):
     """Gathered vectors give the one-device P (replicated, checked by check_vma); each
     device's own vectors give each device the P of its shard."""

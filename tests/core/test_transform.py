@@ -45,6 +45,7 @@ def test_identity_before_consolidation():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), out, g)
 
 
+@pytest.mark.slow
 def test_update_is_trace_normalised_projection():
     tx = rgo_jax.scale_by_rgo()
     state = _consolidated_state(tx)
@@ -163,6 +164,7 @@ def test_chains_with_common_transformations(base):
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
 
 
+@pytest.mark.slow
 def test_nnx_optimizer_and_consolidation():
     model = nnx.Linear(5, 3, rngs=nnx.Rngs(0))
     opt = nnx.Optimizer(model, rgo_jax.rgo(0.5), wrt=nnx.Param)
