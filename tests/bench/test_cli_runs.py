@@ -187,6 +187,7 @@ def test_finished_run_keeps_the_last_two_checkpoints_unless_asked(tmp_path, caps
 # -- 5. a data set of one's own ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_own_npz_data_set_as_a_split_stream(tmp_path, capsys):
     path = _npz(tmp_path / "toy.npz", [6] * 6)
     out = tmp_path / "run"

@@ -238,6 +238,7 @@ def test_resnet18_fel_ids_follow_forward_order():
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.slow
 def test_fel_flag_keeps_parameters_identical(name):
     with_fel, _ = _small(name, fel=True)
     without, _ = _small(name, fel=False)
@@ -551,6 +552,7 @@ def test_initialize_is_a_pure_function_of_the_seed_and_keeps_the_ablation_identi
 
 
 @pytest.mark.parametrize("scheme", ["lecun", "torch"])
+@pytest.mark.slow
 def test_init_scale_multiplies_the_kernels_only(scheme):
     kwargs, shape = SMALL["alexnet"]
     common = dict(num_classes=NUM_CLASSES, input_shape=shape, init=scheme, seed=2, **kwargs)

@@ -84,6 +84,7 @@ def test_one_seed_without_vmap_matches_vmap():
         np.testing.assert_allclose(a, np.asarray(b[0]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_input_projection_applies_only_to_rgo_methods():
     # SGD ignores the flag (its optimizer holds no P); RGO keeps its P state layout.
     a, _ = _train_task_1("sgd", steps=10)

@@ -101,6 +101,7 @@ def test_gpm_keeps_old_task_logits_of_a_model_exactly():
     np.testing.assert_allclose(_logits(model, x_old, 0), before_old, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_owm_nearly_keeps_old_task_logits_of_an_mlp():
     rng = np.random.default_rng(1)
     model = MLP(8, (6,), 3, rngs=nnx.Rngs(1))

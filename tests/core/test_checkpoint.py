@@ -69,6 +69,7 @@ def test_orbax_round_trip_and_next_update_is_bit_identical(kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", sorted(LAYOUTS))
+@pytest.mark.slow
 def test_flax_serialization_round_trip(kind):
     tx, state = _trained_state(LAYOUTS[kind])
     restored = serialization.from_bytes(tx.init(PARAMS), serialization.to_bytes(state))

@@ -80,6 +80,7 @@ def test_finite_vectors_never_destroy_p(method, norm, alpha, accurate):
         assert np.max(np.abs(np.asarray(state.p["w"], np.float64) - expected)) < 1e-5
 
 
+@pytest.mark.slow
 def test_normal_regime_is_bit_identical_to_the_fast_kernels():
     rng = np.random.default_rng(2)
     v = random_vectors(rng, 40, 24)

@@ -112,6 +112,7 @@ def test_extra_args_are_accepted_and_ignored(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.slow
 def test_no_recompilation_on_second_call(case):
     tx, state = _prepared(case)
     chex.clear_trace_counter()

@@ -197,6 +197,7 @@ def test_use_input_projection_with_nnx_grad_restores_layers(mlp):
     )
 
 
+@pytest.mark.slow
 def test_input_projection_errors_name_the_problem(mlp):
     graph, params, rest = mlp.graph, mlp.params, mlp.rest
     with pytest.raises(ValueError, match="'head/bias'.*only dense kernels"):
@@ -273,6 +274,7 @@ def test_reduced_kernel_gradients_give_the_same_vectors_dense(mlp):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), chunked, ref)
 
 
+@pytest.mark.slow
 def test_reduced_kernel_gradients_give_the_same_vectors_conv():
     rng = np.random.default_rng(7)
     xs = jnp.asarray(rng.normal(size=(3, 4, 7, 7, 3)), jnp.float32)

@@ -123,6 +123,7 @@ def test_data_parallel_step_equals_single_device(prob, ref_step, kind):
 
 
 @pytest.mark.parametrize("kind", STEP_KINDS)
+@pytest.mark.slow
 def test_sharded_curvature_vectors_equal_single_device(prob, kind):
     def vectors(params, xb, yb):  # [nb, B, ...] -> [nb, ...] per-batch curvature vectors
         model_fn = lambda p, x: nnx.merge(prob.graph, p, prob.rest)(x, 1)  # noqa: E731
@@ -301,6 +302,7 @@ def test_fel_inside_shard_map_over_the_batch():
 # ---------------------------------------------------------------- state shardings
 
 
+@pytest.mark.slow
 def test_state_shardings_never_give_p_its_parameters_spec():
     mesh = make_mesh("explicit", (2, 2), ("data", "model"))
     params = {"w": jnp.ones((16, 8)), "b": jnp.zeros(8), "emb": jnp.ones((4, 8))}

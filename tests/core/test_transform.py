@@ -38,6 +38,7 @@ def _consolidated_state(tx, seed=1, n=20):
     return rgo_jax.consolidate(state, vecs, 0.5)
 
 
+@pytest.mark.slow
 def test_identity_before_consolidation():
     tx = rgo_jax.scale_by_rgo()
     g = _grads()
@@ -127,6 +128,7 @@ def test_no_rgo_state_is_a_clear_error():
         rgo_jax.consolidate(optax.sgd(0.1).init(_params()), {})
 
 
+@pytest.mark.slow
 def test_two_orders_with_adam():
     state0 = _consolidated_state(rgo_jax.scale_by_rgo())
     (rstate,) = rgo_jax.rgo_states(state0)
@@ -192,6 +194,7 @@ def test_nnx_optimizer_and_consolidation():
 # ----- the state as optax's tree tools see it ----------------------------------------------
 
 
+@pytest.mark.slow
 def test_tree_map_params_never_hands_p_to_the_params_function():
     params = {"w": jnp.ones((4, 8)), "b": jnp.ones(8)}
     tx = optax.chain(rgo_jax.scale_by_rgo(), optax.adam(1e-2))
