@@ -260,6 +260,7 @@ def test_fel_flag_keeps_parameters_identical(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.slow
 def test_fel_identity_on_task_zero_and_active_after(name):
     with_fel, x = _small(name, fel=True)
     without, _ = _small(name, fel=False)

@@ -285,6 +285,7 @@ def test_reduced_kernel_gradients_give_the_same_vectors_conv():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), out, ref)
 
 
+@pytest.mark.slow
 def test_batched_curvature_vectors_errors(mlp):
     xs = jnp.zeros((6, 4, 12), jnp.float32)
     ys = jnp.zeros((6, 4), jnp.int32)

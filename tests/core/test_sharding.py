@@ -231,6 +231,7 @@ def test_fel_on_a_feature_axis_sharded_over_model(kind):
 
 
 @pytest.mark.parametrize("kind", ["auto", "explicit"])
+@pytest.mark.slow
 def test_data_parallel_step_inside_shard_map(prob, ref_step, kind):
     mesh = make_mesh(kind)
 
