@@ -36,20 +36,3 @@ def _release_compiled_code_after_each_module():
     jax.clear_caches()
     gc.collect()
     _malloc_trim()
-
-
-def pytest_collection_modifyitems(config, items):
-    """Runs the heaviest files first, each file's tests in their own order.
-
-    With ``-n 2`` (``--dist loadfile``, ``--no-loadscope-reorder``) a worker takes one whole
-    file at a time in this order; a heavy file taken last would leave the other worker idle
-    while it runs. A file's weight is its number of tests, a test marked ``slow`` (or the
-    README's walkthrough, one doctest) counting 10.
-    """
-    weight: dict[str, int] = {}
-    for item in items:
-        path = item.nodeid.split("::", 1)[0]
-        heavy = item.get_closest_marker("slow") or path.endswith(".md")
-        weight[path] = weight.get(path, 0) + (10 if heavy else 1)
-    order = {path: i for i, path in enumerate(weight)}
-    items.sort(key=lambda item: (-weight[p := item.nodeid.split("::", 1)[0]], order[p]))
