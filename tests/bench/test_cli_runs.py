@@ -166,6 +166,7 @@ def _tasks_kept(out: Path) -> list[str]:
     return sorted(p.name for p in (out / "checkpoints" / "sgd" / "seed0").iterdir())
 
 
+@pytest.mark.slow
 def test_finished_run_keeps_the_last_two_checkpoints_unless_asked(tmp_path, capsys):
     argv = [*TINY, "--tasks", "4"]
     everything = tmp_path / "all"
@@ -186,6 +187,7 @@ def test_finished_run_keeps_the_last_two_checkpoints_unless_asked(tmp_path, caps
 # -- 5. a data set of one's own ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_own_npz_data_set_as_a_split_stream(tmp_path, capsys):
     path = _npz(tmp_path / "toy.npz", [6] * 6)
     out = tmp_path / "run"
@@ -247,6 +249,7 @@ def test_register_benchmark_runs_from_the_command_line(tmp_path):
 # -- 6. unequal class sizes, several seeds vmapped --------------------------------------------
 
 
+@pytest.mark.slow
 def test_unbalanced_class_split_runs_with_vmapped_seeds(tmp_path, capsys, monkeypatch):
     path = _npz(tmp_path / "unbalanced.npz", [3, 5, 7, 9])
     ds = data.load_npz(path)

@@ -78,6 +78,7 @@ def test_agem_memory_holds_each_task():
     assert not np.asarray(extra["x"][10:]).any()
 
 
+@pytest.mark.slow
 def test_gpm_threshold_rises_per_task_when_asked(monkeypatch, tmp_path):
     from rgo_jax import baselines
 
@@ -104,6 +105,7 @@ def _has_task_boundary_work(m):
 @pytest.mark.parametrize(
     "name", sorted(n for n, m in METHODS.items() if _has_task_boundary_work(m))
 )
+@pytest.mark.slow
 def test_after_task_keeps_no_reference_to_the_task_data(name):
     """JAX's caches must not keep a finished task's data alive (a leak of one training set
     per task and seed: EWC once grew by 0.35 GB per task on permuted MNIST)."""
@@ -166,6 +168,7 @@ def _ewc_fisher(kind: str, samples: int):
     return np.concatenate([np.ravel(v) for v in jax.tree.leaves(extra.fisher)])
 
 
+@pytest.mark.slow
 def test_ewc_fisher_option_picks_the_estimator():
     """exact: the expectation over the model's classes; sampled: one label per example from
     the model, unbiased for it; empirical: the true labels (a different quantity)."""

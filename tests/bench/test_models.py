@@ -164,6 +164,7 @@ def _alexnet_ref(model: AlexNet, x, task):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.slow
 def test_output_shape_and_dtype(name):
     model, x = _small(name)
     y = _forward(model, x, 2)
@@ -237,6 +238,7 @@ def test_resnet18_fel_ids_follow_forward_order():
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.slow
 def test_fel_flag_keeps_parameters_identical(name):
     with_fel, _ = _small(name, fel=True)
     without, _ = _small(name, fel=False)
@@ -258,6 +260,7 @@ def test_fel_flag_keeps_parameters_identical(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.slow
 def test_fel_identity_on_task_zero_and_active_after(name):
     with_fel, x = _small(name, fel=True)
     without, _ = _small(name, fel=False)
@@ -270,6 +273,7 @@ def test_fel_identity_on_task_zero_and_active_after(name):
 
 
 @pytest.mark.parametrize("name, mode", [("mlp", "nnx"), ("alexnet", "nnx"), ("resnet18", "tree")])
+@pytest.mark.slow
 def test_jit_with_traced_task_matches_eager(name, mode):
     # (One ResNet compilation only: every FEL site adds its permutation to the program.)
     model, x = _small(name)
@@ -487,6 +491,7 @@ def _layers(model):
 
 
 @pytest.mark.parametrize("scheme", ["torch", "glorot", "lecun"])
+@pytest.mark.slow
 def test_initialize_draws_each_scheme_from_its_distribution(scheme):
     # Wide dense and conv layers: their sample moments against the closed forms.
     mlp = build_model("mlp", num_classes=10, input_shape=(784,), init=scheme, seed=7)
@@ -527,6 +532,7 @@ def test_initialize_draws_each_scheme_from_its_distribution(scheme):
     assert checked == (5 if scheme == "lecun" else 3)
 
 
+@pytest.mark.slow
 def test_initialize_is_a_pure_function_of_the_seed_and_keeps_the_ablation_identical():
     kwargs, shape = SMALL["alexnet"]
     common = dict(num_classes=NUM_CLASSES, input_shape=shape, **kwargs)
@@ -547,6 +553,7 @@ def test_initialize_is_a_pure_function_of_the_seed_and_keeps_the_ablation_identi
 
 
 @pytest.mark.parametrize("scheme", ["lecun", "torch"])
+@pytest.mark.slow
 def test_init_scale_multiplies_the_kernels_only(scheme):
     kwargs, shape = SMALL["alexnet"]
     common = dict(num_classes=NUM_CLASSES, input_shape=shape, init=scheme, seed=2, **kwargs)

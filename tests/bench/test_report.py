@@ -469,6 +469,7 @@ def test_merge_reads_a_key_added_later_as_its_old_value(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_publish_merges_and_records_what_it_left_out(tmp_path):
     import subprocess
     import sys

@@ -154,6 +154,7 @@ def test_too_many_tasks_for_classes(tmp_path):
         train.run(cfg, tmp_path, log=lambda *a: None)
 
 
+@pytest.mark.slow
 def test_run_directory_contents(tmp_path):
     cfg = train.Config(
         methods=("rgo",), **{**QUICK, "num_tasks": 2, "steps_per_task": 50, "plots": True}
@@ -310,6 +311,7 @@ def test_joint_training_data_is_every_task_so_far():
             assert ids.dtype == np.int32 and m.dtype == bool
 
 
+@pytest.mark.slow
 def test_initialisation_is_a_protocol_key_that_older_runs_read_as_flax_default():
     import hashlib
 
@@ -385,6 +387,7 @@ def test_published_runs_keep_their_fingerprint():
     assert checked >= 30
 
 
+@pytest.mark.slow
 def test_each_seed_stream_is_built_once_per_method(tmp_path, monkeypatch):
     """Grouping the seeds measures the first seed's stream; its lane reuses that one."""
     built = []

@@ -62,6 +62,7 @@ def _train_task_1(method_name, steps=30, **options):
     return jax.tree.map(lambda a: np.asarray(a[0]), out[0]), (chunk, stacked)
 
 
+@pytest.mark.slow
 def test_input_projection_and_unrolling_train_the_same_network():
     plain, _ = _train_task_1("rgo")
     # 4 steps unrolled per scan iteration; 30 = 7 * 4 + 2, so a remainder is unrolled too.
@@ -75,6 +76,7 @@ def test_input_projection_and_unrolling_train_the_same_network():
     assert max(jax.tree.leaves(diff)) > 1e-3
 
 
+@pytest.mark.slow
 def test_one_seed_without_vmap_matches_vmap():
     single, (chunk, stacked) = _train_task_1("rgo", steps=10)
     vmapped = jax.jit(jax.vmap(chunk))(*stacked)[0]
@@ -82,6 +84,7 @@ def test_one_seed_without_vmap_matches_vmap():
         np.testing.assert_allclose(a, np.asarray(b[0]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_input_projection_applies_only_to_rgo_methods():
     # SGD ignores the flag (its optimizer holds no P); RGO keeps its P state layout.
     a, _ = _train_task_1("sgd", steps=10)
@@ -109,6 +112,7 @@ def test_linear_kernels_regex_selects_exactly_the_dense_layers(name, shape):
 
 @pytest.mark.parametrize("name, shape", [("mlp", (8, 8, 1)), ("alexnet", (32, 32, 3))])
 @pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.slow
 def test_reduced_cotangents_give_the_same_curvature_vectors(name, shape, per_sample):
     # Small widths: every layer kind (conv, dense, head) is still checked.
     kw = {"hidden": (32, 24), **({"channels": (8, 16, 16)} if name == "alexnet" else {})}

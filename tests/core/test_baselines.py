@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from rgo_jax.baselines import (
@@ -79,6 +80,7 @@ def test_gpm_conv_layout_agrees_with_the_models_im2col():
     assert float(jnp.abs(moved).max()) > 0.1  # the step did change the layer
 
 
+@pytest.mark.slow
 def test_gpm_keeps_old_task_logits_of_a_model_exactly():
     """Tuple-keyed model inputs, frozen biases, FEL and nnx.Optimizer end to end."""
     rng = np.random.default_rng(3)
@@ -99,6 +101,7 @@ def test_gpm_keeps_old_task_logits_of_a_model_exactly():
     np.testing.assert_allclose(_logits(model, x_old, 0), before_old, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_owm_nearly_keeps_old_task_logits_of_an_mlp():
     rng = np.random.default_rng(1)
     model = MLP(8, (6,), 3, rngs=nnx.Rngs(1))

@@ -52,6 +52,7 @@ def _trained_state(kw):
 
 
 @pytest.mark.parametrize("kind", sorted(LAYOUTS))
+@pytest.mark.slow
 def test_orbax_round_trip_and_next_update_is_bit_identical(kind, tmp_path):
     tx, state = _trained_state(LAYOUTS[kind])
     ckptr = ocp.StandardCheckpointer()
@@ -68,6 +69,7 @@ def test_orbax_round_trip_and_next_update_is_bit_identical(kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", sorted(LAYOUTS))
+@pytest.mark.slow
 def test_flax_serialization_round_trip(kind):
     tx, state = _trained_state(LAYOUTS[kind])
     restored = serialization.from_bytes(tx.init(PARAMS), serialization.to_bytes(state))
@@ -79,6 +81,7 @@ def test_flax_serialization_round_trip(kind):
     )
 
 
+@pytest.mark.slow
 def test_unprojected_leaves_hold_optax_empty_node():
     _, state = _trained_state(LAYOUTS["project_biases_false"])
     (rstate,) = rgo_jax.rgo_states(state)
@@ -86,6 +89,7 @@ def test_unprojected_leaves_hold_optax_empty_node():
     assert not [x for x in jax.tree.leaves(state) if np.size(x) == 0]  # no zero-size arrays
 
 
+@pytest.mark.slow
 def test_vector_count_is_not_mistaken_for_adams_step_count():
     _, state = _trained_state({})
     # Adam's step counter is the only "count"; the RGO field says what it counts.

@@ -94,6 +94,7 @@ def _im2col(x, kh, kw):
     return np.asarray(rows).reshape(b, (h - kh + 1) * (w - kw + 1), kh * kw * c)
 
 
+@pytest.mark.slow
 def test_conv_layout_equals_dense_over_patches():
     rng = np.random.default_rng(3)
     kh, kw, cin, cout, b = 3, 2, 2, 4, 5

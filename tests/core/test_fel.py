@@ -146,6 +146,7 @@ class _Block(nnx.Module):
         return self.fel(jax.nn.relu(self.lin(x)), task)
 
 
+@pytest.mark.slow
 def test_stacked_fel_layers_under_vmap_and_scan_get_their_own_permutations():
     layers = 3
     blocks = nnx.vmap(lambda i, k: _Block(i, k))(

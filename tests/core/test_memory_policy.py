@@ -73,6 +73,7 @@ class _Transformer(nnx.Module):
         return self.head(jnp.mean(self.block(self.embed(tokens)), axis=1))
 
 
+@pytest.mark.slow
 def test_transformer_policy_gives_p_to_the_block_kernels_only():
     model = _Transformer(vocab=50000, d=8, classes=3, rngs=nnx.Rngs(0))
     # The rank-only default refuses the embedding's 50000 x 50000 P (and the 3-D attention

@@ -21,6 +21,7 @@ def _batches(rng, nb, b, d, classes):
     return xs, ys
 
 
+@pytest.mark.slow
 def test_consolidate_equals_vectors_then_consolidate_with_the_optimizers_layout():
     model = MLP(6, (8,), 4, rngs=nnx.Rngs(0))  # FEL sites, called as model(x, task)
     tx = rgo_jax.rgo(0.1, project_biases=False)
@@ -75,6 +76,7 @@ class _ScanNet(nnx.Module):
         return self.head(body(self.blocks, x))
 
 
+@pytest.mark.slow
 def test_consolidate_works_with_nnx_scan_and_stacked_layouts():
     rules = layouts.layout_rules(
         [(r"^blocks/.*kernel", layouts.stacked(layouts.DENSE)), (r"^blocks/", None)]

@@ -37,6 +37,7 @@ def _assert_safe(p):
 
 
 @pytest.mark.parametrize("method", ["block", "sequential"])
+@pytest.mark.slow
 def test_issue_example_keeps_p_finite_positive_definite_and_accurate(method):
     # alpha / |v|^2 = 1e-8 is below float32 resolution: the plain recursion went to Inf/NaN.
     v = np.random.default_rng(0).normal(size=(200, 64)) * 1e3 / 8
@@ -63,6 +64,7 @@ EXTREMES = [
 
 @pytest.mark.parametrize(("norm", "alpha", "accurate"), EXTREMES)
 @pytest.mark.parametrize("method", ["block", "sequential"])
+@pytest.mark.slow
 def test_finite_vectors_never_destroy_p(method, norm, alpha, accurate):
     rng = np.random.default_rng(1)
     d = 24
@@ -78,6 +80,7 @@ def test_finite_vectors_never_destroy_p(method, norm, alpha, accurate):
         assert np.max(np.abs(np.asarray(state.p["w"], np.float64) - expected)) < 1e-5
 
 
+@pytest.mark.slow
 def test_normal_regime_is_bit_identical_to_the_fast_kernels():
     rng = np.random.default_rng(2)
     v = random_vectors(rng, 40, 24)
@@ -127,6 +130,7 @@ def test_cholesky_and_positive_definite_check():
     assert not bool(ok(jnp.asarray(m)))
 
 
+@pytest.mark.slow
 def test_bfloat16_p_stays_positive_definite_over_many_tasks():
     # Correlated vectors sharing directions across tasks: the bfloat16 rounding of P used to
     # leave negative eigenvalues that later tasks amplified.

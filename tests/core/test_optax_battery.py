@@ -101,6 +101,7 @@ def _prepared(case, tx=None, params=PARAMS):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.slow
 def test_extra_args_are_accepted_and_ignored(case):
     tx, state = _prepared(case)
     out, _ = tx.update(_grads(), state, PARAMS, **case.extra)
@@ -111,6 +112,7 @@ def test_extra_args_are_accepted_and_ignored(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.slow
 def test_no_recompilation_on_second_call(case):
     tx, state = _prepared(case)
     chex.clear_trace_counter()
@@ -175,6 +177,7 @@ def _sub(tree):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.slow
 def test_inside_partition_and_masked(case):
     # The reference: the transformation on the "t" leaves alone.
     tx, sub_state = _prepared(case, params=_sub(PARAMS))

@@ -126,6 +126,7 @@ def _input_projected_state(tx, state, params):
     return jax.tree.unflatten(jax.tree.structure(fresh), jax.tree.leaves(state))
 
 
+@pytest.mark.slow
 def test_input_projected_step_equals_plain_rgo_step(mlp):
     plain, fast = mlp.tx, rgo_jax.rgo(0.1, input_projected=r"kernel$")
     # The same leaves as scale_by_rgo's state (one P per leaf): consolidate and checkpoints
@@ -157,6 +158,7 @@ def test_input_projected_step_equals_plain_rgo_step(mlp):
     jax.tree.map(np.testing.assert_array_equal, jax.tree.leaves(a), jax.tree.leaves(b))
 
 
+@pytest.mark.slow
 def test_use_input_projection_with_nnx_grad_restores_layers(mlp):
     model = nnx.merge(mlp.graph, mlp.params, mlp.rest)
     tx = rgo_jax.rgo(0.1, input_projected=r"hidden/1/kernel")
@@ -195,6 +197,7 @@ def test_use_input_projection_with_nnx_grad_restores_layers(mlp):
     )
 
 
+@pytest.mark.slow
 def test_input_projection_errors_name_the_problem(mlp):
     graph, params, rest = mlp.graph, mlp.params, mlp.rest
     with pytest.raises(ValueError, match="'head/bias'.*only dense kernels"):
@@ -254,6 +257,7 @@ def _vectors_both_ways(model, xs, ys, **kw):
     return ref, out, plain, params
 
 
+@pytest.mark.slow
 def test_reduced_kernel_gradients_give_the_same_vectors_dense(mlp):
     xs = jnp.asarray(mlp.rng.normal(size=(6, 4, 12)), jnp.float32)
     ys = jnp.asarray(mlp.rng.integers(0, 5, size=(6, 4)), jnp.int32)
@@ -270,6 +274,7 @@ def test_reduced_kernel_gradients_give_the_same_vectors_dense(mlp):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), chunked, ref)
 
 
+@pytest.mark.slow
 def test_reduced_kernel_gradients_give_the_same_vectors_conv():
     rng = np.random.default_rng(7)
     xs = jnp.asarray(rng.normal(size=(3, 4, 7, 7, 3)), jnp.float32)
@@ -280,6 +285,7 @@ def test_reduced_kernel_gradients_give_the_same_vectors_conv():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), out, ref)
 
 
+@pytest.mark.slow
 def test_batched_curvature_vectors_errors(mlp):
     xs = jnp.zeros((6, 4, 12), jnp.float32)
     ys = jnp.zeros((6, 4), jnp.int32)
@@ -371,6 +377,7 @@ def test_blocked_cholesky_inverse_matches_float64(b):
     np.testing.assert_allclose(linv @ m @ linv.T, np.eye(b), atol=2e-3)
 
 
+@pytest.mark.slow
 def test_large_block_size_matches_closed_form():
     rng = np.random.default_rng(12)
     d, n = 30, 300

@@ -39,6 +39,7 @@ def test_rank_one_step_is_the_textbook_formula():
     assert bool(jnp.all(got[0] == got[0].T))
 
 
+@pytest.mark.slow
 def test_block_equals_sequential_steps():
     rng = np.random.default_rng(2)
     k, n, d = 3, 40, 16
@@ -50,6 +51,7 @@ def test_block_equals_sequential_steps():
         np.testing.assert_allclose(blk, seq, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bucketed_update_equals_per_leaf_update():
     rng = np.random.default_rng(3)
     params = {"a": jnp.zeros((10, 4)), "b": jnp.zeros((10, 7)), "c": jnp.zeros((6, 3))}

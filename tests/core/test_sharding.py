@@ -107,6 +107,7 @@ def ref_step(prob):
 
 
 @pytest.mark.parametrize("kind", STEP_KINDS)
+@pytest.mark.slow
 def test_data_parallel_step_equals_single_device(prob, ref_step, kind):
     mesh = make_mesh(kind)
     with in_context(kind, mesh):
@@ -122,6 +123,7 @@ def test_data_parallel_step_equals_single_device(prob, ref_step, kind):
 
 
 @pytest.mark.parametrize("kind", STEP_KINDS)
+@pytest.mark.slow
 def test_sharded_curvature_vectors_equal_single_device(prob, kind):
     def vectors(params, xb, yb):  # [nb, B, ...] -> [nb, ...] per-batch curvature vectors
         model_fn = lambda p, x: nnx.merge(prob.graph, p, prob.rest)(x, 1)  # noqa: E731
@@ -156,6 +158,7 @@ def ref_p(prob):
 
 @pytest.mark.parametrize("method", ["block", "sequential"])
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.slow
 def test_consolidation_with_batch_sharded_vectors(prob, ref_p, kind, method):
     mesh = make_mesh(kind)
     with in_context(kind, mesh):
@@ -171,6 +174,7 @@ def test_consolidation_with_batch_sharded_vectors(prob, ref_p, kind, method):
 
 
 @pytest.mark.parametrize("kind", STEP_KINDS)
+@pytest.mark.slow
 def test_row_sharded_projection_step_and_consolidation(prob, ref_step, ref_p, kind):
     mesh = make_mesh(kind)
     rows = P("data", None)
@@ -227,6 +231,7 @@ def test_fel_on_a_feature_axis_sharded_over_model(kind):
 
 
 @pytest.mark.parametrize("kind", ["auto", "explicit"])
+@pytest.mark.slow
 def test_data_parallel_step_inside_shard_map(prob, ref_step, kind):
     mesh = make_mesh(kind)
 
@@ -250,6 +255,7 @@ def test_data_parallel_step_inside_shard_map(prob, ref_step, kind):
 
 @pytest.mark.parametrize("method", ["block", "sequential"])
 @pytest.mark.parametrize("kind", ["auto", "explicit"])
+@pytest.mark.slow
 def test_consolidation_inside_shard_map(prob, ref_p, kind, method):
     """Gathered vectors give the one-device P (replicated, checked by check_vma); each
     device's own vectors give each device the P of its shard."""
@@ -297,6 +303,7 @@ def test_fel_inside_shard_map_over_the_batch():
 # ---------------------------------------------------------------- state shardings
 
 
+@pytest.mark.slow
 def test_state_shardings_never_give_p_its_parameters_spec():
     mesh = make_mesh("explicit", (2, 2), ("data", "model"))
     params = {"w": jnp.ones((16, 8)), "b": jnp.zeros(8), "emb": jnp.ones((4, 8))}

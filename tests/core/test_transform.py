@@ -38,6 +38,7 @@ def _consolidated_state(tx, seed=1, n=20):
     return rgo_jax.consolidate(state, vecs, 0.5)
 
 
+@pytest.mark.slow
 def test_identity_before_consolidation():
     tx = rgo_jax.scale_by_rgo()
     g = _grads()
@@ -45,6 +46,7 @@ def test_identity_before_consolidation():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), out, g)
 
 
+@pytest.mark.slow
 def test_update_is_trace_normalised_projection():
     tx = rgo_jax.scale_by_rgo()
     state = _consolidated_state(tx)
@@ -126,6 +128,7 @@ def test_no_rgo_state_is_a_clear_error():
         rgo_jax.consolidate(optax.sgd(0.1).init(_params()), {})
 
 
+@pytest.mark.slow
 def test_two_orders_with_adam():
     state0 = _consolidated_state(rgo_jax.scale_by_rgo())
     (rstate,) = rgo_jax.rgo_states(state0)
@@ -163,6 +166,7 @@ def test_chains_with_common_transformations(base):
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
 
 
+@pytest.mark.slow
 def test_nnx_optimizer_and_consolidation():
     model = nnx.Linear(5, 3, rngs=nnx.Rngs(0))
     opt = nnx.Optimizer(model, rgo_jax.rgo(0.5), wrt=nnx.Param)
@@ -190,6 +194,7 @@ def test_nnx_optimizer_and_consolidation():
 # ----- the state as optax's tree tools see it ----------------------------------------------
 
 
+@pytest.mark.slow
 def test_tree_map_params_never_hands_p_to_the_params_function():
     params = {"w": jnp.ones((4, 8)), "b": jnp.ones(8)}
     tx = optax.chain(rgo_jax.scale_by_rgo(), optax.adam(1e-2))
