@@ -36,3 +36,11 @@ def _release_compiled_code_after_each_module():
     jax.clear_caches()
     gc.collect()
     _malloc_trim()
+
+
+def pytest_collection_modifyitems(config, items):
+    """The README's examples run end to end (whole training and consolidation): slow."""
+    del config
+    for item in items:
+        if item.nodeid == "README.md::README.md":
+            item.add_marker(pytest.mark.slow)

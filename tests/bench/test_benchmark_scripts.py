@@ -10,6 +10,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import REPO
 
 IMPORT_ALL = r"""
@@ -38,6 +40,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # a subprocess
 def test_every_benchmark_script_imports():
     out = _run(IMPORT_ALL)
     assert out.returncode == 0, out.stdout + out.stderr[-2000:]

@@ -302,6 +302,7 @@ def test_mlp_matches_float64_reference():
         )
 
 
+@pytest.mark.slow
 def test_alexnet_matches_hand_written_forward():
     model, x = _small("alexnet")
     for task in (0, 2):
@@ -310,6 +311,7 @@ def test_alexnet_matches_hand_written_forward():
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fel", [True, False])
 def test_resnet_matches_hand_written_forward(fel):
     model, x = _small("resnet18", fel=fel)

@@ -191,3 +191,15 @@ def test_every_benchmark_config_is_a_valid_configuration(path):
     cfg = cli.config_from_args(cli._parser().parse_args(["--config", str(path)]))
     assert cfg.benchmark == path.stem  # each config is named after its benchmark
     assert cfg.methods and cfg.seeds
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((REPO / "benchmarks" / "configs" / "papers").glob("*.json")),
+    ids=lambda p: p.stem,
+)
+def test_every_paper_protocol_config_is_a_valid_configuration(path):
+    """configs/papers/: other papers' protocols (a baseline's own), run on a named benchmark."""
+    cfg = cli.config_from_args(cli._parser().parse_args(["--config", str(path)]))
+    assert cfg.benchmark in train.BENCHMARKS
+    assert cfg.methods and cfg.seeds
