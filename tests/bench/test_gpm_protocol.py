@@ -161,7 +161,7 @@ def test_threshold_list_with_a_step_and_biases():
 
 
 def test_the_gpm_protocol_config_reads():
-    fields = json.loads((CONFIGS / "gpm_pmnist.json").read_text())
+    fields = json.loads((CONFIGS / "papers" / "gpm_pmnist.json").read_text())
     fields.pop("_doc")
     cfg = train.Config(
         **{k: tuple(v) if k in ("methods", "seeds") else v for k, v in fields.items()}
