@@ -385,7 +385,10 @@ def test_conv_patches_match_loops_and_conv_output(shape, k, stride, padding):
     np.testing.assert_allclose(flat.reshape(y.shape), y, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if "resnet" in n else n for n in NAMES],
+)
 def test_return_inputs_cover_every_kernel(name):
     model, x = _small(name)
     logits, inputs = model(x, 1, return_inputs=True)
