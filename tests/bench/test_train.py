@@ -318,7 +318,7 @@ def test_initialisation_is_a_protocol_key_that_older_runs_read_as_flax_default()
     cfg = train.Config()
     # The fingerprint a version without the ``init`` key computed: runs checkpointed then
     # still resume.
-    added = ("init", "init_scale", "dataset", "stream", "classes_per_task")
+    added = ("init", "init_scale", "dataset", "stream", "classes_per_task", "bias", "normalize")
     old = {k: v for k, v in cfg.to_dict().items() if k not in train.OUTPUT_KEYS + added}
     old_hash = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert cfg.fingerprint() == old_hash
@@ -328,8 +328,11 @@ def test_initialisation_is_a_protocol_key_that_older_runs_read_as_flax_default()
         "dataset": cfg.dataset,
         "stream": cfg.stream,
         "classes_per_task": cfg.classes_per_task,
+        "bias": cfg.bias,
+        "normalize": cfg.normalize,
     }
     assert dataclasses.replace(cfg, init="torch").fingerprint() != cfg.fingerprint()
+    assert dataclasses.replace(cfg, bias=False).fingerprint() != cfg.fingerprint()
     assert dataclasses.replace(cfg, init="glorot").fingerprint() != cfg.fingerprint()
     assert dataclasses.replace(cfg, init_scale=0.5).fingerprint() != cfg.fingerprint()
 
