@@ -18,6 +18,7 @@ from rgo_jax.bench.models import MLP, build_model
 CONFIGS = Path(__file__).resolve().parents[2] / "benchmarks" / "configs"
 
 
+@pytest.mark.slow
 def test_bias_free_mlp_is_a_product_of_kernels():
     model = MLP(6, (5, 4), 3, bias=False, rngs=nnx.Rngs(0))
     paths = sorted(path for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)))

@@ -77,6 +77,7 @@ def test_epoch_consolidation_uses_every_training_example_once():
     assert all(v.shape[0] == n // 10 for v in jax.tree.leaves(vecs))
 
 
+@pytest.mark.slow
 def test_after_task_passes_the_extension_options_on(monkeypatch):
     cfg, method, stream, net, params = _set_up(
         **{"rgo.hessian": "sampled", "rgo.alpha_scale": "relative", "rgo.consolidation": "epoch"}

@@ -230,6 +230,7 @@ def test_online_ewc_decay_arithmetic():
         ewc_accumulate(s, theta2, {"w": -jnp.ones(2)})
 
 
+@pytest.mark.slow
 def test_loss_wrapper_and_nnx_state_params():
     rng = np.random.default_rng(7)
     params, x, y = _linear_problem(rng)

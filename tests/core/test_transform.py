@@ -68,6 +68,7 @@ def test_update_is_trace_normalised_projection():
     jax.tree.map(np.testing.assert_array_equal, new_state.p, state.p)
 
 
+@pytest.mark.slow
 def test_projection_shrinks_consolidated_directions_only():
     d, m, alpha, r = 8, 3, 0.01, 2.0
     q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(d, d)))
