@@ -16,3 +16,18 @@ def git_commit() -> str:
     commit = git("rev-parse", "HEAD") or "unknown"
     dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     return commit + ("-dirty" if dirty else "")
+
+
+def machine() -> dict:
+    """The platform, CPU count, JAX version and backend a result was measured on."""
+    import os  # noqa: PLC0415
+    import platform  # noqa: PLC0415
+
+    import jax  # noqa: PLC0415
+
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+    }

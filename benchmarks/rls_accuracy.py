@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -46,7 +44,7 @@ import rgo_jax
 from rgo_jax import _rls
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _provenance import git_commit
+from _provenance import git_commit, machine
 from rls_drift import closed_form, curvature_like_vectors  # noqa: E402
 
 NORMS = [1e-12, 1e-8, 1e-4, 1.0, 1e4, 1e8, 1e12, 1e16, 1e20]
@@ -495,12 +493,7 @@ def main() -> None:
     record = {
         "command": "python benchmarks/rls_accuracy.py " + " ".join(argv),
         "commit": commit,
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-        },
+        "machine": machine(),
         "accurate_threshold_max_abs_err": ACCURATE,
     }
     t0 = time.perf_counter()

@@ -14,14 +14,12 @@ Command (a few minutes on 2 CPU cores):
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _provenance import git_commit
+from _provenance import git_commit, machine
 
 import rgo_jax
 import rgo_jax.bench
@@ -94,12 +92,7 @@ def main() -> None:
     record = {
         "command": "python benchmarks/rls_block_lapack.py",
         "commit": commit,
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-        },
+        "machine": machine(),
         "vectors": args.vectors,
         "block_size": 64,
         "reps": args.reps,

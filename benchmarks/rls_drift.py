@@ -19,10 +19,9 @@ import argparse
 import platform
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from _provenance import git_commit
+from _provenance import git_commit, machine
 
 import rgo_jax
 from rgo_jax.bench import data
@@ -101,13 +100,7 @@ def main() -> None:
     record = {
         "command": "python benchmarks/rls_drift.py --data-dir ../shared/datasets",
         "commit": commit,
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpus": __import__("os").cpu_count(),
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-        },
+        "machine": {**machine(), "processor": platform.processor()},
         "tasks": args.tasks,
         "updates_per_task": args.per_task,
         "width": d,

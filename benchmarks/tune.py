@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import tempfile
 import time
 
-import jax
-from _provenance import git_commit
+from _provenance import git_commit, machine
 
 import rgo_jax
 from rgo_jax.bench import train
@@ -102,12 +100,7 @@ def main() -> None:
             if v is not None and k != "out"
         ),
         "commit": commit,
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": __import__("os").cpu_count(),
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-        },
+        "machine": machine(),
         "protocol": "validation split of each task's TRAINING data; test data never used",
         "search": search,
         "chosen": chosen,
