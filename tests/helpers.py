@@ -25,3 +25,20 @@ def random_vectors(rng: np.random.Generator, n: int, d: int, scale: float = 1.0)
     basis = rng.normal(size=(max(2, d // 3), d))
     coef = np.abs(rng.normal(size=(n, basis.shape[0])))
     return (scale * (coef @ basis) / np.sqrt(d)).astype(np.float32)
+
+
+def task_context(cfg, stream, net, rng: int = 0):
+    """The harness's :class:`TaskContext` for task 0 of ``stream`` under ``cfg``."""
+    from rgo_jax.bench import _methods  # noqa: PLC0415 - the core's tests never load it
+
+    x, y = stream.get_split(0, "train")
+    return _methods.TaskContext(
+        task=0,
+        x_train=x,
+        y_train=y,
+        class_mask=stream.class_masks()[0],
+        logits_fn=net.logits,
+        inputs_fn=net.inputs,
+        rng=np.random.default_rng(rng),
+        run=cfg.run_info(),
+    )

@@ -7,24 +7,11 @@ import pytest
 from rgo_jax import _transform
 from rgo_jax.bench import _methods, cli, train
 from tests.bench.test_train_fast_paths import _train_task_1
+from tests.helpers import task_context
 
 TINY = dict(
     benchmark="permuted_digits", num_tasks=2, hidden=(16,), batch_size=10, max_train_per_task=200
 )
-
-
-def _ctx(cfg, stream, net, rng=0):
-    x, y = stream.get_split(0, "train")
-    return _methods.TaskContext(
-        task=0,
-        x_train=x,
-        y_train=y,
-        class_mask=stream.class_masks()[0],
-        logits_fn=net.logits,
-        inputs_fn=net.inputs,
-        rng=np.random.default_rng(rng),
-        run=cfg.run_info(),
-    )
 
 
 def _set_up(**options):
@@ -61,7 +48,7 @@ def test_extension_options_refuse_unknown_values_naming_the_option(option, value
 
 def test_epoch_consolidation_uses_every_training_example_once():
     cfg, method, stream, net, params = _set_up()
-    ctx = _ctx(cfg, stream, net)
+    ctx = task_context(cfg, stream, net)
     xs, ys = _methods._epoch_batches(ctx, 10)
     n = len(ctx.x_train) // 10 * 10
     assert xs.shape[:2] == ys.shape == (n // 10, 10)
@@ -70,7 +57,7 @@ def test_epoch_consolidation_uses_every_training_example_once():
     assert len(np.unique(idx)) == n
     np.testing.assert_array_equal(xs.reshape(n, *xs.shape[2:]), ctx.x_train[idx])
     np.testing.assert_array_equal(ys.ravel(), ctx.y_train[idx])
-    ctx = _ctx(cfg, stream, net)
+    ctx = task_context(cfg, stream, net)
     vecs = _methods.rgo_consolidation_vectors(
         ctx, params, per_sample=False, num_batches=None, batch_size=10
     )
@@ -96,7 +83,7 @@ def test_after_task_passes_the_extension_options_on(monkeypatch):
 
     monkeypatch.setattr(_methods, "curvature_vectors", cv)
     monkeypatch.setattr(_transform, "consolidate", cons)
-    ctx = _ctx(cfg, stream, net)
+    ctx = task_context(cfg, stream, net)
     method.after_task(ctx, params, method.optimizer(cfg.run_info()).init(params), ())
     assert seen["cv"]["hessian"] == "sampled" and "rng" in seen["cv"]
     assert seen["cons"] == {"method": "block", "relative_alpha": True}
@@ -104,7 +91,7 @@ def test_after_task_passes_the_extension_options_on(monkeypatch):
     # the default passes none of them (the reference code's call, unchanged)
     cfg, method, stream, net, params = _set_up()
     method.after_task(
-        _ctx(cfg, stream, net), params, method.optimizer(cfg.run_info()).init(params), ()
+        task_context(cfg, stream, net), params, method.optimizer(cfg.run_info()).init(params), ()
     )
     assert "hessian" not in seen["cv"] and "rng" not in seen["cv"]
     assert seen["cons"] == {"method": "block"}

@@ -16,24 +16,14 @@ from flax import nnx
 
 from rgo_jax import _transform
 from rgo_jax.bench import _methods, cli, models, train
-from tests.helpers import REPO
+from tests.helpers import REPO, task_context
 
 BASE = dict(benchmark="permuted_digits", num_tasks=2, hidden=(64, 48), batch_size=10)
 
 
 def _after_first_task(cfg, method, net, params, state, stream):
     """Consolidates task 0 so that P is far from the identity."""
-    x, y = stream.get_split(0, "train")
-    ctx = _methods.TaskContext(
-        task=0,
-        x_train=x,
-        y_train=y,
-        class_mask=stream.class_masks()[0],
-        logits_fn=net.logits,
-        inputs_fn=net.inputs,
-        rng=np.random.default_rng(0),
-        run=cfg.run_info(),
-    )
+    ctx = task_context(cfg, stream, net)
     vecs = _methods.rgo_consolidation_vectors(
         ctx, params, per_sample=False, num_batches=40, batch_size=10
     )
