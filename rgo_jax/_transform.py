@@ -374,9 +374,13 @@ def _input_projected_leaves(specs: dict, selected: Callable[[str], bool]) -> set
     return names
 
 
-@functools.partial(jax.jit, static_argnames=("method", "block_size", "relative_alpha"))
+@functools.partial(
+    jax.jit, static_argnames=("method", "block_size", "relative_alpha", "checked_only")
+)
 @_sharding.sharding_boundary(like=0)
-def _update_projection(state, vectors, alpha, method, block_size, relative_alpha=False):
+def _update_projection(
+    state, vectors, alpha, method, block_size, relative_alpha=False, checked_only=False
+):
     table = {name: v for name, v in _matrices.projected(vectors).items() if v is not None}
     entries = []  # (name, p, v)
     matrices = _matrices.projected(state.p)
@@ -423,6 +427,7 @@ def _update_projection(state, vectors, alpha, method, block_size, relative_alpha
         buckets.setdefault((e[1].shape[-1], e[1].dtype, e[0] if per_leaf else None), []).append(e)
     new = {}
     refused = jnp.zeros((), bool)
+    unchecked = jnp.zeros((), bool)
     for (d, dtype, leaf), group in buckets.items():
         a = alpha
         if isinstance(alpha, dict):
@@ -435,19 +440,51 @@ def _update_projection(state, vectors, alpha, method, block_size, relative_alpha
         pk = jnp.concatenate(ps, axis=0)
         vk = jnp.concatenate(vs, axis=1).astype(jnp.float32)
         vk = jnp.where(bad[:, None, None], 0.0, vk)
-        pk, _, status = _rls.run_rls(pk, vk, a, method=method, block_size=block_size, dtype=dtype)
+        pk, _, status = _rls.run_rls(
+            pk, vk, a, method=method, block_size=block_size, dtype=dtype, checked_only=checked_only
+        )
         refused = refused | jnp.any(status == 2)
+        unchecked = unchecked | jnp.any(status == _rls.NOT_CHECKED)
         offsets = np.cumsum([0, *sizes])
         for (name, p, _), lo, hi in zip(group, offsets[:-1], offsets[1:], strict=True):
             new[name] = pk[lo:hi].reshape(p.shape).astype(dtype)
     # A P that no form of the update keeps positive definite: refuse the whole update.
     num_bad = jnp.where(refused, n, jnp.sum(bad, dtype=jnp.int32))
     new = {name: jnp.where(refused, matrices[name], value) for name, value in new.items()}
-    return state._replace(
+    updated = state._replace(
         p=_matrices.with_projected(state.p, new),
         num_vectors=_rls.saturating_add(state.num_vectors, n - num_bad),
         skipped=_rls.saturating_add(state.skipped, num_bad),
     )
+    if not checked_only:
+        return updated
+    # A fast result that failed its check: the whole state comes back unchanged, and the
+    # caller (:func:`_absorb`) sees that its counters did not move.
+    return jax.tree.map(lambda a, b: jnp.where(unchecked, a, b), state, updated)
+
+
+def _absorb(state, vectors, alpha, method, block_size, relative_alpha):
+    """:func:`_update_projection` for :func:`update_projection`, compiled in two stages.
+
+    Called eagerly, the fast kernel and its check run first (:func:`_rls.rls_checked`,
+    about half the compilation); only if a result failed its check, which leaves the state
+    unchanged, does the full update with its square-root fallback compile and run. The P
+    that comes back is the full update's in both cases. Under a trace (``jit``, ``grad``
+    or ``eval_shape`` around :func:`update_projection`) the full update is traced at once.
+    """
+    args = (state, vectors, alpha, method, block_size, relative_alpha)
+    if isinstance(jnp.zeros(()), jax.core.Tracer) or any(
+        isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((state, vectors, alpha))
+    ):
+        return _update_projection(*args)
+    new = _update_projection(*args, True)  # checked_only
+    # A successful update of n > 0 vectors moves num_vectors + skipped by n; unchanged
+    # counters mean a failed check (or both counters saturated: the full update decides).
+    moved = (int(new.num_vectors), int(new.skipped)) != (
+        int(state.num_vectors),
+        int(state.skipped),
+    )
+    return new if moved else _update_projection(*args)
 
 
 def _relative_scale(v: jax.Array, bad: jax.Array) -> jax.Array:
@@ -549,9 +586,13 @@ def update_projection(
 
     Cost (784-wide P, 1000 vectors, 2 CPU cores): the check is one float32 Cholesky
     factorisation per matrix and update (``2 d^3`` flops, no LAPACK call): 40 -> 63 ms for
-    the block kernel, 193 -> 222 ms for the sequential one, and about 3 s more compilation.
-    The fallback, only where the plain kernel fails, took 0.7 s (block) and 0.9 s
-    (sequential).
+    the block kernel, 193 -> 222 ms for the sequential one. The fallback, only where the
+    plain kernel fails, took 0.7 s (block) and 0.9 s (sequential). Called outside ``jit``,
+    the update compiles in two stages: the fast kernel with its check first, and the
+    fallback only if a check fails (the P is bit for bit the same as the one-program
+    update's). When nothing fails that is 40-55 % less compilation: for an MLP with three
+    sizes of P, 6.1 -> 3.7 s (block) and 5.2 -> 2.4 s (sequential) of CPU time. Under
+    ``jit`` the whole update is one program.
     """
     if not isinstance(state, RGOState):
         raise TypeError(
@@ -571,7 +612,7 @@ def update_projection(
         return state  # no vectors (n = 0): nothing to absorb, P unchanged
     alpha = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), alpha)
     relative = bool(relative_alpha)
-    return _update_projection(state, vectors, alpha, method, int(block_size), relative)
+    return _absorb(state, vectors, alpha, method, int(block_size), relative)
 
 
 def rgo_states(opt_state: Any) -> list[RGOState]:

@@ -387,7 +387,13 @@ class RGO(Method):
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=_weak(x)), state
             )
             _transform._update_projection.lower(
-                abstract, vecs, alpha, opts.rls_method, int(block), opts.alpha_scale == "relative"
+                abstract,
+                vecs,
+                alpha,
+                opts.rls_method,
+                int(block),
+                opts.alpha_scale == "relative",
+                True,  # checked_only: the first stage of update_projection (_absorb)
             ).compile()
 
 
