@@ -11,6 +11,7 @@ from flax import nnx
 
 import rgo_jax
 from rgo_jax import layouts
+from tests.helpers import built_in_one_program
 
 
 def test_an_embedding_table_over_the_budget_is_refused_at_init():
@@ -75,7 +76,9 @@ class _Transformer(nnx.Module):
 
 @pytest.mark.slow
 def test_transformer_policy_gives_p_to_the_block_kernels_only():
-    model = _Transformer(vocab=50000, d=8, classes=3, rngs=nnx.Rngs(0))
+    model = built_in_one_program(
+        lambda: _Transformer(vocab=50000, d=8, classes=3, rngs=nnx.Rngs(0))
+    )
     # The rank-only default refuses the embedding's 50000 x 50000 P (and the 3-D attention
     # kernels); the documented policy picks the leaves.
     with pytest.raises(ValueError):
@@ -114,5 +117,9 @@ def test_transformer_policy_gives_p_to_the_block_kernels_only():
     def loss(m):
         return optax.softmax_cross_entropy_with_integer_labels(m(xs[0]), ys[0]).mean()
 
-    opt.update(model, nnx.grad(loss)(model))
+    @nnx.jit  # the step as one program (eagerly, each of its operations compiles on its own)
+    def train_step(opt, model):
+        opt.update(model, nnx.grad(loss)(model))
+
+    train_step(opt, model)
     assert not np.array_equal(before, model.embed.embedding[...])  # unprojected, still trained
