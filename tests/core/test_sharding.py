@@ -87,6 +87,7 @@ class Problem:
         state = self.tx.init(self.params)
         self.state = rgo_jax.consolidate(state, _vectors(state[0].p, rng, 16), 0.1)
         self.vecs = _vectors(state[0].p, rng, 16)  # 4 per device
+        self.vecs64 = _vectors(state[0].p, np.random.default_rng(1), 64)  # 16 per device
         self.rng = rng
 
     def loss(self, params, x, y):
@@ -279,11 +280,13 @@ def test_consolidation_inside_shard_map(prob, ref_p, kind, method):
         out = rgo_jax.consolidate(state, v, 0.1, method=method)
         return jax.tree.map(lambda a: a[None], out)
 
+    # 16 vectors per device: each device's reference is a consolidation of as many vectors
+    # as prob.vecs, whose one-device program ref_p has compiled already.
     per_device = jax.jit(
         jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"))
-    )(rs, sv)
+    )(rs, sharding.shard_batch(prob.vecs64, mesh))
     for i in range(4):
-        shard = jax.tree.map(lambda v, i=i: v[4 * i : 4 * (i + 1)], prob.vecs)
+        shard = jax.tree.map(lambda v, i=i: v[16 * i : 16 * (i + 1)], prob.vecs64)
         want = rgo_jax.rgo_states(rgo_jax.consolidate(prob.state, shard, 0.1, method=method))[0]
         got = jax.tree.map(lambda a, i=i: np.asarray(a)[i], rgo_jax.rgo_states(per_device)[0].p)
         assert_tree(got, want.p, ROWS_TOL)
