@@ -87,15 +87,16 @@ def _model(cfg: dict, rng: np.random.Generator):
 
     def init(s):
         if len(s.shape) <= 1:
-            return jnp.zeros(s.shape, s.dtype)
-        return jnp.asarray(rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1])), s.dtype)
+            return jnp.asarray(np.zeros(s.shape, s.dtype))
+        w = rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1]))
+        return jnp.asarray(w.astype(s.dtype))
 
     counter = iter(range(10**6))
 
     def init_rest(s):
         if jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key):
             return jax.random.key(next(counter))
-        return jnp.zeros(s.shape, s.dtype)
+        return jnp.asarray(np.zeros(s.shape, s.dtype))
 
     return graph, jax.tree.map(init, params), jax.tree.map(init_rest, rest)
 
@@ -105,8 +106,8 @@ def run(cfg: dict) -> dict:
     rng = np.random.default_rng(0)
     graph, params, rest = _model(cfg, rng)
     b = cfg["batch"]
-    x = jnp.asarray(rng.normal(size=(b, 32, 32, 3)), jnp.float32)
-    y = jnp.asarray(rng.integers(0, 5, size=b), jnp.int32)
+    x = jnp.asarray(rng.normal(size=(b, 32, 32, 3)).astype(np.float32))
+    y = jnp.asarray(rng.integers(0, 5, size=b).astype(np.int32))
 
     def loss(p, x, y):
         logits = nnx.merge(graph, p, rest)(x, 1)
@@ -119,11 +120,11 @@ def run(cfg: dict) -> dict:
 
         return step
 
-    own = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731
+    own = lambda t: jax.device_put(t, may_alias=False)  # noqa: E731 - new buffers, no compile
     sgd, rgo, rgo16 = optax.sgd(0.03), rgo_jax.rgo(0.03), rgo_jax.rgo(0.03, dtype=jnp.bfloat16)
-    s_rgo = rgo.init(params)
+    s_rgo = jax.jit(rgo.init)(params)  # one program, not one small one per leaf
     # Stand-in gradients for the bare P @ G timing (only their shapes matter).
-    g = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    g = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape).astype(np.float32)), params)
     step_cases = {
         "base": (make(sgd), (own(params), own(sgd.init(params)), x, y), (0, 1)),
         "rgo": (make(rgo), (own(params), own(s_rgo), x, y), (0, 1)),
@@ -132,7 +133,7 @@ def run(cfg: dict) -> dict:
     if not cfg["small"]:
         step_cases["rgo_bf16"] = (
             make(rgo16),
-            (own(params), own(rgo16.init(params)), x, y),
+            (own(params), jax.jit(rgo16.init)(params), x, y),
             (0, 1),
         )
     step_outs: dict = {}
@@ -141,8 +142,8 @@ def run(cfg: dict) -> dict:
 
     # Consolidation: curvature vectors of several batches, then the RLS update.
     nb = cfg["batches"]
-    xs = jnp.asarray(rng.normal(size=(nb, b, 32, 32, 3)), jnp.float32)
-    ys = jnp.asarray(rng.integers(0, 5, size=(nb, b)), jnp.int32)
+    xs = jnp.asarray(rng.normal(size=(nb, b, 32, 32, 3)).astype(np.float32))
+    ys = jnp.asarray(rng.integers(0, 5, size=(nb, b)).astype(np.int32))
 
     def fast_logits(p, x):
         m = nnx.merge(graph, p, rest)
@@ -154,7 +155,7 @@ def run(cfg: dict) -> dict:
     state = s_rgo[0]
     vecs = jax.tree.map(
         lambda p: jnp.asarray(
-            rng.normal(size=(n, p.shape[-1])) / np.sqrt(p.shape[-1]), jnp.float32
+            (rng.normal(size=(n, p.shape[-1])) / np.sqrt(p.shape[-1])).astype(np.float32)
         ),
         state.p,
     )
@@ -173,9 +174,10 @@ def run(cfg: dict) -> dict:
         min_sample_s=0.0,
         outputs=outs,
     )
-    new_p = outs["rls_block"].p
-    sym = max(float(jnp.max(jnp.abs(p - p.T))) for p in jax.tree.leaves(new_p) if p.size)
-    diag_ok = all(bool(jnp.all(jnp.diagonal(p) > 0)) for p in jax.tree.leaves(new_p) if p.size)
+    # The checks run in NumPy on the host (exact, and no small program compiled per shape).
+    new_p = [np.asarray(p) for p in jax.tree.leaves(outs["rls_block"].p) if p.size]
+    sym = max(float(np.max(np.abs(p - p.T))) for p in new_p)
+    diag_ok = all(bool(np.all(np.diagonal(p) > 0)) for p in new_p)
 
     dev = jax.devices()[0]
     mem = None
@@ -212,7 +214,7 @@ def run(cfg: dict) -> dict:
         },
         "checks": {
             "rgo_update_finite": all(
-                bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(trained)
+                bool(np.all(np.isfinite(np.asarray(u)))) for u in jax.tree.leaves(trained)
             ),
             "p_symmetric": sym == 0.0,
             "p_max_asymmetry": sym,

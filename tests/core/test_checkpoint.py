@@ -14,9 +14,10 @@ from flax import serialization
 import rgo_jax
 from rgo_jax import layouts
 
+# Every P is 4 x 4: one RLS bucket per consolidation (the leaves differ in their values).
 PARAMS = {
-    "body": {"kernel": jnp.ones((5, 4)), "bias": jnp.ones(4)},
-    "head": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)},
+    "body": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)},
+    "head": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)},
 }
 LAYOUTS = {
     "default": {},
@@ -44,8 +45,8 @@ def _trained_state(kw):
     _, state = tx.update(_grads(0), state, PARAMS)
     rng = np.random.default_rng(1)
     vecs = {
-        "body": {"kernel": rng.normal(size=(6, 5)), "bias": rng.normal(size=(6, 4))},
-        "head": {"kernel": rng.normal(size=(6, 4)), "bias": rng.normal(size=(6, 3))},
+        "body": {"kernel": rng.normal(size=(6, 4)), "bias": rng.normal(size=(6, 4))},
+        "head": {"kernel": rng.normal(size=(6, 4)), "bias": rng.normal(size=(6, 4))},
     }
     state = rgo_jax.consolidate(state, jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), vecs))
     return tx, state

@@ -11,6 +11,7 @@ from flax import nnx
 
 import rgo_jax
 from rgo_jax import layouts
+from tests.helpers import built_in_one_program
 
 
 def test_an_embedding_table_over_the_budget_is_refused_at_init():
@@ -75,7 +76,9 @@ class _Transformer(nnx.Module):
 
 @pytest.mark.slow
 def test_transformer_policy_gives_p_to_the_block_kernels_only():
-    model = _Transformer(vocab=50000, d=8, classes=3, rngs=nnx.Rngs(0))
+    model = built_in_one_program(
+        lambda: _Transformer(vocab=50000, d=8, classes=8, rngs=nnx.Rngs(0))
+    )
     # The rank-only default refuses the embedding's 50000 x 50000 P (and the 3-D attention
     # kernels); the documented policy picks the leaves.
     with pytest.raises(ValueError):
@@ -98,12 +101,12 @@ def test_transformer_policy_gives_p_to_the_block_kernels_only():
         "block/mlp/layers/2/kernel": (16, 16),
         "block/mlp/layers/2/bias": (8, 8),
         "head/kernel": (8, 8),
-        "head/bias": (3, 3),
+        "head/bias": (8, 8),  # 8 classes: two P sizes (8, 16), two RLS buckets
     }
     # A task boundary and a projected step run through the whole model.
     rng = np.random.default_rng(0)
     xs = jnp.asarray(rng.integers(0, 50000, size=(3, 4, 5)), jnp.int32)
-    ys = jnp.asarray(rng.integers(0, 3, size=(3, 4)), jnp.int32)
+    ys = jnp.asarray(rng.integers(0, 8, size=(3, 4)), jnp.int32)
     rgo_jax.nnx.consolidate(opt, model, xs, ys, reduced=False)
     (state,) = rgo_jax.rgo_states(nnx.as_pure(opt.opt_state))
     assert int(state.num_vectors) == 3
@@ -114,5 +117,9 @@ def test_transformer_policy_gives_p_to_the_block_kernels_only():
     def loss(m):
         return optax.softmax_cross_entropy_with_integer_labels(m(xs[0]), ys[0]).mean()
 
-    opt.update(model, nnx.grad(loss)(model))
+    @nnx.jit  # the step as one program (eagerly, each of its operations compiles on its own)
+    def train_step(opt, model):
+        opt.update(model, nnx.grad(loss)(model))
+
+    train_step(opt, model)
     assert not np.array_equal(before, model.embed.embedding[...])  # unprojected, still trained

@@ -57,7 +57,7 @@ class _Block(nnx.Module):
 
 
 class _ScanNet(nnx.Module):
-    """Three stacked blocks applied by nnx.scan, then a head."""
+    """Three stacked blocks applied by nnx.scan, then a head (5 outputs, 3 classes used)."""
 
     def __init__(self, rngs):
         @nnx.split_rngs(splits=3)
@@ -66,7 +66,7 @@ class _ScanNet(nnx.Module):
             return _Block(rngs)
 
         self.blocks = make(rngs)
-        self.head = nnx.Linear(5, 3, rngs=rngs)
+        self.head = nnx.Linear(5, 5, rngs=rngs)  # every P 5 x 5: one RLS bucket
 
     def __call__(self, x):
         @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)

@@ -57,10 +57,13 @@ def replicated(x):
 
 
 class Net(nnx.Module):
-    """12 -> 16 (ReLU, FEL) -> 8: P's of 12, 16, 16 and 8 (all divisible by 4)."""
+    """16 -> 16 (ReLU, FEL) -> 8: P's of 16, 16, 16 and 8 (all divisible by 4).
+
+    Two sizes (two size buckets in every consolidation, each compiled once per program):
+    16 is at the row-sharding threshold of the row-sharded tests, 8 below it."""
 
     def __init__(self, rngs):
-        self.l1 = nnx.Linear(12, 16, rngs=rngs)
+        self.l1 = nnx.Linear(16, 16, rngs=rngs)
         self.fel = rgo_jax.FEL(layer=0, seed=3)
         self.l2 = nnx.Linear(16, 8, rngs=rngs)
 
@@ -78,12 +81,13 @@ class Problem:
     def __init__(self):
         rng = np.random.default_rng(0)
         self.graph, self.params, self.rest = nnx.split(Net(nnx.Rngs(0)), nnx.Param, ...)
-        self.x = jnp.asarray(rng.normal(size=(8, 12)), jnp.float32)
+        self.x = jnp.asarray(rng.normal(size=(8, 16)), jnp.float32)
         self.y = jnp.asarray(rng.integers(0, 8, size=8), jnp.int32)
         self.tx = rgo_jax.rgo(0.1)
         state = self.tx.init(self.params)
         self.state = rgo_jax.consolidate(state, _vectors(state[0].p, rng, 16), 0.1)
         self.vecs = _vectors(state[0].p, rng, 16)  # 4 per device
+        self.vecs64 = _vectors(state[0].p, np.random.default_rng(1), 64)  # 16 per device
         self.rng = rng
 
     def loss(self, params, x, y):
@@ -112,7 +116,7 @@ def test_data_parallel_step_equals_single_device(prob, ref_step, kind):
     mesh = make_mesh(kind)
     with in_context(kind, mesh):
         xs, ys = sharding.shard_batch((prob.x, prob.y), mesh)
-        assert len(xs.addressable_shards) == 4 and xs.addressable_shards[0].data.shape == (2, 12)
+        assert len(xs.addressable_shards) == 4 and xs.addressable_shards[0].data.shape == (2, 16)
         sp, ss = sharding.replicate_state((prob.params, prob.state), mesh)
         new_params, new_state = jax.jit(prob.step)(sp, ss, xs, ys)
     assert_tree(new_params, ref_step[0], STEP_TOL)
@@ -131,7 +135,7 @@ def test_sharded_curvature_vectors_equal_single_device(prob, kind):
         return jax.tree.map(lambda v: v[:, 0], jax.vmap(one)(xb, yb))
 
     vectors = jax.jit(vectors)
-    xb = jnp.asarray(prob.rng.normal(size=(4, 8, 12)), jnp.float32)  # 4 batches of 8
+    xb = jnp.asarray(prob.rng.normal(size=(4, 8, 16)), jnp.float32)  # 4 batches of 8
     yb = jnp.asarray(prob.rng.integers(0, 8, size=(4, 8)), jnp.int32)
     ref = vectors(prob.params, xb, yb)
     mesh = make_mesh(kind)
@@ -179,9 +183,9 @@ def test_row_sharded_projection_step_and_consolidation(prob, ref_step, ref_p, ki
     mesh = make_mesh(kind)
     rows = P("data", None)
     with in_context(kind, mesh):
-        sstate = sharding.shard_projection_rows(prob.state, mesh, min_dim=12)
+        sstate = sharding.shard_projection_rows(prob.state, mesh, min_dim=16)
         p_sharded = rgo_jax.rgo_states(sstate)[0].p
-        assert p_sharded["l1"]["kernel"].sharding.spec == rows  # 12 x 12, 12 % 4 == 0
+        assert p_sharded["l1"]["kernel"].sharding.spec == rows  # 16 x 16: 16 >= min_dim
         assert p_sharded["l2"]["kernel"].sharding.spec == rows  # 16 x 16
         assert replicated(p_sharded["l2"]["bias"])  # 8 < min_dim
         assert len(p_sharded["l2"]["kernel"].addressable_shards[0].data) == 4
@@ -276,11 +280,13 @@ def test_consolidation_inside_shard_map(prob, ref_p, kind, method):
         out = rgo_jax.consolidate(state, v, 0.1, method=method)
         return jax.tree.map(lambda a: a[None], out)
 
+    # 16 vectors per device: each device's reference is a consolidation of as many vectors
+    # as prob.vecs, whose one-device program ref_p has compiled already.
     per_device = jax.jit(
         jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data")), out_specs=P("data"))
-    )(rs, sv)
+    )(rs, sharding.shard_batch(prob.vecs64, mesh))
     for i in range(4):
-        shard = jax.tree.map(lambda v, i=i: v[4 * i : 4 * (i + 1)], prob.vecs)
+        shard = jax.tree.map(lambda v, i=i: v[16 * i : 16 * (i + 1)], prob.vecs64)
         want = rgo_jax.rgo_states(rgo_jax.consolidate(prob.state, shard, 0.1, method=method))[0]
         got = jax.tree.map(lambda a, i=i: np.asarray(a)[i], rgo_jax.rgo_states(per_device)[0].p)
         assert_tree(got, want.p, ROWS_TOL)

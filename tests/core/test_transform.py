@@ -185,8 +185,14 @@ def test_nnx_optimizer_and_consolidation():
     (rstate,) = rgo_jax.rgo_states(nnx.as_pure(opt.opt_state))
     assert int(rstate.num_vectors) == 4
     kernel_before = np.asarray(model.kernel[...])
-    grads = nnx.grad(loss_fn)(model)
-    opt.update(model, grads)
+
+    @nnx.jit  # the step as one program (eagerly, each of its operations compiles on its own)
+    def step(opt, model):
+        grads = nnx.grad(loss_fn)(model)
+        opt.update(model, grads)
+        return grads
+
+    grads = step(opt, model)
     p = np.asarray(rstate.p["kernel"], np.float64)
     expected = kernel_before - 0.5 * (5 / np.trace(p)) * p @ np.asarray(grads["kernel"][...])
     np.testing.assert_allclose(model.kernel[...], expected, rtol=1e-5, atol=1e-6)
