@@ -52,7 +52,12 @@ def test_stl_has_no_forgetting_by_construction(rgo_vs_sgd):
             assert r[i, j] == r[j, j]
 
 
-def _args(out, *extra):
+# The small runs of this module share one network and consolidation size (one hidden layer
+# of 64, 50 consolidation batches), so that RGO's RLS update compiles once for all of them.
+SMALL = dict(hidden=(64,), consolidation_batches=50)
+
+
+def _args(out, *extra, plots=False):
     return [
         "--benchmark",
         "permuted_digits",
@@ -61,12 +66,12 @@ def _args(out, *extra):
         "--steps",
         "150",
         "--consolidation-batches",
-        "50",
+        str(SMALL["consolidation_batches"]),
         "--hidden",
-        "64",
+        ",".join(map(str, SMALL["hidden"])),
         "--methods",
         "rgo",
-        "--no-plots",
+        *([] if plots else ["--no-plots"]),
         "--out",
         str(out),
         *extra,
@@ -77,13 +82,34 @@ def _cli(out, *extra):
     return [sys.executable, "-m", "rgo_jax", *_args(out, *extra)]
 
 
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """One uninterrupted CLI run of RGO, with plots and checkpoints (run in this process)."""
+    out = tmp_path_factory.mktemp("cli_run")
+    assert cli.main(_args(out, plots=True)) == 0
+    return out
+
+
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_numbers(tmp_path, capsys):
+def test_run_directory_contents(cli_run):
+    for name in (
+        "config.json",
+        "results.json",
+        "summary.md",
+        "accuracy_per_task.png",
+        "accuracy_matrix_rgo.png",
+    ):
+        assert (cli_run / name).is_file(), name
+    assert "task-incremental" in (cli_run / "summary.md").read_text()
+    assert Path(cli_run / "checkpoints" / "rgo" / "seed0" / "task_001" / "meta.json").exists()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_numbers(cli_run, tmp_path, capsys):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # The uninterrupted run and the resumed one run in this process (the same command as
-    # the killed subprocess, without two more interpreter starts).
-    full = tmp_path / "full"
-    assert cli.main(_args(full)) == 0
+    # The uninterrupted run (``cli_run``: the same command with plots, which change no
+    # number) and the resumed one run in this process, without two more interpreter starts.
+    full = cli_run
     part = tmp_path / "part"
     proc = subprocess.Popen(
         _cli(part), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -154,24 +180,6 @@ def test_too_many_tasks_for_classes(tmp_path):
         train.run(cfg, tmp_path, log=lambda *a: None)
 
 
-@pytest.mark.slow
-def test_run_directory_contents(tmp_path):
-    cfg = train.Config(
-        methods=("rgo",), **{**QUICK, "num_tasks": 2, "steps_per_task": 50, "plots": True}
-    )
-    train.run(cfg, tmp_path, log=lambda *a: None)
-    for name in (
-        "config.json",
-        "results.json",
-        "summary.md",
-        "accuracy_per_task.png",
-        "accuracy_matrix_rgo.png",
-    ):
-        assert (tmp_path / name).is_file(), name
-    assert "task-incremental" in (tmp_path / "summary.md").read_text()
-    assert Path(tmp_path / "checkpoints" / "rgo" / "seed0" / "task_001" / "meta.json").exists()
-
-
 def test_multi_head_gives_each_task_its_own_units():
     cfg = train.Config(**{**QUICK, "head": "multi"})
     stream = train.build_stream(cfg, 0)
@@ -201,8 +209,7 @@ def test_vmapped_seeds_match_sequential_seeds(tmp_path):
         **QUICK,
         "num_tasks": 2,
         "steps_per_task": 100,
-        "consolidation_batches": 30,
-        "hidden": (32,),
+        **SMALL,
         "methods": ("rgo",),
         "seeds": (0, 1),
         "checkpoint": False,
@@ -228,8 +235,7 @@ def test_runs_split_by_seed_merge_into_the_joint_run(tmp_path):
         **QUICK,
         "num_tasks": 2,
         "steps_per_task": 60,
-        "consolidation_batches": 20,
-        "hidden": (32,),
+        **SMALL,
         "checkpoint": False,
         "vmap_seeds": False,
     }
