@@ -203,19 +203,30 @@ def test_multi_head_gives_each_task_its_own_units():
     )
 
 
+# Two methods, two seeds, each seed trained on its own: the reference of the vmapped seeds
+# and the joint run that the runs split by seed must merge into.
+SEQUENTIAL = {
+    **QUICK,
+    "num_tasks": 2,
+    "steps_per_task": 60,
+    **SMALL,
+    "checkpoint": False,
+    "vmap_seeds": False,
+}
+
+
+@pytest.fixture(scope="module")
+def sequential_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sequential")
+    cfg = train.Config(**SEQUENTIAL, methods=("rgo", "sgd"), seeds=(0, 1))
+    return out, train.run(cfg, out, log=lambda *a: None)
+
+
 @pytest.mark.slow
-def test_vmapped_seeds_match_sequential_seeds(tmp_path):
-    base = {
-        **QUICK,
-        "num_tasks": 2,
-        "steps_per_task": 100,
-        **SMALL,
-        "methods": ("rgo",),
-        "seeds": (0, 1),
-        "checkpoint": False,
-    }
+def test_vmapped_seeds_match_sequential_seeds(sequential_run, tmp_path):
+    base = {**SEQUENTIAL, "vmap_seeds": True, "methods": ("rgo",), "seeds": (0, 1)}
     together = train.run(train.Config(**base), tmp_path / "v", log=lambda *a: None)
-    apart = train.run(train.Config(**base, vmap_seeds=False), tmp_path / "s", log=lambda *a: None)
+    _, apart = sequential_run
     for a, b in zip(together["matrices"]["rgo"], apart["matrices"]["rgo"], strict=True):
         # Same data, init and steps; only float rounding of batched kernels may differ.
         np.testing.assert_allclose(a, b, atol=0.01)
@@ -228,21 +239,12 @@ def test_vmapped_seeds_match_sequential_seeds(tmp_path):
 
 
 @pytest.mark.slow
-def test_runs_split_by_seed_merge_into_the_joint_run(tmp_path):
+def test_runs_split_by_seed_merge_into_the_joint_run(sequential_run, tmp_path):
     from rgo_jax.bench import merge_run_reports
 
-    base = {
-        **QUICK,
-        "num_tasks": 2,
-        "steps_per_task": 60,
-        **SMALL,
-        "checkpoint": False,
-        "vmap_seeds": False,
-    }
+    base = SEQUENTIAL
     quiet = dict(log=lambda *a: None)
-    joint = train.run(
-        train.Config(**base, methods=("rgo", "sgd"), seeds=(0, 1)), tmp_path / "j", **quiet
-    )
+    joint_dir, joint = sequential_run
     # seed 1 first, seed 0 later, and the methods split too: the merge orders by seed.
     train.run(train.Config(**base, methods=("rgo", "sgd"), seeds=(1,)), tmp_path / "a", **quiet)
     train.run(train.Config(**base, methods=("sgd",), seeds=(0,)), tmp_path / "b", **quiet)
@@ -280,7 +282,7 @@ def test_runs_split_by_seed_merge_into_the_joint_run(tmp_path):
             plots=False,
         )
     with pytest.raises(ValueError, match="method 'sgd', seed 0"):
-        merge_run_reports([tmp_path / "b", tmp_path / "j"], tmp_path / "x", plots=False)
+        merge_run_reports([tmp_path / "b", joint_dir], tmp_path / "x", plots=False)
     assert not (tmp_path / "x").exists()
 
 
