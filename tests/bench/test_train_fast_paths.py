@@ -5,6 +5,7 @@ and pre-averaged kernel cotangents for the consolidation pass are each compared 
 plain computation on the same data, initialisation and steps.
 """
 
+import functools
 import re
 import types
 
@@ -49,12 +50,24 @@ def _train_task_1(method_name, steps=STEPS, **options):
 _RUNS: dict = {}
 
 
+_NETWORKS: dict = {}
+
+
+def _network(cfg, method):
+    """The stream and initial network of ``BASE`` (one per FEL setting, the only field of
+    the method or the options that changes them), shared by the runs: one ``_Net`` object
+    whose functions compile once for all of them."""
+    if method.fel not in _NETWORKS:
+        stream = train.build_stream(cfg, 0)
+        graphdef, params, rest = train._build(cfg, method, stream, 0)
+        _NETWORKS[method.fel] = stream, params, train._Net(graphdef, rest)
+    return _NETWORKS[method.fel]
+
+
 def _run_task_1(method_name, steps, **options):
     cfg = train.Config(**BASE, methods=(method_name,), **options)
     method = cfg.method(method_name)
-    stream = train.build_stream(cfg, 0)
-    graphdef, params, rest = train._build(cfg, method, stream, 0)
-    net = train._Net(graphdef, rest)
+    stream, params, net = _network(cfg, method)
     tx = method.optimizer(cfg.run_info())
     state = tx.init(params)
     if method.family == "rgo":
@@ -131,16 +144,22 @@ def test_linear_kernels_regex_selects_exactly_the_dense_layers(name, shape):
     assert linear  # every model has at least its head
 
 
-@pytest.mark.parametrize("name, shape", [("mlp", (8, 8, 1)), ("alexnet", (32, 32, 3))])
-@pytest.mark.parametrize("per_sample", [False, True])
-@pytest.mark.slow
-def test_reduced_cotangents_give_the_same_curvature_vectors(name, shape, per_sample):
+@functools.cache
+def _small_model(name, shape):
+    """Parameters and ``_Net`` of a small ``name`` (one per model: built once for both
+    ``per_sample`` cases)."""
     # Small widths: every layer kind (conv, dense, head) is still checked.
     kw = {"hidden": (32, 24), **({"channels": (8, 16, 16)} if name == "alexnet" else {})}
     model = models.build_model(name, num_classes=6, input_shape=shape, seed=3, **kw)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params = nnx.as_pure(params)
-    net = train._Net(graphdef, rest)
+    return nnx.as_pure(params), train._Net(graphdef, rest)
+
+
+@pytest.mark.parametrize("name, shape", [("mlp", (8, 8, 1)), ("alexnet", (32, 32, 3))])
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.slow
+def test_reduced_cotangents_give_the_same_curvature_vectors(name, shape, per_sample):
+    params, net = _small_model(name, shape)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(60, *shape)).astype(np.float32)
     y = rng.integers(0, 3, size=60).astype(np.int32)
