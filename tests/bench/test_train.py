@@ -52,9 +52,9 @@ def test_stl_has_no_forgetting_by_construction(rgo_vs_sgd):
             assert r[i, j] == r[j, j]
 
 
-# The small runs of this module share one network and consolidation size (one hidden layer
-# of 64, 50 consolidation batches), so that RGO's RLS update compiles once for all of them.
-SMALL = dict(hidden=(64,), consolidation_batches=50)
+# Every RGO run of this module has QUICK's network and consolidation size, so that RGO's
+# RLS update (seconds to compile) compiles once for all of them.
+SMALL = dict(hidden=QUICK["hidden"], consolidation_batches=QUICK["consolidation_batches"])
 
 
 def _args(out, *extra, plots=False):
