@@ -65,6 +65,8 @@ def _args(out, *extra, plots=False):
         "3",
         "--steps",
         "150",
+        "--chunk-steps",  # two chunks of one shape: the training chunk compiles once
+        "75",
         "--consolidation-batches",
         str(SMALL["consolidation_batches"]),
         "--hidden",
