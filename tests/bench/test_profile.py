@@ -79,7 +79,7 @@ def test_cli_profile_and_warm_cache_give_the_same_numbers(tmp_path):
 
     def run(out):
         cmd = [sys.executable, "-m", "rgo_jax", "--benchmark", "permuted_digits", "--tasks", "2"]
-        cmd += ["--steps", "30", "--consolidation-batches", "10", "--hidden", "16"]
+        cmd += ["--steps", "30", "--consolidation-batches", "10", "--hidden", "64"]
         cmd += ["--methods", "rgo", "--no-plots", "--no-checkpoint", "--profile"]
         cmd += ["--compilation-cache", str(tmp_path / "cache"), "--out", str(out)]
         res = subprocess.run(cmd, check=True, capture_output=True, text=True)

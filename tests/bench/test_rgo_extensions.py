@@ -6,7 +6,6 @@ import pytest
 
 from rgo_jax import _transform
 from rgo_jax.bench import _methods, cli, train
-from tests.bench.test_train_fast_paths import _train_task_1
 from tests.helpers import task_context
 
 TINY = dict(
@@ -95,17 +94,6 @@ def test_after_task_passes_the_extension_options_on(monkeypatch):
     )
     assert "hessian" not in seen["cv"] and "rng" not in seen["cv"]
     assert seen["cons"] == {"method": "block"}
-
-
-@pytest.mark.slow
-def test_global_normalisation_trains_the_same_network_with_input_projection():
-    """The input-projected kernels are rescaled by (tr P / d) / t_bar after their layer."""
-    options = {"method_options": {"rgo.trace_normalisation": "global"}}
-    plain, _ = _train_task_1("rgo", steps=10, **options)
-    fast, _ = _train_task_1("rgo", steps=10, input_projection=True, **options)
-    fast_leaves = dict(jax.tree_util.tree_leaves_with_path(fast))
-    for path, a in jax.tree_util.tree_leaves_with_path(plain):
-        np.testing.assert_allclose(fast_leaves[path], a, rtol=1e-4, atol=2e-6, err_msg=str(path))
 
 
 def test_rgo_plus_is_rgo_with_global_normalisation_and_keeps_it():

@@ -52,7 +52,12 @@ def test_stl_has_no_forgetting_by_construction(rgo_vs_sgd):
             assert r[i, j] == r[j, j]
 
 
-def _args(out, *extra):
+# Every RGO run of this module has QUICK's network and consolidation size, so that RGO's
+# RLS update (seconds to compile) compiles once for all of them.
+SMALL = dict(hidden=QUICK["hidden"], consolidation_batches=QUICK["consolidation_batches"])
+
+
+def _args(out, *extra, plots=False):
     return [
         "--benchmark",
         "permuted_digits",
@@ -60,13 +65,15 @@ def _args(out, *extra):
         "3",
         "--steps",
         "150",
+        "--chunk-steps",  # two chunks of one shape: the training chunk compiles once
+        "75",
         "--consolidation-batches",
-        "50",
+        str(SMALL["consolidation_batches"]),
         "--hidden",
-        "64",
+        ",".join(map(str, SMALL["hidden"])),
         "--methods",
         "rgo",
-        "--no-plots",
+        *([] if plots else ["--no-plots"]),
         "--out",
         str(out),
         *extra,
@@ -77,13 +84,34 @@ def _cli(out, *extra):
     return [sys.executable, "-m", "rgo_jax", *_args(out, *extra)]
 
 
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """One uninterrupted CLI run of RGO, with plots and checkpoints (run in this process)."""
+    out = tmp_path_factory.mktemp("cli_run")
+    assert cli.main(_args(out, plots=True)) == 0
+    return out
+
+
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_numbers(tmp_path, capsys):
+def test_run_directory_contents(cli_run):
+    for name in (
+        "config.json",
+        "results.json",
+        "summary.md",
+        "accuracy_per_task.png",
+        "accuracy_matrix_rgo.png",
+    ):
+        assert (cli_run / name).is_file(), name
+    assert "task-incremental" in (cli_run / "summary.md").read_text()
+    assert Path(cli_run / "checkpoints" / "rgo" / "seed0" / "task_001" / "meta.json").exists()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_numbers(cli_run, tmp_path, capsys):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # The uninterrupted run and the resumed one run in this process (the same command as
-    # the killed subprocess, without two more interpreter starts).
-    full = tmp_path / "full"
-    assert cli.main(_args(full)) == 0
+    # The uninterrupted run (``cli_run``: the same command with plots, which change no
+    # number) and the resumed one run in this process, without two more interpreter starts.
+    full = cli_run
     part = tmp_path / "part"
     proc = subprocess.Popen(
         _cli(part), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -154,24 +182,6 @@ def test_too_many_tasks_for_classes(tmp_path):
         train.run(cfg, tmp_path, log=lambda *a: None)
 
 
-@pytest.mark.slow
-def test_run_directory_contents(tmp_path):
-    cfg = train.Config(
-        methods=("rgo",), **{**QUICK, "num_tasks": 2, "steps_per_task": 50, "plots": True}
-    )
-    train.run(cfg, tmp_path, log=lambda *a: None)
-    for name in (
-        "config.json",
-        "results.json",
-        "summary.md",
-        "accuracy_per_task.png",
-        "accuracy_matrix_rgo.png",
-    ):
-        assert (tmp_path / name).is_file(), name
-    assert "task-incremental" in (tmp_path / "summary.md").read_text()
-    assert Path(tmp_path / "checkpoints" / "rgo" / "seed0" / "task_001" / "meta.json").exists()
-
-
 def test_multi_head_gives_each_task_its_own_units():
     cfg = train.Config(**{**QUICK, "head": "multi"})
     stream = train.build_stream(cfg, 0)
@@ -195,20 +205,30 @@ def test_multi_head_gives_each_task_its_own_units():
     )
 
 
+# Two methods, two seeds, each seed trained on its own: the reference of the vmapped seeds
+# and the joint run that the runs split by seed must merge into.
+SEQUENTIAL = {
+    **QUICK,
+    "num_tasks": 2,
+    "steps_per_task": 60,
+    **SMALL,
+    "checkpoint": False,
+    "vmap_seeds": False,
+}
+
+
+@pytest.fixture(scope="module")
+def sequential_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sequential")
+    cfg = train.Config(**SEQUENTIAL, methods=("rgo", "sgd"), seeds=(0, 1))
+    return out, train.run(cfg, out, log=lambda *a: None)
+
+
 @pytest.mark.slow
-def test_vmapped_seeds_match_sequential_seeds(tmp_path):
-    base = {
-        **QUICK,
-        "num_tasks": 2,
-        "steps_per_task": 100,
-        "consolidation_batches": 30,
-        "hidden": (32,),
-        "methods": ("rgo",),
-        "seeds": (0, 1),
-        "checkpoint": False,
-    }
+def test_vmapped_seeds_match_sequential_seeds(sequential_run, tmp_path):
+    base = {**SEQUENTIAL, "vmap_seeds": True, "methods": ("rgo",), "seeds": (0, 1)}
     together = train.run(train.Config(**base), tmp_path / "v", log=lambda *a: None)
-    apart = train.run(train.Config(**base, vmap_seeds=False), tmp_path / "s", log=lambda *a: None)
+    _, apart = sequential_run
     for a, b in zip(together["matrices"]["rgo"], apart["matrices"]["rgo"], strict=True):
         # Same data, init and steps; only float rounding of batched kernels may differ.
         np.testing.assert_allclose(a, b, atol=0.01)
@@ -221,22 +241,12 @@ def test_vmapped_seeds_match_sequential_seeds(tmp_path):
 
 
 @pytest.mark.slow
-def test_runs_split_by_seed_merge_into_the_joint_run(tmp_path):
+def test_runs_split_by_seed_merge_into_the_joint_run(sequential_run, tmp_path):
     from rgo_jax.bench import merge_run_reports
 
-    base = {
-        **QUICK,
-        "num_tasks": 2,
-        "steps_per_task": 60,
-        "consolidation_batches": 20,
-        "hidden": (32,),
-        "checkpoint": False,
-        "vmap_seeds": False,
-    }
+    base = SEQUENTIAL
     quiet = dict(log=lambda *a: None)
-    joint = train.run(
-        train.Config(**base, methods=("rgo", "sgd"), seeds=(0, 1)), tmp_path / "j", **quiet
-    )
+    joint_dir, joint = sequential_run
     # seed 1 first, seed 0 later, and the methods split too: the merge orders by seed.
     train.run(train.Config(**base, methods=("rgo", "sgd"), seeds=(1,)), tmp_path / "a", **quiet)
     train.run(train.Config(**base, methods=("sgd",), seeds=(0,)), tmp_path / "b", **quiet)
@@ -274,7 +284,7 @@ def test_runs_split_by_seed_merge_into_the_joint_run(tmp_path):
             plots=False,
         )
     with pytest.raises(ValueError, match="method 'sgd', seed 0"):
-        merge_run_reports([tmp_path / "b", tmp_path / "j"], tmp_path / "x", plots=False)
+        merge_run_reports([tmp_path / "b", joint_dir], tmp_path / "x", plots=False)
     assert not (tmp_path / "x").exists()
 
 

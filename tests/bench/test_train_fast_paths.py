@@ -5,6 +5,7 @@ and pre-averaged kernel cotangents for the consolidation pass are each compared 
 plain computation on the same data, initialisation and steps.
 """
 
+import functools
 import re
 import types
 
@@ -30,12 +31,43 @@ def _after_first_task(cfg, method, net, params, state, stream):
     return _transform.consolidate(state, vecs, method.options.alpha)
 
 
-def _train_task_1(method_name, steps=30, **options):
+STEPS = 10
+"""Training steps of task 1 in these comparisons: one number, so that runs are shared."""
+
+
+def _train_task_1(method_name, steps=STEPS, **options):
+    """Task 1's parameters after ``steps`` (from a consolidated P for RGO), and the chunk.
+
+    Memoised on its arguments: tests that compare the same run (the plain RGO or SGD
+    network) share one training, its compilations included. Callers only read the result.
+    """
+    key = (method_name, steps, repr(sorted(options.items())))
+    if key not in _RUNS:
+        _RUNS[key] = _run_task_1(method_name, steps, **options)
+    return _RUNS[key]
+
+
+_RUNS: dict = {}
+
+
+_NETWORKS: dict = {}
+
+
+def _network(cfg, method):
+    """The stream and initial network of ``BASE`` (one per FEL setting, the only field of
+    the method or the options that changes them), shared by the runs: one ``_Net`` object
+    whose functions compile once for all of them."""
+    if method.fel not in _NETWORKS:
+        stream = train.build_stream(cfg, 0)
+        graphdef, params, rest = train._build(cfg, method, stream, 0)
+        _NETWORKS[method.fel] = stream, params, train._Net(graphdef, rest)
+    return _NETWORKS[method.fel]
+
+
+def _run_task_1(method_name, steps, **options):
     cfg = train.Config(**BASE, methods=(method_name,), **options)
     method = cfg.method(method_name)
-    stream = train.build_stream(cfg, 0)
-    graphdef, params, rest = train._build(cfg, method, stream, 0)
-    net = train._Net(graphdef, rest)
+    stream, params, net = _network(cfg, method)
     tx = method.optimizer(cfg.run_info())
     state = tx.init(params)
     if method.family == "rgo":
@@ -55,7 +87,8 @@ def _train_task_1(method_name, steps=30, **options):
 @pytest.mark.slow
 def test_input_projection_and_unrolling_train_the_same_network():
     plain, _ = _train_task_1("rgo")
-    # 4 steps unrolled per scan iteration; 30 = 7 * 4 + 2, so a remainder is unrolled too.
+    # 4 steps unrolled per scan iteration; 10 = 2 * 4 + 2, so a remainder is unrolled too.
+    assert STEPS % 4 and STEPS > 4
     fast, _ = _train_task_1("rgo", input_projection=True, scan_unroll=4)
     sgd, _ = _train_task_1("sgd")
     fast_leaves = dict(jax.tree_util.tree_leaves_with_path(fast))
@@ -68,17 +101,28 @@ def test_input_projection_and_unrolling_train_the_same_network():
 
 @pytest.mark.slow
 def test_one_seed_without_vmap_matches_vmap():
-    single, (chunk, stacked) = _train_task_1("rgo", steps=10)
+    single, (chunk, stacked) = _train_task_1("rgo")
     vmapped = jax.jit(jax.vmap(chunk))(*stacked)[0]
     for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(vmapped), strict=True):
         np.testing.assert_allclose(a, np.asarray(b[0]), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
+def test_global_normalisation_trains_the_same_network_with_input_projection():
+    """The input-projected kernels are rescaled by (tr P / d) / t_bar after their layer."""
+    options = {"method_options": {"rgo.trace_normalisation": "global"}}
+    plain, _ = _train_task_1("rgo", **options)
+    fast, _ = _train_task_1("rgo", input_projection=True, **options)
+    fast_leaves = dict(jax.tree_util.tree_leaves_with_path(fast))
+    for path, a in jax.tree_util.tree_leaves_with_path(plain):
+        np.testing.assert_allclose(fast_leaves[path], a, rtol=1e-4, atol=2e-6, err_msg=str(path))
+
+
+@pytest.mark.slow
 def test_input_projection_applies_only_to_rgo_methods():
     # SGD ignores the flag (its optimizer holds no P); RGO keeps its P state layout.
-    a, _ = _train_task_1("sgd", steps=10)
-    b, _ = _train_task_1("sgd", steps=10, input_projection=True)
+    a, _ = _train_task_1("sgd")
+    b, _ = _train_task_1("sgd", input_projection=True)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
 
@@ -100,16 +144,22 @@ def test_linear_kernels_regex_selects_exactly_the_dense_layers(name, shape):
     assert linear  # every model has at least its head
 
 
-@pytest.mark.parametrize("name, shape", [("mlp", (8, 8, 1)), ("alexnet", (32, 32, 3))])
-@pytest.mark.parametrize("per_sample", [False, True])
-@pytest.mark.slow
-def test_reduced_cotangents_give_the_same_curvature_vectors(name, shape, per_sample):
+@functools.cache
+def _small_model(name, shape):
+    """Parameters and ``_Net`` of a small ``name`` (one per model: built once for both
+    ``per_sample`` cases)."""
     # Small widths: every layer kind (conv, dense, head) is still checked.
     kw = {"hidden": (32, 24), **({"channels": (8, 16, 16)} if name == "alexnet" else {})}
     model = models.build_model(name, num_classes=6, input_shape=shape, seed=3, **kw)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params = nnx.as_pure(params)
-    net = train._Net(graphdef, rest)
+    return nnx.as_pure(params), train._Net(graphdef, rest)
+
+
+@pytest.mark.parametrize("name, shape", [("mlp", (8, 8, 1)), ("alexnet", (32, 32, 3))])
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.slow
+def test_reduced_cotangents_give_the_same_curvature_vectors(name, shape, per_sample):
+    params, net = _small_model(name, shape)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(60, *shape)).astype(np.float32)
     y = rng.integers(0, 3, size=60).astype(np.int32)
