@@ -577,13 +577,24 @@ def _over_seeds(fn, num_seeds: int):
     return single
 
 
-def _accuracy_fn(net: _Net):
+@functools.cache
+def _correct_fn(graphdef):
+    """The jitted count of right answers for one network structure, shared by every run and
+    method of the process whose network has it (the non-parameter state, e.g. FEL keys,
+    is an argument, not a constant of the program)."""
+
     @jax.jit
-    def correct(params, x, y, mask, task):
-        z = jnp.where(mask[None, :], net.logits(params, x, task), _NEG)
+    def correct(params, rest, x, y, mask, task):
+        z = jnp.where(mask[None, :], _Net(graphdef, rest).logits(params, x, task), _NEG)
         return jnp.sum(jnp.argmax(z, axis=-1) == y)
 
     return correct
+
+
+def _accuracy_fn(net: _Net):
+    """``correct(params, x, y, mask, task)``: right answers of ``net`` on a batch."""
+    correct = _correct_fn(net.graphdef)
+    return lambda params, x, y, mask, task: correct(params, net.rest, x, y, mask, task)
 
 
 def _evaluate(correct, params, x, y, mask, task, batch):

@@ -38,9 +38,10 @@ def test_tasks_after_the_first_compile_nothing(tmp_path):
     # A class split of the digits: its tasks differ in training and test-set size (e.g.
     # 434/430/432 and 108/107/109 examples), which recompiled the training chunk at every
     # task and the evaluation once per test-set size. With checkpoints and the report on.
+    # Two methods on one network (both with FEL): they share its compiled evaluation.
     cfg = train.Config(
         benchmark="split_digits",
-        methods=("rgo",),
+        methods=("rgo", "rgo-alpha1"),
         hidden=(8,),
         num_tasks=3,
         steps_per_task=10,
@@ -52,10 +53,11 @@ def test_tasks_after_the_first_compile_nothing(tmp_path):
     stream = train.build_stream(cfg, 0)
     for split in ("train", "test"):  # the premise: tasks of different sizes
         assert len({len(stream.get_split(j, split)[1]) for j in range(3)}) > 1
+    train._correct_fn.cache_clear()  # no evaluation compiled by an earlier test
     by_task, counts = _compiles_by_task(cfg, tmp_path / "run")
     assert by_task[1] == [] and by_task[2] == [], {t: v for t, v in by_task.items() if t}
-    assert counts["jit(correct)"] == 1  # one evaluation shape
-    assert counts["jit(single)"] == 1  # one training chunk
+    assert counts["jit(correct)"] == 1  # one evaluation shape, for both methods
+    assert counts["jit(single)"] == 2  # one training chunk per method
     # the RLS update compiled ahead (in the background) is the program the task's end runs
     assert counts["jit(_update_projection)"] == 1
     assert (tmp_path / "run" / "checkpoints").is_dir()
