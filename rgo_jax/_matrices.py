@@ -277,6 +277,14 @@ def map_states(cls: type, fn: Callable[[Any], Any], opt_state: Any, method: str)
     return jax.tree.map(lambda s: fn(s) if is_node(s) else s, opt_state, is_leaf=is_node)
 
 
+def under_trace(*trees: Any) -> bool:
+    """Whether the caller runs inside a JAX trace (``jit``, ``eval_shape``) or any leaf of
+    ``trees`` is traced (e.g. by ``grad``): then values cannot be read on the host."""
+    if isinstance(jnp.zeros(()), jax.core.Tracer):
+        return True
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(trees))
+
+
 def check_alpha(alpha: Any, method: str) -> None:
     """Raises ``ValueError`` for a concrete alpha (or dict of them) that is not a finite
     positive scalar; traced values (inside ``jit``) cannot be checked and pass through."""

@@ -273,16 +273,23 @@ def _pd_floor(p: jax.Array) -> jax.Array:
     return jnp.maximum(PD_TOLERANCE * top, jnp.finfo(p.dtype).tiny)
 
 
+def _factor_checked(x: jax.Array, floor: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Modified Cholesky factors of ``x [k, d, d]`` (pivot floors ``floor [k]``) and whether
+    each ``x`` is finite and positive definite at float32 resolution (every pivot above
+    ``_pd_floor``)."""
+    low, least = jax.vmap(_cholesky)(x, floor)
+    finite = jnp.all(jnp.isfinite(x), axis=(-2, -1))
+    eye = jnp.eye(x.shape[-1], dtype=x.dtype)
+    return low, finite & (least > jax.vmap(_pd_floor)(jnp.where(finite[:, None, None], x, eye)))
+
+
 def is_positive_definite(p: jax.Array) -> jax.Array:
     """Whether a symmetric ``[d, d]`` P is finite and positive definite at float32 resolution.
 
     True when the float32 Cholesky factorisation of P succeeds with every pivot above
     ``PD_TOLERANCE`` times the largest diagonal entry (``O(d^3)``, no LAPACK call).
     """
-    finite = jnp.all(jnp.isfinite(p))
-    p = jnp.where(finite, p, jnp.eye(p.shape[-1], dtype=p.dtype))
-    _, least = _cholesky(p, jnp.finfo(p.dtype).tiny)
-    return finite & (least > _pd_floor(p))
+    return _factor_checked(p[None], jnp.full((1,), jnp.finfo(p.dtype).tiny))[1][0]
 
 
 def _unit(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -370,16 +377,6 @@ def _fast_kernel(p, v, alpha, method, block_size, dtype):
     else:
         raise ValueError(f"Unknown RLS method {method!r}; use 'sequential' or 'block'.")
     return _store(fast, dtype), skipped, jax.vmap(_not_grown)(fast, p)
-
-
-def _factor_checked(x: jax.Array, floor: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Modified Cholesky factors of ``x [k, d, d]`` (pivot floors ``floor [k]``) and whether
-    each ``x`` is finite and positive definite at float32 resolution (every pivot above
-    ``_pd_floor``)."""
-    low, least = jax.vmap(_cholesky)(x, floor)
-    finite = jnp.all(jnp.isfinite(x), axis=(-2, -1))
-    eye = jnp.eye(x.shape[-1], dtype=x.dtype)
-    return low, finite & (least > jax.vmap(_pd_floor)(jnp.where(finite[:, None, None], x, eye)))
 
 
 def rls_checked(

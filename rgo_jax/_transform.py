@@ -473,9 +473,7 @@ def _absorb(state, vectors, alpha, method, block_size, relative_alpha):
     or ``eval_shape`` around :func:`update_projection`) the full update is traced at once.
     """
     args = (state, vectors, alpha, method, block_size, relative_alpha)
-    if isinstance(jnp.zeros(()), jax.core.Tracer) or any(
-        isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((state, vectors, alpha))
-    ):
+    if _matrices.under_trace(state, vectors, alpha):
         return _update_projection(*args)
     new = _update_projection(*args, True)  # checked_only
     # A successful update of n > 0 vectors moves num_vectors + skipped by n; unchanged

@@ -43,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 from rgo_jax._fel import FEL
+from rgo_jax._matrices import under_trace
 from rgo_jax.bench._models_util import (
     InputRecorder,
     ParamPath,
@@ -593,7 +594,7 @@ def build_model(
         hash(static)
     except TypeError:  # an unhashable model option: build eagerly
         return _construct(*static, seed)
-    if isinstance(jnp.zeros(()), jax.core.Tracer):  # inside a trace (jit, eval_shape): inline
+    if under_trace(seed):  # inside a trace (jit, eval_shape): inline
         return _construct(*static, seed)
     state = _construct_state(*static, np.int32(seed))
     return nnx.merge(_GRAPHDEFS[static], state)
