@@ -3,17 +3,36 @@
 Each test module compiles its own functions; when a module is done its compiled code is
 dropped and the freed heap handed back to the system, so that the suite's memory stays
 that of its largest module instead of the sum of all of them.
+
+The processes of one test run (pytest, its xdist workers and the tests' subprocesses) share
+one persistent XLA compilation cache in a temporary folder, removed at the end: a program
+that an earlier module (or another worker) compiled is read back instead of compiled again.
+A cached executable is the compiled code itself, so every result is the same. Tests that
+count compilations turn it off (``tests.helpers.no_persistent_compilation_cache``).
 """
 
 import ctypes
 import ctypes.util
 import gc
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 # The CLI's persistent compilation cache stays off in tests (and their subprocesses) unless
 # a test asks for it: no files written under the home directory.
 os.environ.setdefault("RGO_JAX_COMPILATION_CACHE", "off")
+
+_SHARED_CACHE = "RGO_JAX_TEST_XLA_CACHE"
+"""Set by the first process of a run (the one that owns and removes the folder)."""
+_OWN_CACHE = None
+if _SHARED_CACHE not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="rgo_jax_test_xla_cache_")
+    os.environ[_SHARED_CACHE] = _OWN_CACHE
+    # JAX reads these at import, here and in every process started from this one.
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -36,6 +55,12 @@ def _release_compiled_code_after_each_module():
     jax.clear_caches()
     gc.collect()
     _malloc_trim()
+
+
+def pytest_unconfigure(config):
+    del config
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -63,3 +64,23 @@ def built_in_one_program(make):
     # A one-off program: LLVM optimisation level 1 compiles it 2-4x faster (as build_model).
     variables = jax.jit(state, compiler_options={"xla_backend_optimization_level": 1})()
     return nnx.merge(graphs[0], variables)
+
+
+@contextlib.contextmanager
+def no_persistent_compilation_cache():
+    """Every XLA compilation inside really compiles (for tests that count them).
+
+    The suite's processes share a persistent compilation cache (see ``conftest.py``); a
+    program read back from it is not compiled and so not counted.
+    """
+    import jax  # noqa: PLC0415
+    from jax.experimental.compilation_cache import compilation_cache  # noqa: PLC0415
+
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # JAX decides once whether to use it: ask again
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
+        compilation_cache.reset_cache()

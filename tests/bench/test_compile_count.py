@@ -14,13 +14,15 @@ import numpy as np
 import pytest
 
 from rgo_jax.bench import _profile, train
+from tests.helpers import no_persistent_compilation_cache
 
 
 def _compiles_by_task(cfg: train.Config, workdir) -> tuple[dict, collections.Counter]:
     """``{task: [compiled function names]}`` and the count of each function over the run."""
     _profile.start()
     try:
-        train.run(cfg, workdir, log=lambda *a: None, progress=False)
+        with no_persistent_compilation_cache():
+            train.run(cfg, workdir, log=lambda *a: None, progress=False)
     finally:
         _profile.finish(workdir)
     table = json.loads((workdir / "profile.json").read_text())

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from rgo_jax.bench import _profile
+from tests.helpers import no_persistent_compilation_cache
 
 
 def test_cache_dir_flag_then_env_then_default(monkeypatch, tmp_path):
@@ -36,7 +37,8 @@ def test_laps_time_phases_per_task_and_count_compiles(tmp_path):
         def profiled_fn(x):
             return jnp.sin(x) * 3.0
 
-        profiled_fn(jnp.arange(7.0)).block_until_ready()
+        with no_persistent_compilation_cache():  # compiled here, not read back
+            profiled_fn(jnp.arange(7.0)).block_until_ready()
         _profile.lap("evaluation", 0)
         time.sleep(0.02)
         _profile.lap("train", 1)
