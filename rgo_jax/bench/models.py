@@ -534,14 +534,23 @@ def initialize(model: nnx.Module, scheme: str, *, seed: int = 0) -> nnx.Module:
       True
     """
     _check_scheme(scheme)
-    key = jax.random.key(seed)
-    for i, layer in enumerate(_weight_layers(model)):
-        bias = layer.bias[...] if layer.bias is not None else None
-        kernel, new_bias = _draw(scheme, jax.random.fold_in(key, i), layer.kernel[...], bias)
+    layers = _weight_layers(model)
+    old = [(layer.kernel[...], None if layer.bias is None else layer.bias[...]) for layer in layers]
+    # Outside a trace, every layer's draw in one compiled program (eagerly, each draw and
+    # shape compiled on its own: AlexNet ~10 s on a CPU); inside one (build_model's
+    # construction, a user's jit), inlined.
+    draw = _draw_layers if under_trace(old) else _draw_layers_compiled
+    for layer, (kernel, bias) in zip(layers, draw(scheme, seed, old), strict=True):
         layer.kernel[...] = kernel
-        if new_bias is not None:
-            layer.bias[...] = new_bias
+        if bias is not None:
+            layer.bias[...] = bias
     return model
+
+
+def _draw_layers(scheme: str, seed, old: list) -> list:
+    """New ``(kernel, bias)`` of each layer ``i``, drawn from ``fold_in(key(seed), i)``."""
+    key = jax.random.key(seed)
+    return [_draw(scheme, jax.random.fold_in(key, i), k, b) for i, (k, b) in enumerate(old)]
 
 
 def build_model(
@@ -631,6 +640,12 @@ def _construct_state(*args):
     graphdef, state = nnx.split(_construct(*args))
     _GRAPHDEFS[args[:8]] = graphdef
     return state
+
+
+# The redraw of :func:`initialize` (outside a trace) as one program, at the same level.
+_draw_layers_compiled = jax.jit(
+    _draw_layers, static_argnums=0, compiler_options=_INIT_COMPILER_OPTIONS
+)
 
 
 def _build(name, num_classes, input_shape, fel, fel_seed, seed, model_kwargs) -> nnx.Module:
