@@ -63,7 +63,7 @@ def scale_by_owm(
     Input-side projection (``input_projected=``, the mechanism of
     :func:`rgo_jax.scale_by_rgo`'s): a dense kernel's gradient is ``G = X^T D`` (layer input
     ``X [B, d]``, output cotangent ``D [B, m]``), so ``P G = (P X^T) D``, which costs
-    ``2 B d^2 + 2 B d m`` FLOPs instead of ``2 d^2 m`` (the paper's MLP at batch 10: ~18x
+    ``2 B d^2 + 2 B d m`` FLOPs instead of ``2 d^2 m`` (the paper's MLP at batch 10: ~17x
     fewer). The selected kernels' P are marked in the state; the *layer* projects their
     gradient inside its backward pass (compute the loss under
     :func:`rgo_jax.nnx.use_input_projection`, or with
