@@ -8,6 +8,8 @@ and the output cotangent ``D [n, m]`` are still separate (the kernel gradient is
   as ``(P X^T) D`` when the batch ``n`` is smaller than the width ``m`` (``d^2 n + d n m``
   multiply-adds instead of ``d^2 m``; the paper's MLP: ``n = 10``, ``m = 256``). The
   optimizer then leaves those leaves alone (``scale_by_rgo(input_projected=...)``).
+- ``"unscaled"``: the same product without the trace factor, ``P X^T D``: OWM's projected
+  gradient (``scale_by_owm(input_projected=...)``).
 - ``"reduced"``: the cotangent is ``broadcast(X^T D 1 / m)``, the kernel gradient already
   averaged over the output axis, which is all a curvature vector needs
   (:func:`rgo_jax.curvature_vectors` averages it again and gets the same vector): XLA never
@@ -29,7 +31,8 @@ __all__ = ["projected_matmul"]
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def kernel_matmul(x, kernel, p, precision, mode):
-    """``x @ kernel`` whose kernel cotangent is ``mode``'s (``"projected"``: P needed)."""
+    """``x @ kernel`` whose kernel cotangent is ``mode``'s (``"projected"``, ``"unscaled"``:
+    P needed)."""
     return jnp.matmul(x, kernel, precision=precision)
 
 
@@ -47,14 +50,15 @@ def _km_bwd(precision, mode, res, dy):
         dk = jnp.broadcast_to(r[:, None], (d, m))
     else:
         pm = p.astype(xs.dtype)
-        scale = _transform.trace_scale(pm).astype(xs.dtype)
+        scaled = mode == "projected"
+        scale = _transform.trace_scale(pm).astype(xs.dtype) if scaled else None
         if xs.shape[0] < m:  # input side: (s P X^T) D = (s X P^T)^T D
             # X P^T rather than P X^T: the same numbers, and measured faster on CPU.
-            xp = jnp.matmul(xs * scale, pm.T, precision=precision)
+            xp = jnp.matmul(xs * scale if scaled else xs, pm.T, precision=precision)
             dk = jnp.matmul(xp.T, dys, precision=precision)
         else:  # output side: s P (X^T D)
             dk = jnp.matmul(pm, jnp.matmul(xs.T, dys, precision=precision), precision=precision)
-            dk = dk * scale
+            dk = dk * scale if scaled else dk
     return dx.astype(x.dtype), dk.astype(kernel.dtype), jnp.zeros_like(p)
 
 
@@ -101,6 +105,7 @@ def projected_matmul(
     p: jax.Array,
     *,
     precision: jax.lax.PrecisionLike = None,
+    trace_normalised: bool = True,
 ) -> jax.Array:
     r"""``x @ kernel`` whose kernel gradient comes out RGO-projected.
 
@@ -120,6 +125,8 @@ def projected_matmul(
       kernel: ``[d, m]``.
       p: the layer's RGO matrix ``[d, d]`` (any float dtype; used in ``x``'s dtype).
       precision: passed to the matrix products.
+      trace_normalised: apply the factor ``d / tr P`` (RGO). ``False``: the cotangent is
+        ``P X^T D`` (OWM's projection, :func:`rgo_jax.baselines.scale_by_owm`).
 
     Returns:
       ``x @ kernel``, shape ``[..., m]``.
@@ -145,7 +152,8 @@ def projected_matmul(
             f"projected_matmul: P has shape {p.shape}, expected ({d}, {d}) for a kernel of "
             f"shape {kernel.shape}."
         )
-    return kernel_matmul(x, kernel, jax.lax.stop_gradient(p), precision, "projected")
+    mode = "projected" if trace_normalised else "unscaled"
+    return kernel_matmul(x, kernel, jax.lax.stop_gradient(p), precision, mode)
 
 
 def reduced_matmul(x: jax.Array, kernel: jax.Array, precision: Any = None) -> jax.Array:

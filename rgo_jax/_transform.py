@@ -349,27 +349,31 @@ def _selector(spec: str | Callable[[str], bool]) -> Callable[[str], bool]:
     )
 
 
-def _input_projected_leaves(specs: dict, selected: Callable[[str], bool]) -> set[str]:
-    """The selected leaves; each must be a plain 2-D dense kernel with a P."""
+def _input_projected_leaves(
+    specs: dict, selected: Callable[[str], bool], method: str = "RGO"
+) -> set[str]:
+    """The selected leaves; each must be a plain 2-D dense kernel with a P (``method``:
+    ``"RGO"`` or ``"OWM"``, for the errors)."""
     names = set()
     for name, spec in specs.items():
         if not selected(name):
             continue
         if spec is None:
             raise ValueError(
-                f"RGO input projection: parameter '{name}' is selected for input-side "
+                f"{method} input projection: parameter '{name}' is selected for input-side "
                 "projection but its layout gives it no P."
             )
         if len(spec.shape) != 2 or spec.layout != _layout.DENSE:
             raise ValueError(
-                f"RGO input projection: parameter '{name}' of shape {spec.shape} has layout "
-                f"{spec.layout}; only dense kernels [in, out] (layouts.DENSE) can be projected "
-                "on the input side."
+                f"{method} input projection: parameter '{name}' of shape {spec.shape} has "
+                f"layout {spec.layout}; only dense kernels [in, out] (layouts.DENSE) can be "
+                "projected on the input side."
             )
         names.add(name)
     if not names:
         raise ValueError(
-            f"RGO input projection: the selection matches none of the parameters {sorted(specs)}."
+            f"{method} input projection: the selection matches none of the parameters "
+            f"{sorted(specs)}."
         )
     return names
 

@@ -167,12 +167,17 @@ def use_reduced_kernel_gradients(model: Any, paths: Iterable[str] | None = None)
     return _patched(model, what, (nnx.Linear, nnx.Conv), paths, make)
 
 
-def _input_projected_matrices(opt_state: Any) -> dict[str, jax.Array]:
-    """``{kernel path: P}`` of the input-projected leaves of an optimizer state."""
+def _input_projected_matrices(opt_state: Any) -> dict[str, tuple[jax.Array, bool]]:
+    """``{kernel path: (P, trace_normalised)}`` of the input-projected leaves of an optimizer
+    state: RGO's (trace-normalised) and OWM's (not)."""
+    from rgo_jax.baselines._owm import OWMState  # noqa: PLC0415
+
     if hasattr(opt_state, "opt_state") and hasattr(opt_state, "tx"):  # an nnx.Optimizer
         opt_state = opt_state.opt_state
-    out: dict[str, jax.Array] = {}
-    for state in _transform.rgo_states(opt_state):
+    out: dict[str, tuple[jax.Array, bool]] = {}
+    states = [(s, True) for s in _transform.rgo_states(opt_state)]
+    states += [(s, False) for s in _matrices.find_states(OWMState, opt_state)]
+    for state, normalised in states:
         flat = jax.tree_util.tree_flatten_with_path(
             state.p, is_leaf=lambda x: isinstance(x, _matrices.InputProjected)
         )[0]
@@ -182,10 +187,10 @@ def _input_projected_matrices(opt_state: Any) -> dict[str, jax.Array]:
                 if name in out:
                     raise ValueError(
                         f"use_input_projection: parameter '{name}' is input-projected by two "
-                        "RGO states in the optimizer state."
+                        "states in the optimizer state."
                     )
                 p = node.value
-                out[name] = p[...] if not isinstance(p, jax.Array) else p
+                out[name] = (p[...] if not isinstance(p, jax.Array) else p, normalised)
     return out
 
 
@@ -197,7 +202,10 @@ def use_input_projection(model: Any, opt_state: Any):
     input-projected in ``opt_state`` computes ``x @ kernel`` through
     :func:`rgo_jax.projected_matmul` with that P, so its kernel gradient comes out projected
     and the optimizer's update passes it through. Its bias and every other layer are
-    untouched. The selection is never repeated: it lives in the state.
+    untouched. The selection is never repeated: it lives in the state. OWM's projectors
+    (``scale_by_owm(input_projected=...)``) are read the same way and applied without the
+    trace factor, ``P X^T D``; absorb the step's inputs (:func:`rgo_jax.baselines.owm_update`)
+    before entering the block, as OWM projects with the P that has absorbed them.
 
     Args:
       model: a Flax NNX module (the traced copy, inside the differentiated function).
@@ -226,11 +234,12 @@ def use_input_projection(model: Any, opt_state: Any):
     if not matrices:
         raise ValueError(
             f"{what}: the optimizer state holds no input-projected P; build the optimizer "
-            "with scale_by_rgo(input_projected=...) or rgo(lr, input_projected=...)."
+            "with scale_by_rgo(input_projected=...), rgo(lr, input_projected=...) or "
+            "scale_by_owm(input_projected=...)."
         )
 
     def make(name, layer):
-        p = matrices[name]
+        p, normalised = matrices[name]
         d = layer.kernel.shape[0]
         if jnp.shape(p) != (d, d):
             raise ValueError(
@@ -239,7 +248,9 @@ def use_input_projection(model: Any, opt_state: Any):
             )
 
         def product(x, kernel, precision):
-            return _input_projection.projected_matmul(x, kernel, p, precision=precision)
+            return _input_projection.projected_matmul(
+                x, kernel, p, precision=precision, trace_normalised=normalised
+            )
 
         return "dot_general", _dense(what, name, product)
 

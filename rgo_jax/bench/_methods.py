@@ -72,7 +72,7 @@ class RunInfo:
       num_tasks: tasks in the stream (A-GEM sizes its memory by it).
       vector_chunk: consolidation batches per vmapped call (memory only, not the numbers).
       input_projection: project dense-layer gradients on the input side where the
-        optimizer supports it (RGO).
+        optimizer supports it (RGO, OWM).
       convolutional: the network has convolutions (EWC then computes its Fisher in one
         compiled call per chunk: XLA on CPU runs convolutions slowly inside loops).
     """
@@ -133,7 +133,8 @@ class Method:
     family: ClassVar[str | None] = None
     #: the dataclass of the family's options.
     Options: ClassVar[type | None] = None
-    #: the optimizer is RGO, whose dense kernels can be projected on the input side.
+    #: the optimizer (RGO's, OWM's) lets the layers project dense kernels' gradients on the
+    #: input side (:func:`rgo_jax.nnx.use_input_projection`).
     input_projectable: ClassVar[bool] = False
 
     name: str
@@ -167,6 +168,12 @@ class Method:
         """Extra keyword arguments of ``tx.update`` at every step (traced in the step)."""
         del net, params, x, task, extra, step
         return {}
+
+    def before_gradient(self, net: Any, params: Any, x, task, extra: Any, step, opt_state):
+        """With input-side projection: ``(opt_state, kwargs)``, the state whose P the layers
+        project with and the extra arguments of ``tx.update`` (traced in the step). Default:
+        the state unchanged and :meth:`step_kwargs`."""
+        return opt_state, self.step_kwargs(net, params, x, task, extra, step)
 
     def after_task(self, ctx: TaskContext, params: Any, opt_state: Any, extra: Any):
         """Task-boundary work: returns the new ``(opt_state, extra)``."""
@@ -502,22 +509,36 @@ class OWMOptions:
 
 @dataclasses.dataclass(frozen=True)
 class OWM(Method):
-    """OWM: RLS on the batch-mean layer inputs at every step."""
+    """OWM: RLS on the batch-mean layer inputs at every step.
+
+    With ``RunInfo.input_projection`` the dense kernels' gradients are projected by their
+    layers, ``(P X^T) D`` (``scale_by_owm(input_projected=...)``): P absorbs the step's
+    inputs before the gradient (:meth:`before_gradient`), so the update is the same.
+    """
 
     family: ClassVar[str] = "owm"
     Options: ClassVar[type] = OWMOptions
+    input_projectable: ClassVar[bool] = True
 
     def optimizer(self, run):
         from rgo_jax import baselines  # noqa: PLC0415
 
         # Biases projected too (input 1): the reference networks of OWM and GPM have none,
         # and an unprotected bias drifts across tasks.
+        selected = models.LINEAR_KERNELS if run.input_projection else None
         return optax.chain(
-            baselines.scale_by_owm(project_biases=True), optax.sgd(run.learning_rate)
+            baselines.scale_by_owm(project_biases=True, input_projected=selected),
+            optax.sgd(run.learning_rate),
         )
 
     def step_kwargs(self, net, params, x, task, extra, step):
         return {"owm_inputs": net.inputs(params, x, task), "owm_alpha": self.options.alpha}
+
+    def before_gradient(self, net, params, x, task, extra, step, opt_state):
+        from rgo_jax import baselines  # noqa: PLC0415
+
+        kwargs = self.step_kwargs(net, params, x, task, extra, step)
+        return baselines.owm_update(opt_state, kwargs["owm_inputs"], kwargs["owm_alpha"]), {}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -196,7 +196,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--input-projection",
         action="store_true",
-        help="RGO methods project dense-layer gradients on the input side, (P X^T) D: "
+        help="RGO methods and OWM project dense-layer gradients on the input side, (P X^T) D: "
         "the same update, much faster for wide layers and small batches",
     )
     p.add_argument("--no-plots", action="store_true", help="do not draw PNG plots")

@@ -159,8 +159,8 @@ class Config:
       vector_chunk: consolidation batches per vmapped call when RGO computes its curvature
         vectors (memory: this many batches' activations at once). It does not change the
         numbers, so it is left out of the run's fingerprint; lower it for large inputs.
-      input_projection: the RGO methods project the dense layers' gradients on the input
-        side, ``(P X^T) D`` inside the backward pass (:func:`rgo_jax.projected_matmul`):
+      input_projection: the RGO methods and OWM project the dense layers' gradients on the
+        input side, ``(P X^T) D`` inside the backward pass (:func:`rgo_jax.projected_matmul`):
         the same update as ``P (X^T D)``, far cheaper when the batch is smaller than the
         layer's width (wide layers, batch 10). Conv kernels and biases are projected by the
         optimizer as usual.
@@ -546,9 +546,14 @@ def _make_chunk_fn(net: _Net, tx, method: Method, cfg: Config):
         def body(carry, inputs):
             params, opt_state = carry
             (x, y, mask, task), step = inputs
+            if input_projected:  # the state the layers project with (OWM: inputs absorbed)
+                opt_state, kwargs = method.before_gradient(
+                    net, params, x, task, extra, step, opt_state
+                )
             projection = opt_state if input_projected else None
             loss, grads = jax.value_and_grad(loss_fn)(params, extra, x, y, mask, task, projection)
-            kwargs = method.step_kwargs(net, params, x, task, extra, step)
+            if not input_projected:
+                kwargs = method.step_kwargs(net, params, x, task, extra, step)
             updates, opt_state = tx.update(grads, opt_state, params, **kwargs)
             return (optax.apply_updates(params, updates), opt_state), loss
 

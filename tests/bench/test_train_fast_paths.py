@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rgo_jax import _transform
+from rgo_jax import _matrices, _transform
 from rgo_jax.bench import _methods, cli, models, train
+from rgo_jax.layouts import path_str
 from tests.helpers import REPO, task_context
 
 BASE = dict(benchmark="permuted_digits", num_tasks=2, hidden=(64, 48), batch_size=10)
@@ -116,6 +117,30 @@ def test_global_normalisation_trains_the_same_network_with_input_projection():
     fast_leaves = dict(jax.tree_util.tree_leaves_with_path(fast))
     for path, a in jax.tree_util.tree_leaves_with_path(plain):
         np.testing.assert_allclose(fast_leaves[path], a, rtol=1e-4, atol=2e-6, err_msg=str(path))
+
+
+@pytest.mark.slow
+def test_owm_input_projection_trains_the_same_network():
+    """``input_projection`` applies to OWM: its dense kernels' P are marked for their layers
+    to project, P absorbs each step's inputs before the gradient, and the network after
+    ten steps (P changing at each) is the plain OWM one's."""
+    cfg = train.Config(**BASE, methods=("owm",), input_projection=True)
+    method = cfg.method("owm")
+    _, params, _ = _network(cfg, method)
+    state = method.optimizer(cfg.run_info()).init(params)
+    flat = jax.tree_util.tree_flatten_with_path(
+        state[0].p, is_leaf=lambda x: isinstance(x, _matrices.InputProjected)
+    )[0]
+    marked = {path_str(p) for p, node in flat if isinstance(node, _matrices.InputProjected)}
+    assert marked == set(_methods._kernel_paths(params)) and len(marked) == 3  # not biases
+    plain, _ = _train_task_1("owm")
+    fast, _ = _train_task_1("owm", input_projection=True)
+    sgd, _ = _train_task_1("sgd")
+    fast_leaves = dict(jax.tree_util.tree_leaves_with_path(fast))
+    for path, a in jax.tree_util.tree_leaves_with_path(plain):
+        np.testing.assert_allclose(fast_leaves[path], a, rtol=1e-4, atol=2e-6, err_msg=str(path))
+    diff = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), plain, sgd)
+    assert max(jax.tree.leaves(diff)) > 1e-3  # OWM's projection mattered
 
 
 @pytest.mark.slow
