@@ -465,6 +465,7 @@ def main() -> None:
     prov = C.provenance()
     prov["torch"] = torch.__version__
     prov["torch_threads"] = torch.get_num_threads()
+    prov["env"] = {k: os.environ.get(k) for k in ("XLA_FLAGS", "OMP_NUM_THREADS")}
     if args.baseline_repo is not None:
         prov["baseline_commit"] = _commit_of(args.baseline_repo)
     load0 = os.getloadavg()[0]
@@ -493,15 +494,14 @@ def main() -> None:
         ttr, profiles, loads = time_to_result(args.data_dir, reps, baseline=args.baseline_repo)
         res |= ttr
     load = [load0, os.getloadavg()[0]]
-    if args.rls_sweep_only:
-        md = (
-            f"Load average during the run: {load[0]:.1f} -> {load[1]:.1f} (1-minute) on "
-            f"{os.cpu_count()} cores; PyTorch threads {torch.get_num_threads()}.\n\n"
-        )
-    else:
-        md = markdown(res, args.quick, load, profiles, loads) + "\n"
+    md = "" if args.rls_sweep_only else markdown(res, args.quick, load, profiles, loads) + "\n"
     if sweep:
-        md += bench_rls_forms.markdown(sweep)
+        env = ", ".join(f"`{k}={v}`" for k, v in prov["env"].items() if v is not None)
+        md += (
+            f"Load average during the run: {load[0]:.1f} -> {load[1]:.1f} (1-minute) on "
+            f"{os.cpu_count()} cores ({prov['machine']['cores_usable']} usable); PyTorch "
+            f"threads {prov['torch_threads']}; {env or 'default XLA and OpenMP threads'}.\n\n"
+        ) + bench_rls_forms.markdown(sweep)
     print(md)
     data = {"results": res, "quick": args.quick, "profiles": profiles, "loads": loads}
     data["rls_sweep"] = sweep
