@@ -14,6 +14,10 @@ JAX functions compiled ahead of time, PyTorch eager), medians reported with the 
   examples, Woodbury blocks of 64) and the straightforward one (a backward per batch,
   rank-one loop);
 * the RLS alone (the same 1000 vectors per P, block 64) vs PyTorch's Woodbury update;
+* the RLS block kernel over widths 64..4608 (one P per width, block 64,
+  ``bench_rls_forms``): the library's hand-written blocked Cholesky against the same update
+  written with LAPACK-backed ``jax.scipy.linalg`` calls and against PyTorch's Woodbury
+  update, with the positive-definiteness check ``update_projection`` adds;
 * time to result in a fresh process: ``python -m rgo_jax --config
   benchmarks/configs/permuted_mnist.json --methods rgo --seeds 0 --input-projection`` (1
   and 4 tasks, no checkpoints or plots) vs ``torch_reference.py``, with an empty JAX
@@ -27,6 +31,8 @@ files (``--data-dir``, default ``$RGO_DATA_DIR``).
 Command and cost (2-core CPU): ``python benchmarks/perf/compare_torch.py`` (about 6-10
 minutes under load); ``--quick`` (fewer rounds, one time-to-result run each: about 3
 minutes on a quiet machine). Results: ``benchmarks/results/perf/compare_torch.{json,md}``.
+The width sweep alone: ``--rls-sweep-only`` (about 3 minutes on one core; results
+``compare_torch_rls_sweep.{json,md}``), widths by ``--rls-widths 64,256``.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ from rgo_jax.bench.models import build_model
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import bench_rls_forms  # noqa: E402
 import torch  # noqa: E402
 import torch_reference as T  # noqa: E402 - sets OMP_WAIT_POLICY before torch loads
 
@@ -435,13 +442,30 @@ def main() -> None:
         type=Path,
         help="a checkout of an earlier commit: its harness is timed in the same rounds",
     )
-    ap.add_argument("--out", default="compare_torch")
+    ap.add_argument(
+        "--rls-sweep-only",
+        action="store_true",
+        help="only the RLS block kernel width sweep (no other rows, no data needed)",
+    )
+    ap.add_argument("--no-rls-sweep", action="store_true", help="skip the RLS width sweep")
+    ap.add_argument(
+        "--rls-widths",
+        type=lambda s: tuple(int(x) for x in s.split(",")),
+        default=bench_rls_forms.WIDTHS,
+        help="comma-separated widths of the RLS sweep (default %(default)s)",
+    )
+    ap.add_argument("--out", help="result name (default compare_torch, or compare_torch_rls_sweep)")
     args = ap.parse_args()
+    if args.rls_sweep_only:
+        args.no_ttr = True
+    if args.out is None:
+        args.out = "compare_torch_rls_sweep" if args.rls_sweep_only else "compare_torch"
     if not args.no_ttr and not args.data_dir:
         raise SystemExit("compare_torch: pass --data-dir (the folder with mnist/) or --no-ttr")
     prov = C.provenance()
     prov["torch"] = torch.__version__
     prov["torch_threads"] = torch.get_num_threads()
+    prov["env"] = {k: os.environ.get(k) for k in ("XLA_FLAGS", "OMP_NUM_THREADS")}
     if args.baseline_repo is not None:
         prov["baseline_commit"] = _commit_of(args.baseline_repo)
     load0 = os.getloadavg()[0]
@@ -452,12 +476,16 @@ def main() -> None:
         ("width 2048", lambda: wide_row(rounds, budget)),
         ("consolidation", lambda: consolidation_rows(rounds, budget)),
     )
-    for name, fn in () if args.ttr_only else kernels:
+    for name, fn in () if args.ttr_only or args.rls_sweep_only else kernels:
         print(f"[compare_torch] {name} ...", flush=True)
         part = fn()
         for k, v in part.items():
             print(f"  {k:38s} {C.fmt_s(v['median_s']):>10s}", flush=True)
         res |= part
+    sweep: list = []
+    if args.rls_sweep_only or not (args.ttr_only or args.no_rls_sweep):
+        print("[compare_torch] RLS width sweep ...", flush=True)
+        sweep = bench_rls_forms.sweep(args.rls_widths, rounds=rounds, budget=budget)
     profiles: dict = {}
     loads: dict = {}
     if not args.no_ttr:
@@ -466,9 +494,17 @@ def main() -> None:
         ttr, profiles, loads = time_to_result(args.data_dir, reps, baseline=args.baseline_repo)
         res |= ttr
     load = [load0, os.getloadavg()[0]]
-    md = markdown(res, args.quick, load, profiles, loads)
+    md = "" if args.rls_sweep_only else markdown(res, args.quick, load, profiles, loads) + "\n"
+    if sweep:
+        env = ", ".join(f"`{k}={v}`" for k, v in prov["env"].items() if v is not None)
+        md += (
+            f"Load average during the run: {load[0]:.1f} -> {load[1]:.1f} (1-minute) on "
+            f"{os.cpu_count()} cores ({prov['machine']['cores_usable']} usable); PyTorch "
+            f"threads {prov['torch_threads']}; {env or 'default XLA and OpenMP threads'}.\n\n"
+        ) + bench_rls_forms.markdown(sweep)
     print(md)
     data = {"results": res, "quick": args.quick, "profiles": profiles, "loads": loads}
+    data["rls_sweep"] = sweep
     path = C.write_results(args.out, prov, data, md)
     print(f"[compare_torch] wrote {path}")
 
