@@ -11,6 +11,7 @@ from tests.helpers import REPO, closed_form_p
 pytest.importorskip("torch")
 
 
+@pytest.mark.slow  # compiles seven RLS programs
 def test_every_timed_rls_form_is_the_closed_form(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks" / "perf"))
     import bench_rls_forms as forms  # noqa: PLC0415 - needs the path above
