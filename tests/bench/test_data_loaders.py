@@ -322,6 +322,30 @@ def test_cifar10_python2_pickles(tmp_path):
     )
 
 
+@pytest.mark.parametrize("sizes", [(3, 1, 4, 1, 5), (1, 4, 5, 3, 2)])
+def test_cifar10_batches_of_unequal_sizes_keep_every_image_in_order(tmp_path, sizes):
+    """Each batch is written into its rows of one array: smaller or larger later batches
+    (not the official release's, but a valid file set) keep every image and label."""
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rows = [cifar_rows(rng, n) for n in sizes]
+    for j, r in enumerate(rows, start=1):
+        labels = [int(v) for v in rng.integers(0, 10, len(r))]
+        (folder / f"data_batch_{j}").write_bytes(pickle.dumps({"data": r, "labels": labels}))
+    test = cifar_rows(rng, 2)
+    (folder / "test_batch").write_bytes(pickle.dumps({"data": test, "labels": [1, 2]}))
+    ds = data.load_cifar10(tmp_path)
+    expected = np.concatenate(rows)
+    assert ds.x_train.shape == (sum(sizes), 32, 32, 3) and len(ds.y_train) == sum(sizes)
+    np.testing.assert_array_equal(
+        np.round(ds.x_train * 255).astype(np.uint8),
+        expected.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1),
+    )
+    want = [pickle.loads((folder / f"data_batch_{j}").read_bytes())["labels"] for j in range(1, 6)]
+    assert ds.y_train.tolist() == sum(want, [])
+
+
 class _Evil:
     def __init__(self, marker: Path, fn):
         self.marker, self.fn = marker, fn

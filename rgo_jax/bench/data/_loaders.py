@@ -280,9 +280,11 @@ def _cifar_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarr
     return data, _as_labels(labels, f"{path} [{label_key!r}]", num_classes)
 
 
-def _cifar_images(rows: np.ndarray) -> np.ndarray:
-    """uint8 rows ``[N, 3072]`` (R, G, B 32x32 planes) -> float32 NHWC in [0, 1]."""
-    out = np.empty((len(rows), 32, 32, 3), np.float32)
+def _cifar_images(rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 rows ``[N, 3072]`` (R, G, B 32x32 planes) -> float32 NHWC in [0, 1], written
+    into ``out`` (``[N, 32, 32, 3]`` float32) when given."""
+    if out is None:
+        out = np.empty((len(rows), 32, 32, 3), np.float32)
     np.copyto(out, rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # one pass
     out /= np.float32(255.0)
     return out
@@ -313,7 +315,19 @@ def load_cifar10(root: str | Path) -> Dataset:
         "test_batch",
         "cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}",
     )
-    parts = [_cifar_batch(folder / f"data_batch_{i}", "labels", 10) for i in range(1, 6)]
+    # Each batch goes straight into its rows of the float32 array and is dropped: the peak
+    # is the images plus one batch, not plus every batch and their concatenation (~0.3 GB).
+    x_train, labels, start = None, [], 0
+    for i in range(1, 6):
+        rows, y = _cifar_batch(folder / f"data_batch_{i}", "labels", 10)
+        if x_train is None:  # the official batches hold 10,000 images each
+            x_train = np.empty((5 * len(rows), 32, 32, 3), np.float32)
+        if start + len(rows) > len(x_train):  # unequal batches: room for the rest
+            x_train = np.concatenate([x_train[:start], np.empty_like(x_train)])
+        _cifar_images(rows, x_train[start : start + len(rows)])
+        labels.append(y)
+        start += len(rows)
+        del rows
     test_rows, y_test = _cifar_batch(folder / "test_batch", "labels", 10)
     names = None
     meta_path = folder / "batches.meta"
@@ -322,8 +336,8 @@ def load_cifar10(root: str | Path) -> Dataset:
         names = as_class_names(meta.get("label_names"))
     return Dataset(
         dataset,
-        _cifar_images(np.concatenate([p[0] for p in parts])),
-        np.concatenate([p[1] for p in parts]),
+        x_train if start == len(x_train) else x_train[:start].copy(),
+        np.concatenate(labels),
         _cifar_images(test_rows),
         y_test,
         10,
