@@ -11,6 +11,7 @@ With ``P_0 = I`` the recursion gives ``P = alpha (alpha I + sum_i v_i v_i^T)^{-1
 from __future__ import annotations
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -231,11 +232,17 @@ def _nanmin(a: jax.Array, b: jax.Array) -> jax.Array:
 def _cholesky(m: jax.Array, floor: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Lower Cholesky factor of a symmetric ``[d, d]`` and its smallest pivot (no LAPACK).
 
-    Left-looking, one ``lax.fori_loop`` over block columns of ``_PANEL`` (one compiled body
-    whatever ``d``; a recursive blocking unrolled per level compiles for minutes at
-    ``d = 784``): each column block ``A[:, J] - L L[J]^T`` is factored by
-    :func:`_cholesky_panel` (with ``floor`` > 0 the result is a modified Cholesky factor of
-    ``m`` plus a non-negative diagonal, finite for any finite ``m``). ``2 d^3`` flops.
+    Left-looking over block columns of ``_PANEL``: each column block ``A[:, J] - L L[J]^T``
+    is factored by :func:`_cholesky_panel` (with ``floor`` > 0 the result is a modified
+    Cholesky factor of ``m`` plus a non-negative diagonal). One ``lax.fori_loop`` over the
+    block columns (one compiled body whatever ``d``; a recursive blocking unrolled per level
+    compiles for minutes at ``d = 784``) costs ``2 d^3`` flops: its product runs over the
+    whole factor. From ``d = 2048`` the block columns run in up to ``_GROUPS`` consecutive
+    groups, one loop each, whose product reads only the rows from the group's first block
+    column down and the columns that can be non-zero: ``2 d^3 sum_i (g - i)(i + 1) / g^3``
+    flops for ``g`` groups (``0.47 d^3`` for 8). Measured on one CPU core, 2.2x (d = 2304)
+    and 2.4x (d = 4608) faster, for ~2 s more compile time per size of P (so smaller P keep
+    the single loop, and its float32 results bit for bit).
     """
     d = m.shape[-1]
     b = min(_PANEL, d)
@@ -248,21 +255,34 @@ def _cholesky(m: jax.Array, floor: jax.Array) -> tuple[jax.Array, jax.Array]:
             ]
         )
     size = d + pad
+    blocks = size // b
+    groups = 1 if blocks < _MIN_BLOCKS_TO_GROUP else min(_GROUPS, blocks // _GROUP_BLOCKS)
+    bounds = [round(i * blocks / groups) for i in range(groups + 1)]
+    low, least = jnp.zeros_like(m), jnp.full_like(m[0, 0], jnp.inf)
+    for lo, hi in itertools.pairwise(bounds):
+        top = lo * b  # rows above are finished: zero in every column from here on
+        # Columns at or past any block's start in this group are zero (one group: every
+        # column, the product of the plain left-looking loop).
+        cols = size if groups == 1 else (hi - 1) * b
 
-    def column_block(j, carry):
-        low, least = carry
-        start = j * b
-        # Columns >= start of ``low`` are still zero: the product subtracts exactly the
-        # contribution of the column blocks already factored.
-        c = jax.lax.dynamic_slice(m, (0, start), (size, b)) - jnp.matmul(
-            low, jax.lax.dynamic_slice(low, (start, 0), (b, size)).T, precision=_HI
-        )
-        panel, least_j = _cholesky_panel(c, start, floor)
-        return jax.lax.dynamic_update_slice(low, panel, (0, start)), _nanmin(least, least_j)
+        def column_block(j, carry, top=top, cols=cols):
+            low, least = carry
+            start = j * b
+            c = jax.lax.dynamic_slice(m, (top, start), (size - top, b))
+            if cols:  # minus the contribution of the column blocks already factored
+                done = jax.lax.dynamic_slice(low, (start, 0), (b, cols))
+                c = c - jnp.matmul(low[top:, :cols], done.T, precision=_HI)
+            panel, least_j = _cholesky_panel(c, start - top, floor)
+            low = jax.lax.dynamic_update_slice(low, panel, (top, start))
+            return low, _nanmin(least, least_j)
 
-    init = (jnp.zeros_like(m), jnp.full_like(m[0, 0], jnp.inf))
-    low, least = jax.lax.fori_loop(0, size // b, column_block, init)
+        low, least = jax.lax.fori_loop(lo, hi, column_block, (low, least))
     return low[:d, :d], least
+
+
+_GROUPS = 8  # static groups of block columns in :func:`_cholesky`, for large P only:
+_MIN_BLOCKS_TO_GROUP = 64  # d >= 2048 (smaller P: one loop, ~2 s less compile per size)
+_GROUP_BLOCKS = 8  # at least this many block columns per group
 
 
 # A stored P must factor with every pivot above this fraction of its largest diagonal entry:

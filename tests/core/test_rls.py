@@ -144,3 +144,35 @@ def test_update_projection_is_jitted_once_per_structure():
     before = rgo_jax._transform._update_projection._cache_size()
     rgo_jax.update_projection(state, {"w": 2 * jnp.ones((3, 6))}, 0.5)
     assert rgo_jax._transform._update_projection._cache_size() == before
+
+
+@pytest.mark.parametrize("d, groups", [(70, 1), (100, 2), (640, 4)])
+def test_grouped_cholesky_is_the_float64_factor(monkeypatch, d, groups):
+    """The positive-definiteness check's factor: block columns in static groups (each group's
+    product reads only the rows and columns that can be non-zero) for large P. Lowered
+    thresholds so that small matrices take the grouped path."""
+    import jax
+
+    from rgo_jax import _rls
+
+    monkeypatch.setattr(_rls, "_MIN_BLOCKS_TO_GROUP", 3)
+    monkeypatch.setattr(_rls, "_GROUP_BLOCKS", 2)
+    monkeypatch.setattr(_rls, "_GROUPS", 4)
+    rng = np.random.default_rng(d)
+    a = rng.normal(size=(d, d + 5))
+    m = (a @ a.T / d + 0.05 * np.eye(d)).astype(np.float32)
+    floor = jnp.float32(1e-30)
+    jaxpr = jax.make_jaxpr(_rls._cholesky)(jnp.asarray(m), floor)
+    loops = [e for e in jaxpr.jaxpr.eqns if e.primitive.name in ("while", "scan")]
+    assert len(loops) == groups
+    low, least = _rls._cholesky(jnp.asarray(m), floor)
+    ref = np.linalg.cholesky(m.astype(np.float64))
+    np.testing.assert_allclose(np.asarray(low), ref, atol=2e-6 * np.abs(ref).max())
+    np.testing.assert_allclose(float(least), np.min(np.diag(ref)) ** 2, rtol=1e-4)
+    # An indefinite matrix: the smallest pivot (negative, or NaN once the raised pivots
+    # overflow the later columns) is not above the floor, and the check says so.
+    bad = m.copy()
+    bad[d // 2, d // 2] = -1.0
+    assert not float(_rls._cholesky(jnp.asarray(bad), jnp.float32(1e-6))[1]) > 1e-6
+    assert bool(_rls.is_positive_definite(jnp.asarray(m)))
+    assert not bool(_rls.is_positive_definite(jnp.asarray(bad)))
