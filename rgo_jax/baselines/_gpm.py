@@ -188,6 +188,7 @@ def project_out_basis(basis: jax.Array, g: jax.Array, rank: jax.Array) -> jax.Ar
     stored = jnp.all((rank <= 0) | (rank >= d) | (last > 0.5))
     use_n = stored & (n_trips < m_trips)
     first = jnp.where(use_n, n_first, 0)
+    sign = jnp.where(use_n, 1, -1).astype(g.dtype)
     k = rank[..., None, None]
     cols = jnp.arange(size).reshape((1,) * (k.ndim - 1) + (size,))  # [*batch, 1, size]
 
@@ -198,11 +199,13 @@ def project_out_basis(basis: jax.Array, g: jax.Array, rank: jax.Array) -> jax.Ar
         c = cols + lo  # the block's columns; those of an earlier block are dropped
         keep = (c >= start) & jnp.where(use_n, c >= k, c < k)
         mb = jnp.where(keep, mb, jnp.zeros_like(mb))
-        y = jnp.matmul(mb, jnp.matmul(jnp.swapaxes(mb, -1, -2), g))
-        return jnp.where(use_n, acc + y, acc - y)
+        # acc - M_b (M_b^T G) or acc + N_b (N_b^T G); the sign flip is exact
+        return acc + jnp.matmul(mb, sign * jnp.matmul(jnp.swapaxes(mb, -1, -2), g))
 
     acc = jnp.where(use_n, jnp.zeros_like(g), g)
     out = jax.lax.fori_loop(0, jnp.where(use_n, n_trips, m_trips), body, acc)
+    if basis.ndim == 2:  # rank d reads no N block: exactly zero already
+        return out
     return jnp.where(k >= d, jnp.zeros_like(out), out)  # rank d in a batch with lower ranks
 
 
