@@ -183,10 +183,12 @@ def project_out_basis(basis: jax.Array, g: jax.Array, rank: jax.Array) -> jax.Ar
     m_trips = (kmax + size - 1) // size  # blocks holding a column of some M
     n_first = kmin // size  # the first block holding a column of some N
     n_trips = jnp.where(kmin >= d, 0, blocks - n_first)
-    # N is stored where 0 < rank < d; its last column then has unit norm (zero without N).
-    last = jnp.sum(jnp.square(basis[..., :, -1].astype(jnp.float32)), axis=-1)
-    stored = jnp.all((rank <= 0) | (rank >= d) | (last > 0.5))
-    use_n = stored & (n_trips < m_trips)
+    if blocks == 1:  # reading N is never cheaper (rank d is zeroed below)
+        use_n = jnp.asarray(False)
+    else:  # N is stored where 0 < rank < d: its last column has unit norm (zero without N)
+        last = jnp.sum(jnp.square(basis[..., :, -1].astype(jnp.float32)), axis=-1)
+        stored = jnp.all((rank <= 0) | (rank >= d) | (last > 0.5))
+        use_n = stored & (n_trips < m_trips)
     first = jnp.where(use_n, n_first, 0)
     sign = jnp.where(use_n, 1, -1).astype(g.dtype)
     k = rank[..., None, None]
@@ -204,9 +206,9 @@ def project_out_basis(basis: jax.Array, g: jax.Array, rank: jax.Array) -> jax.Ar
 
     acc = jnp.where(use_n, jnp.zeros_like(g), g)
     out = jax.lax.fori_loop(0, jnp.where(use_n, n_trips, m_trips), body, acc)
-    if basis.ndim == 2:  # rank d reads no N block: exactly zero already
+    if basis.ndim == 2 and blocks > 1:  # rank d reads no N block: exactly zero already
         return out
-    return jnp.where(k >= d, jnp.zeros_like(out), out)  # rank d in a batch with lower ranks
+    return jnp.where(k >= d, jnp.zeros_like(out), out)  # rank d by M (one block, a batch)
 
 
 def _num_new(captured: float, ratio: np.ndarray, threshold: float) -> int:
