@@ -21,10 +21,11 @@ class GPMState(NamedTuple):
     bases: Any
     """Tree like params: ``[*batch, d, d]`` per projected leaf, whose first ``rank`` columns
     are an orthonormal basis ``M`` of the protected input space and whose other ``d - rank``
-    columns an orthonormal basis ``N`` of its complement (``[M | N]`` orthogonal, so
-    ``M M^T + N N^T = I``), or zero where ``rank`` is 0 or no complement was stored (a state
-    made by hand or by an earlier version, projected by ``M`` alone); ``optax.MaskedNode()``
-    otherwise. The basis is ``bases[..., :rank]``."""
+    columns are zero up to rank ``d / 2`` and, past it, an orthonormal basis ``N`` of the
+    complement (``[M | N]`` orthogonal, ``M M^T + N N^T = I``), from which the step projects
+    there; zero also for ``d < 128`` (one column block, always projected by ``M``) and in a
+    state made by hand or by an earlier version (projected by ``M`` alone).
+    ``optax.MaskedNode()`` for leaves not projected. The basis is ``bases[..., :rank]``."""
     rank: Any
     """Tree like params: int32 ``[*batch]`` basis size per projected leaf, ``MaskedNode()``
     otherwise."""
@@ -48,7 +49,8 @@ def scale_by_gpm(
     is empty at first (the transformation is the identity on the first task) and grows at
     each task boundary by :func:`gpm_update_bases`. The basis is stored as a ``[d, d]``
     matrix with its rank, so shapes are static under ``jit``, its columns past the rank
-    holding an orthonormal basis ``N`` of the complement; the projection reads, in blocks,
+    holding, past rank ``d / 2``, an orthonormal basis ``N`` of the complement (zero before);
+    the projection reads, in blocks,
     only the columns it needs (:func:`project_out_basis`): ``G - M (M^T G)`` up to rank
     ``d / 2`` and the equal ``N (N^T G)`` past it, about ``4 d \min(k, d - k) m`` FLOPs per
     step for rank ``k``, nothing on the first task and none at full rank (the update is
@@ -131,12 +133,19 @@ _BLOCKS = 4  # column blocks per basis; measured (d = 784, m = 256, one core): r
 # (by M) and 3d/4 (by N) 3-4x faster than the dense form over all columns, rank d free
 
 
+def _blocks(d: int) -> tuple[int, int]:
+    """Column block size and count of a ``[d, d]`` basis: blocks of at least 64 columns."""
+    size = -(-d // max(1, min(_BLOCKS, d // 64)))
+    return size, -(-d // size)
+
+
 def project_out_basis(basis: jax.Array, g: jax.Array, rank: jax.Array) -> jax.Array:
     r"""``G - M M^T G`` for a stored ``[M | N]`` basis, touching only the columns it needs.
 
-    With ``M`` the first ``k`` columns of ``basis``, ``N`` the others (an orthonormal basis
-    of the complement of ``span(M)``, see :class:`GPMState`) and ``M_b``, ``N_b`` their
-    parts in the ``b``-th block of ``s = d / 4`` columns (at least 64),
+    With ``M`` the first ``k`` columns of ``basis``, ``N`` the others (past rank ``d / 2``
+    an orthonormal basis of the complement of ``span(M)``, see :class:`GPMState`) and
+    ``M_b``, ``N_b`` their parts in the ``b``-th block of ``s = d / 4`` columns (at least
+    64),
 
     .. math::  \hat G = G - \sum_{b < \lceil k / s \rceil} M_b (M_b^\top G)
        \quad\text{or}\quad
@@ -155,7 +164,7 @@ def project_out_basis(basis: jax.Array, g: jax.Array, rank: jax.Array) -> jax.Ar
     A batched basis is projected element by element with each element's own rank (its
     columns past the rank masked off in the first form, before it in the second); the
     blocks read are those up to the largest rank (first form) or from the smallest one
-    (second form).
+    (second form, taken only where every element of rank between 0 and ``d`` stores N).
 
     Args:
       basis: ``[*batch, d, d]``: orthonormal ``M``, then ``N`` (or zeros) past the rank.
@@ -176,8 +185,7 @@ def project_out_basis(basis: jax.Array, g: jax.Array, rank: jax.Array) -> jax.Ar
       [0.0, 0.0, 1.0]
     """
     d = basis.shape[-1]
-    size = -(-d // max(1, min(_BLOCKS, d // 64)))  # blocks of at least 64 columns
-    blocks = -(-d // size)
+    size, blocks = _blocks(d)
     rank = jnp.broadcast_to(jnp.asarray(rank, jnp.int32), basis.shape[:-2])
     kmax, kmin = jnp.max(rank, initial=0), jnp.min(rank, initial=d)
     m_trips = (kmax + size - 1) // size  # blocks holding a column of some M
@@ -185,7 +193,7 @@ def project_out_basis(basis: jax.Array, g: jax.Array, rank: jax.Array) -> jax.Ar
     n_trips = jnp.where(kmin >= d, 0, blocks - n_first)
     if blocks == 1:  # reading N is never cheaper (rank d is zeroed below)
         use_n = jnp.asarray(False)
-    else:  # N is stored where 0 < rank < d: its last column has unit norm (zero without N)
+    else:  # N is stored where d/2 < rank < d: its last column has unit norm (zero without)
         last = jnp.sum(jnp.square(basis[..., :, -1].astype(jnp.float32)), axis=-1)
         stored = jnp.all((rank <= 0) | (rank >= d) | (last > 0.5))
         use_n = stored & (n_trips < m_trips)
@@ -249,11 +257,12 @@ def _extend_basis(basis: np.ndarray, rep: np.ndarray, threshold: float) -> np.nd
 
 
 def _complement(basis: np.ndarray) -> np.ndarray:
-    """An orthonormal basis ``[d, d - k]`` of the complement of ``span(basis [d, k])``
-    (float64, by a complete QR); zeros for an empty basis, whose projection reads none."""
+    """The columns stored past the rank of ``basis [d, k]`` (float64): an orthonormal basis
+    of the complement of its span (a complete QR) where :func:`project_out_basis` may read
+    it, ``d / 2 < k < d`` with more than one block; zeros otherwise (as before it existed)."""
     d, k = basis.shape
-    if k == 0:
-        return np.zeros((d, d))
+    if not (d < 2 * k < 2 * d and _blocks(d)[1] > 1):
+        return np.zeros((d, d - k))
     return np.linalg.qr(basis, mode="complete")[0][:, k:]
 
 
@@ -336,9 +345,9 @@ def gpm_update_bases(
       threshold: energy fraction in ``(0, 1]``, a scalar or a dict ``path -> float``
         covering every projected parameter (the paper uses 0.95-0.99, rising per task).
 
-    Each basis is stored with an orthonormal basis of its complement in the columns past
-    its rank (:class:`GPMState`), from which the step projects when that is cheaper: a
-    state from an earlier version, zero there, gets it at its next update.
+    A basis past half its dimension is stored with an orthonormal basis of its complement in
+    the columns past its rank (:class:`GPMState`), from which the step projects, more
+    cheaply; a state from an earlier version, zero there, gets it at its next update.
 
     Returns:
       The state with extended bases and ranks, ``count`` increased by one.
