@@ -84,8 +84,9 @@ def _step(tx, loss, kwargs_fn=None, input_projected=False):
 
 def _gpm_state(state, rank_fraction: float, rng, complement: bool = True):
     """The GPM state with random orthonormal bases of ``rank_fraction * d`` columns, the
-    columns past the rank their orthonormal complement (as ``gpm_update_bases`` stores it)
-    or, with ``complement=False``, zero (an earlier version's state)."""
+    columns past the rank as ``gpm_update_bases`` stores them (past rank d/2 the
+    orthonormal complement, zero before) or, with ``complement=False``, zero (an earlier
+    version's state)."""
     gpm = state[0]
 
     def fill(m, r):
@@ -94,7 +95,7 @@ def _gpm_state(state, rank_fraction: float, rng, complement: bool = True):
         d = m.shape[-1]
         k = int(round(rank_fraction * d))
         q = np.linalg.qr(rng.normal(size=(d, d)))[0]
-        if not complement:
+        if not complement or 2 * k <= d:
             q[:, k:] = 0.0
         return jnp.asarray(q, m.dtype), jnp.full(r.shape, k, jnp.int32)
 
