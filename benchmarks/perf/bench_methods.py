@@ -11,11 +11,15 @@ run side by side in interleaved rounds (``_common.time_cases``), params and opti
 donated. Besides the median, each row gives XLA's FLOP count of the step and the FLOPs its
 per-step work needs analytically, the reason a step cannot be close to SGD's.
 
-GPM is timed at three basis ranks per layer (0: the first task; d/4; d: every direction
-protected, the worst case) with the library's projection (only the first ``rank`` basis
-columns, in blocks), next to the previous dense-basis form ``G - M (M^T G)`` over all ``d``
-padded columns and a precomputed projector ``G - Q G`` (``Q = M M^T``, not what the library
-stores: half the FLOPs of the basis form at full rank).
+GPM is timed at four basis ranks ``k`` per layer (0: the first task; d/4; 3d/4; d: every
+direction protected) with the library's projection, which reads in blocks only the basis
+columns it needs: ``G - M (M^T G)`` up to rank d/2, ``N (N^T G)`` with ``N`` the stored
+orthonormal complement past it (``4 d min(k, d - k) m`` FLOPs; nothing at rank 0 or d).
+Beside them: rank 3d/4 with a zero-padded basis (an earlier version's state, projected by
+``M``: the previous form, ``4 d k m``), the dense-basis form ``G - M (M^T G)`` over all
+``d`` columns at full rank (``4 d^2 m``) and a precomputed projector ``G - Q G`` (``Q = M
+M^T``, ``2 d^2 m``, not what the library stores; the complement form needs fewer FLOPs at
+every rank).
 
 Command and cost (2-core CPU): ``python benchmarks/perf/bench_methods.py`` (about 2-3
 minutes, most of it compilation); ``--budget`` sets the timed seconds.
@@ -79,8 +83,11 @@ def _step(tx, loss, kwargs_fn=None, input_projected=False):
     return step
 
 
-def _gpm_state(state, rank_fraction: float, rng):
-    """The GPM state with random orthonormal bases of ``rank_fraction * d`` columns."""
+def _gpm_state(state, rank_fraction: float, rng, complement: bool = True):
+    """The GPM state with random orthonormal bases of ``rank_fraction * d`` columns, the
+    columns past the rank as ``gpm_update_bases`` stores them (past rank d/2 the
+    orthonormal complement, zero before) or, with ``complement=False``, zero (an earlier
+    version's state)."""
     gpm = state[0]
 
     def fill(m, r):
@@ -89,7 +96,8 @@ def _gpm_state(state, rank_fraction: float, rng):
         d = m.shape[-1]
         k = int(round(rank_fraction * d))
         q = np.linalg.qr(rng.normal(size=(d, d)))[0]
-        q[:, k:] = 0.0
+        if not complement or 2 * k <= d:
+            q[:, k:] = 0.0
         return jnp.asarray(q, m.dtype), jnp.full(r.shape, k, jnp.int32)
 
     pairs = jax.tree.map(fill, gpm.bases, gpm.rank)
@@ -167,9 +175,12 @@ def bench(batch: int, hidden: tuple[int, ...], rounds: int, budget: float) -> di
 
     cases["owm_input"] = (owm_input_step, (own(params), owm_in.init(params), x, y), (0, 1))
     gpm = optax.chain(baselines.scale_by_gpm(project_biases=True), optax.sgd(LR))
-    for frac, tag in ((0.0, "0"), (0.25, "d/4"), (1.0, "d")):
+    for frac, tag in ((0.0, "0"), (0.25, "d/4"), (0.75, "3d/4"), (1.0, "d")):
         st = _gpm_state(gpm.init(params), frac, np.random.default_rng(1))
         cases[f"gpm_rank_{tag}"] = (_step(gpm, ce), (own(params), st, x, y), (0, 1))
+        if frac == 0.75:
+            padded = _gpm_state(gpm.init(params), frac, np.random.default_rng(1), False)
+            cases["gpm_rank_3d/4_m_side"] = (_step(gpm, ce), (own(params), padded, x, y), (0, 1))
         if frac == 1.0:
             m = own(st[0].bases)
             q = jax.tree.map(lambda b: b if b.shape == (0, 0) else b @ b.T, m)
@@ -219,9 +230,11 @@ WHY = {
     "batch 10, ~18 MFLOP more than SGD's step (2 B d^2 of the 784-wide layer alone, 12.3 "
     "MFLOP, is SGD's whole step): >= 2.4x SGD by its FLOPs",
     "gpm_rank_0": "first task: nothing to project",
-    "gpm_rank_d/4": "M_k (M_k^T G): 4 d k m, k = d/4",
-    "gpm_rank_d": "4 d^2 m at full rank",
-    "gpm_rank_d_dense_basis": "previous form: 4 d^2 m at every rank",
+    "gpm_rank_d/4": "G - M (M^T G): 4 d k m, k = d/4",
+    "gpm_rank_3d/4": "N (N^T G), N the complement: 4 d (d - k) m, k = 3d/4",
+    "gpm_rank_3d/4_m_side": "zero-padded basis (previous form): G - M (M^T G), 4 d k m",
+    "gpm_rank_d": "nothing: the projected gradient is zero",
+    "gpm_rank_d_dense_basis": "dense basis: 4 d^2 m at every rank",
     "gpm_rank_d_projector": "precomputed Q = M M^T: 2 d^2 m (not stored by the library)",
     "ewc": "penalty: ~4 FLOPs per parameter",
     "agem": "a second backward pass on 64 memory examples",

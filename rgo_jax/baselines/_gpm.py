@@ -20,8 +20,12 @@ class GPMState(NamedTuple):
 
     bases: Any
     """Tree like params: ``[*batch, d, d]`` per projected leaf, whose first ``rank`` columns
-    are an orthonormal basis ``M`` of the protected input space and whose other columns are
-    zero (so ``M M^T`` is the projector at a static shape); ``optax.MaskedNode()`` otherwise."""
+    are an orthonormal basis ``M`` of the protected input space and whose other ``d - rank``
+    columns are zero up to rank ``d / 2`` and, past it, an orthonormal basis ``N`` of the
+    complement (``[M | N]`` orthogonal, ``M M^T + N N^T = I``), from which the step projects
+    there; zero also for ``d < 128`` (one column block, always projected by ``M``) and in a
+    state made by hand or by an earlier version (projected by ``M`` alone).
+    ``optax.MaskedNode()`` for leaves not projected. The basis is ``bases[..., :rank]``."""
     rank: Any
     """Tree like params: int32 ``[*batch]`` basis size per projected leaf, ``MaskedNode()``
     otherwise."""
@@ -44,10 +48,13 @@ def scale_by_gpm(
     the reference code's ``grad - grad @ (M M^T)`` in PyTorch's ``[out, in]`` layout. ``M``
     is empty at first (the transformation is the identity on the first task) and grows at
     each task boundary by :func:`gpm_update_bases`. The basis is stored as a ``[d, d]``
-    matrix padded with zero columns plus its rank, so shapes are static under ``jit``;
-    the projection reads only the first ``rank`` columns, in blocks
-    (:func:`project_out_basis`): ``4 d k m`` FLOPs per step for rank ``k``, nothing on the
-    first task.
+    matrix with its rank, so shapes are static under ``jit``, its columns past the rank
+    holding, past rank ``d / 2``, an orthonormal basis ``N`` of the complement (zero before);
+    the projection reads, in blocks,
+    only the columns it needs (:func:`project_out_basis`): ``G - M (M^T G)`` up to rank
+    ``d / 2`` and the equal ``N (N^T G)`` past it, about ``4 d \min(k, d - k) m`` FLOPs per
+    step for rank ``k``, nothing on the first task and none at full rank (the update is
+    zero).
 
     GPM stores no data, only the bases (at most ``d x d`` per layer).
 
@@ -103,10 +110,10 @@ def scale_by_gpm(
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         specs = _common.leaf_specs(updates, layout, project_biases, bias_input=True)
-        # The rank of each projected leaf, in the order project_tree visits the leaves.
+        # The ranks of each projected leaf, in the order project_tree visits the leaves.
         ranks = iter(
             [
-                jnp.max(r, initial=0)
+                r
                 for m, r in zip(
                     jax.tree.leaves(state.bases), jax.tree.leaves(state.rank), strict=True
                 )
@@ -122,24 +129,47 @@ def scale_by_gpm(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-_BLOCKS = 4  # column blocks per basis; measured (d = 784, m = 256): rank d/4 3.3x faster
-# than the dense form, rank 3d/4 1.15x, full rank 1.15x slower
+_BLOCKS = 4  # column blocks per basis; measured (d = 784, m = 256, one core): rank d/4
+# (by M) and 3d/4 (by N) 3-4x faster than the dense form over all columns, rank d free
+
+
+def _blocks(d: int) -> tuple[int, int]:
+    """Column block size and count of a ``[d, d]`` basis: blocks of at least 64 columns."""
+    size = -(-d // max(1, min(_BLOCKS, d // 64)))
+    return size, -(-d // size)
 
 
 def project_out_basis(basis: jax.Array, g: jax.Array, rank: jax.Array) -> jax.Array:
-    r"""``G - M M^T G`` for a zero-padded basis, touching only its first ``rank`` columns.
+    r"""``G - M M^T G`` for a stored ``[M | N]`` basis, touching only the columns it needs.
 
-    .. math::  \hat G = G - \sum_{b < \lceil k / s \rceil} M_b (M_b^\top G) ,
+    With ``M`` the first ``k`` columns of ``basis``, ``N`` the others (past rank ``d / 2``
+    an orthonormal basis of the complement of ``span(M)``, see :class:`GPMState`) and
+    ``M_b``, ``N_b`` their parts in the ``b``-th block of ``s = d / 4`` columns (at least
+    64),
 
-    with ``M_b`` the ``b``-th block of ``s = d / 4`` columns of ``M`` (a ``lax.fori_loop``
-    with a traced trip count; blocks past the rank, all zero, are skipped). The cost is
-    ``4 d s \lceil k / s \rceil m`` FLOPs instead of ``4 d^2 m``; ``k = 0`` (the first
-    task) costs nothing. Equal to the dense ``G - M (M^T G)`` up to float32 rounding.
+    .. math::  \hat G = G - \sum_{b < \lceil k / s \rceil} M_b (M_b^\top G)
+       \quad\text{or}\quad
+       \hat G = \sum_{b \ge \lfloor k / s \rfloor} N_b (N_b^\top G) ,
+
+    whichever reads fewer blocks (the first on a tie), equal in exact arithmetic since
+    ``M M^T + N N^T = I``. Either is one ``lax.fori_loop`` over the chosen blocks, its
+    start and trip count traced, so one compilation serves every rank. The cost is about
+    ``4 d \min(k, d - k) m`` FLOPs instead of ``4 d^2 m``: rank 0 (the first task) costs
+    nothing, rank ``d`` nothing either and gives exactly zero. The first form is bit for
+    bit the projection by a zero-padded basis of earlier versions (every rank up to
+    ``d / 2``); the second equals it up to float32 rounding. A basis without complement
+    columns (zero past the rank: made by hand or by an earlier version) is always projected
+    by the first form.
+
+    A batched basis is projected element by element with each element's own rank (its
+    columns past the rank masked off in the first form, before it in the second); the
+    blocks read are those up to the largest rank (first form) or from the smallest one
+    (second form, taken only where every element of rank between 0 and ``d`` stores N).
 
     Args:
-      basis: ``[*batch, d, d]`` orthonormal columns, zero past the rank.
+      basis: ``[*batch, d, d]``: orthonormal ``M``, then ``N`` (or zeros) past the rank.
       g: ``[*batch, d, m]`` gradient matrix.
-      rank: int32 scalar, the largest rank over ``batch`` (columns past it are zero).
+      rank: int32 ``[*batch]`` (a scalar: the same for every element), the columns of ``M``.
 
     Returns:
       The projected ``[*batch, d, m]`` gradient.
@@ -147,24 +177,46 @@ def project_out_basis(basis: jax.Array, g: jax.Array, rank: jax.Array) -> jax.Ar
     Examples:
       >>> import jax.numpy as jnp
       >>> from rgo_jax.baselines._gpm import project_out_basis
-      >>> m = jnp.zeros((3, 3)).at[0, 0].set(1.0)  # basis e_0, rank 1
+      >>> m = jnp.zeros((3, 3)).at[0, 0].set(1.0)  # basis e_0, rank 1, no complement
       >>> project_out_basis(m, jnp.ones((3, 2)), jnp.int32(1))[:, 0].tolist()
       [0.0, 1.0, 1.0]
+      >>> mn = jnp.eye(3)  # basis e_0, e_1 (rank 2), complement e_2
+      >>> project_out_basis(mn, jnp.ones((3, 2)), jnp.int32(2))[:, 0].tolist()
+      [0.0, 0.0, 1.0]
     """
     d = basis.shape[-1]
-    size = -(-d // max(1, min(_BLOCKS, d // 64)))  # blocks of at least 64 columns
-    cols = jnp.arange(size)
+    size, blocks = _blocks(d)
+    rank = jnp.broadcast_to(jnp.asarray(rank, jnp.int32), basis.shape[:-2])
+    kmax, kmin = jnp.max(rank, initial=0), jnp.min(rank, initial=d)
+    m_trips = (kmax + size - 1) // size  # blocks holding a column of some M
+    n_first = kmin // size  # the first block holding a column of some N
+    n_trips = jnp.where(kmin >= d, 0, blocks - n_first)
+    if blocks == 1:  # reading N is never cheaper (rank d is zeroed below)
+        use_n = jnp.asarray(False)
+    else:  # N is stored where d/2 < rank < d: its last column has unit norm (zero without)
+        last = jnp.sum(jnp.square(basis[..., :, -1].astype(jnp.float32)), axis=-1)
+        stored = jnp.all((rank <= 0) | (rank >= d) | (last > 0.5))
+        use_n = stored & (n_trips < m_trips)
+    first = jnp.where(use_n, n_first, 0)
+    sign = jnp.where(use_n, 1, -1).astype(g.dtype)
+    k = rank[..., None, None]
+    cols = jnp.arange(size).reshape((1,) * (k.ndim - 1) + (size,))  # [*batch, 1, size]
 
     def body(i, acc):
-        start = i * size
-        mb = jax.lax.dynamic_slice_in_dim(basis, start, size, axis=-1)
-        # The last block's start is clamped to d - size when size does not divide d: keep
-        # only its columns not in an earlier block.
-        keep = cols + jnp.minimum(start, d - size) >= start
+        start = (first + i) * size
+        lo = jnp.minimum(start, d - size)  # the last block, clamped if size does not divide d
+        mb = jax.lax.dynamic_slice_in_dim(basis, lo, size, axis=-1)
+        c = cols + lo  # the block's columns; those of an earlier block are dropped
+        keep = (c >= start) & jnp.where(use_n, c >= k, c < k)
         mb = jnp.where(keep, mb, jnp.zeros_like(mb))
-        return acc - jnp.matmul(mb, jnp.matmul(jnp.swapaxes(mb, -1, -2), g))
+        # acc - M_b (M_b^T G) or acc + N_b (N_b^T G); the sign flip is exact
+        return acc + jnp.matmul(mb, sign * jnp.matmul(jnp.swapaxes(mb, -1, -2), g))
 
-    return jax.lax.fori_loop(0, (rank + size - 1) // size, body, g)
+    acc = jnp.where(use_n, jnp.zeros_like(g), g)
+    out = jax.lax.fori_loop(0, jnp.where(use_n, n_trips, m_trips), body, acc)
+    if basis.ndim == 2 and blocks > 1:  # rank d reads no N block: exactly zero already
+        return out
+    return jnp.where(k >= d, jnp.zeros_like(out), out)  # rank d by M (one block, a batch)
 
 
 def _num_new(captured: float, ratio: np.ndarray, threshold: float) -> int:
@@ -204,6 +256,16 @@ def _extend_basis(basis: np.ndarray, rep: np.ndarray, threshold: float) -> np.nd
     return np.concatenate([basis, q], axis=1)
 
 
+def _complement(basis: np.ndarray) -> np.ndarray:
+    """The columns stored past the rank of ``basis [d, k]`` (float64): an orthonormal basis
+    of the complement of its span (a complete QR) where :func:`project_out_basis` may read
+    it, ``d / 2 < k < d`` with more than one block; zeros otherwise (as before it existed)."""
+    d, k = basis.shape
+    if not (d < 2 * k < 2 * d and _blocks(d)[1] > 1):
+        return np.zeros((d, d - k))
+    return np.linalg.qr(basis, mode="complete")[0][:, k:]
+
+
 def _check_threshold(name: str, t: Any) -> float:
     t = float(t)
     if not 0.0 < t <= 1.0:
@@ -238,7 +300,9 @@ def _update_state(state: GPMState, reps: dict, threshold: Any) -> GPMState:
         for idx in np.ndindex(*batch_shape):
             k = int(rank_np[idx])
             basis = _extend_basis(m_np[idx][:, :k], x[idx], thr)
+            basis = np.asarray(basis.astype(m.dtype), np.float64)  # as stored
             out_m[idx][:, : basis.shape[1]] = basis
+            out_m[idx][:, basis.shape[1] :] = _complement(basis)
             out_r[idx] = basis.shape[1]
         new_bases[name] = jnp.asarray(out_m, m.dtype)
         new_ranks[name] = jnp.asarray(out_r)
@@ -280,6 +344,10 @@ def gpm_update_bases(
         stacked layout. Extra keys are ignored; a projected bias needs no entry (input 1).
       threshold: energy fraction in ``(0, 1]``, a scalar or a dict ``path -> float``
         covering every projected parameter (the paper uses 0.95-0.99, rising per task).
+
+    A basis past half its dimension is stored with an orthonormal basis of its complement in
+    the columns past its rank (:class:`GPMState`), from which the step projects, more
+    cheaply; a state from an earlier version, zero there, gets it at its next update.
 
     Returns:
       The state with extended bases and ranks, ``count`` increased by one.

@@ -177,3 +177,197 @@ def test_chain_and_nnx_optimizer_roundtrip():
     opt.update(model, grads)
     # Row 0 (input e_0) is protected; the others take the plain SGD step of -4.
     np.testing.assert_allclose(model.kernel[...] - w0, [[0, 0], [-4, -4], [-4, -4]], atol=1e-6)
+
+
+# --- the blocked projection with the complement basis ([M | N], project_out_basis) ---
+
+
+def _old_project_out_basis(basis, g, rank):
+    """The projection by a zero-padded basis before complement columns were stored (the
+    reference that ranks up to d/2 must reproduce bit for bit)."""
+    d = basis.shape[-1]
+    size = -(-d // max(1, min(4, d // 64)))
+    cols = jnp.arange(size)
+
+    def body(i, acc):
+        start = i * size
+        mb = jax.lax.dynamic_slice_in_dim(basis, start, size, axis=-1)
+        keep = cols + jnp.minimum(start, d - size) >= start
+        mb = jnp.where(keep, mb, jnp.zeros_like(mb))
+        return acc - jnp.matmul(mb, jnp.matmul(jnp.swapaxes(mb, -1, -2), g))
+
+    return jax.lax.fori_loop(0, (rank + size - 1) // size, body, g)
+
+
+_D = 256  # four blocks of 64 columns
+
+
+def _orthogonal(rng, *shape) -> np.ndarray:
+    """Random orthogonal ``[*batch, d, d]`` matrices rounded to float32 (as stored)."""
+    q = np.linalg.qr(rng.normal(size=(*shape[:-1], shape[-1], shape[-1])))[0]
+    return q.astype(np.float32).astype(np.float64)
+
+
+def _reference(q: np.ndarray, g: np.ndarray, k: int) -> np.ndarray:
+    """Float64 ``G - M M^T G`` with ``M`` the first ``k`` columns of ``q``."""
+    m = q[..., :, :k]
+    return g - m @ (np.swapaxes(m, -1, -2) @ g)
+
+
+def _project():
+    from rgo_jax.baselines._gpm import project_out_basis
+
+    return jax.jit(project_out_basis)
+
+
+def test_projection_equals_float64_reference_at_every_rank_one_compile():
+    rng = np.random.default_rng(10)
+    q = _orthogonal(rng, _D)  # [M | N] for every rank k at once
+    g = rng.normal(size=(_D, 5))
+    project = _project()
+    for k in (0, 1, _D // 2 - 1, _D // 2, _D // 2 + 1, 3 * _D // 4, _D - 1, _D):
+        got = np.asarray(project(jnp.asarray(q, jnp.float32), jnp.asarray(g, jnp.float32), k))
+        np.testing.assert_allclose(got, _reference(q, g, k), rtol=0, atol=1e-5, err_msg=f"{k}")
+        if k == 0:
+            np.testing.assert_array_equal(got, g.astype(np.float32))  # the first task
+        if k == _D:
+            np.testing.assert_array_equal(got, 0.0)  # every direction protected
+    assert project._cache_size() == 1  # the rank is traced: one compilation for all
+
+
+@pytest.mark.parametrize(
+    ("k", "read"),
+    [(0, ()), (1, (0,)), (127, (0, 1)), (128, (0, 1)), (129, (2, 3)), (250, (3,)), (256, ())],
+)
+def test_projection_reads_only_the_cheaper_side(k, read):
+    """Up to d/2 the blocks of M are read, past it those of N: columns of every other
+    block are NaN and must not reach the result."""
+    rng = np.random.default_rng(11)
+    q = _orthogonal(rng, _D)
+    g = rng.normal(size=(_D, 3))
+    block = np.arange(_D) // 64
+    poisoned = np.where(np.isin(block, read)[None, :], q, np.nan)
+    got = _project()(jnp.asarray(poisoned, jnp.float32), jnp.asarray(g, jnp.float32), k)
+    np.testing.assert_allclose(np.asarray(got), _reference(q, g, k), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("m", [1, 6])
+def test_projection_up_to_half_rank_is_bit_identical_to_the_zero_padded_one(m):
+    rng = np.random.default_rng(12)
+    q = _orthogonal(rng, _D)
+    g = jnp.asarray(rng.normal(size=(_D, m)), jnp.float32)
+    project, old = _project(), jax.jit(_old_project_out_basis)
+    full = jnp.asarray(q, jnp.float32)
+    for k in (0, 1, 63, 64, 65, 100, _D // 2):
+        padded = jnp.asarray(np.where(np.arange(_D)[None, :] < k, q, 0.0), jnp.float32)
+        np.testing.assert_array_equal(project(full, g, k), old(padded, g, k), err_msg=f"{k}")
+        np.testing.assert_array_equal(project(padded, g, k), old(padded, g, k))
+    # The same under vmap (the harness's seeds), lanes of unequal ranks.
+    ks = jnp.asarray([3, 70, _D // 2], jnp.int32)
+    fulls = jnp.stack([full] * 3)
+    paddeds = jnp.where(jnp.arange(_D)[None, None, :] < ks[:, None, None], fulls, 0.0)
+    gs = jnp.stack([g, 2 * g, -g])
+    got = jax.jit(jax.vmap(_project()))(fulls, gs, ks)
+    np.testing.assert_array_equal(got, jax.jit(jax.vmap(_old_project_out_basis))(paddeds, gs, ks))
+
+
+def test_zero_padded_basis_past_half_rank_is_still_projected_by_m():
+    """A state without complement columns (an earlier version's, or made by hand)."""
+    rng = np.random.default_rng(13)
+    q = _orthogonal(rng, _D)
+    g = rng.normal(size=(_D, 4))
+    for k in (129, 200, _D - 1):
+        padded = jnp.asarray(np.where(np.arange(_D)[None, :] < k, q, 0.0), jnp.float32)
+        got = _project()(padded, jnp.asarray(g, jnp.float32), k)
+        np.testing.assert_allclose(np.asarray(got), _reference(q, g, k), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("ranks", [(0, 200, _D), (129, 250, _D), (40, 130, 255)])
+def test_batched_leaf_with_unequal_ranks(ranks):
+    """A stacked leaf [3, d, m] projected through scale_by_gpm: each element with its own
+    rank, whichever side the step reads (M up to the largest rank, N from the smallest)."""
+    from rgo_jax import layouts as L
+
+    rng = np.random.default_rng(14)
+    q = _orthogonal(rng, 3, _D)
+    tx = scale_by_gpm(layout=lambda path, leaf: L.stacked(L.DENSE))
+    state = tx.init({"w": jnp.zeros((3, _D, 5))})
+    state = state._replace(
+        bases={"w": jnp.asarray(q, jnp.float32)}, rank={"w": jnp.asarray(ranks, jnp.int32)}
+    )
+    g = rng.normal(size=(3, _D, 5))
+    out, _ = jax.jit(tx.update)({"w": jnp.asarray(g, jnp.float32)}, state)
+    for i, k in enumerate(ranks):
+        got = np.asarray(out["w"][i])
+        np.testing.assert_allclose(got, _reference(q[i], g[i], k), rtol=0, atol=1e-5)
+        if k == _D:
+            np.testing.assert_array_equal(got, 0.0)
+        if k == 0:
+            np.testing.assert_array_equal(got, g[i].astype(np.float32))
+
+
+def test_vmapped_lanes_each_take_their_cheaper_side():
+    rng = np.random.default_rng(15)
+    ks = (37, 200, _D)
+    q = _orthogonal(rng, 3, _D)
+    g = rng.normal(size=(3, _D, 3))
+    got = jax.jit(jax.vmap(_project()))(
+        jnp.asarray(q, jnp.float32), jnp.asarray(g, jnp.float32), jnp.asarray(ks, jnp.int32)
+    )
+    for i, k in enumerate(ks):
+        np.testing.assert_allclose(got[i], _reference(q[i], g[i], k), rtol=0, atol=1e-5)
+
+
+def test_updates_store_the_complement_of_every_basis():
+    """After each of several updates the columns past a rank above d/2 are orthonormal and
+    orthogonal to the basis (zero up to d/2), which stays as it was; a zero-padded (earlier
+    version's) state gets its complement at its next update. The step then matches the
+    float64 reference, for a stacked leaf whose elements have ranks on both sides of d/2."""
+    from rgo_jax import layouts as L
+
+    rng = np.random.default_rng(16)
+    tx = scale_by_gpm(layout=lambda path, leaf: L.stacked(L.DENSE) if leaf.ndim == 3 else L.DENSE)
+    state = tx.init({"blocks": jnp.zeros((2, _D, 3)), "head": jnp.zeros((_D, 4))})
+    v = np.linalg.qr(rng.normal(size=(_D, _D)))[0]
+    update = jax.jit(tx.update)
+
+    def check(state, ranks, prev_bases, prev_ranks):
+        g = {"blocks": rng.normal(size=(2, _D, 3)), "head": rng.normal(size=(1, _D, 4))}
+        f32 = {
+            "blocks": jnp.asarray(g["blocks"], jnp.float32),
+            "head": jnp.asarray(g["head"][0], jnp.float32),
+        }
+        out, _ = update(f32, state)
+        for name, want in ranks.items():
+            np.testing.assert_array_equal(state.rank[name], want)
+            full = np.asarray(state.bases[name], np.float64).reshape(-1, _D, _D)
+            prev = np.asarray(prev_bases[name], np.float64).reshape(-1, _D, _D)
+            got = np.asarray(out[name], np.float64).reshape(g[name].shape)
+            ks, k0s = np.reshape(want, -1), np.reshape(prev_ranks[name], -1)
+            for f, p, k, k0, gi, oi in zip(full, prev, ks, k0s, g[name], got, strict=True):
+                if 2 * k > _D:  # [M | N] orthogonal
+                    np.testing.assert_allclose(f.T @ f, np.eye(_D), atol=2e-6)
+                else:  # zero past the rank, as before N was stored
+                    np.testing.assert_allclose(f[:, :k].T @ f[:, :k], np.eye(k), atol=2e-6)
+                    np.testing.assert_array_equal(f[:, k:], 0.0)
+                np.testing.assert_array_equal(f[:, :k0], p[:, :k0])  # stored M untouched
+                np.testing.assert_allclose(oi, _reference(f, gi, k), rtol=0, atol=1e-5)
+
+    ranks = {"head": 0, "blocks": np.array([0, 0])}
+    for lo, hi in ((0, 60), (60, 140), (140, 200)):  # head: ranks 60, 140 (> d/2), 200
+        rep = _rep(rng, 100, v[:, lo:hi], np.linspace(2.0, 1.0, hi - lo))
+        small = _rep(rng, 100, v[:, lo : lo + 10], np.ones(10))
+        new = gpm_update_bases(state, {"head": rep, "blocks": np.stack([rep, small])}, 1.0)
+        new_ranks = {"head": hi, "blocks": np.array([hi, ranks["blocks"][1] + 10])}
+        check(new, new_ranks, state.bases, ranks)
+        state, ranks = new, new_ranks
+    # An earlier version's state, zero past the rank: an update adding nothing fills it.
+    padded = {
+        n: np.where(np.arange(_D) < np.asarray(state.rank[n])[..., None, None], state.bases[n], 0)
+        for n in ("blocks", "head")
+    }
+    inside = _rep(rng, 100, v[:, :10], np.ones(10))  # in every basis
+    new = gpm_update_bases(
+        state._replace(bases=padded), {"head": inside, "blocks": np.stack([inside] * 2)}, 0.9
+    )
+    check(new, ranks, padded, ranks)
