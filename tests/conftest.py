@@ -19,6 +19,11 @@ import shutil
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# One BLAS thread per process for NumPy: the xdist workers already use every core, and
+# each worker's spinning BLAS threads competing with the other's slowed NumPy's QR/SVD
+# (GPM's bases) 2x. Set before NumPy is first imported (by JAX, below).
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 # The CLI's persistent compilation cache stays off in tests (and their subprocesses) unless
 # a test asks for it: no files written under the home directory.
 os.environ.setdefault("RGO_JAX_COMPILATION_CACHE", "off")

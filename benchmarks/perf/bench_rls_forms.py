@@ -19,9 +19,10 @@ for each width ``d`` of the sweep. The forms, timed in interleaved rounds per wi
 
 What :func:`rgo_jax.update_projection` runs is the kernel plus a positive-definiteness
 check of the result (``_rls.rls_checked``: a float32 Cholesky factorisation of each new P,
-hand-written, ``2 d^3`` flops below ``d = 2048`` and ``0.47 d^3`` from there); it is timed too (``library_checked``), with the check alone
-in its two forms (``check_library``: ``_rls._factor_checked``; ``check_lapack``:
-``jnp.linalg.cholesky`` with the same pivot test) on the library's result.
+hand-written, ``2 d^3`` flops below ``d = 2048`` and ``0.47 d^3`` from there); it is
+timed too (``library_checked``), with the check alone in its two forms
+(``check_library``: ``_rls._factor_checked``; ``check_lapack``: ``jnp.linalg.cholesky``
+with the same pivot test) on the library's result.
 
 Every form's P is compared with the float64 closed form ``alpha (alpha I + V^T V)^{-1}``
 at widths up to ``check_max_d`` (maximum entry error relative to the largest entry).
