@@ -610,7 +610,8 @@ def update_projection(
         raise ValueError(f"RGO update_projection: block_size must be an int, got {block_size!r}.")
     if block_size < 1:
         raise ValueError(f"RGO update_projection: block_size must be >= 1, got {block_size}.")
-    if any(np.shape(v)[:1] == (0,) for v in jax.tree.leaves(vectors)):
+    counts = [np.shape(v)[:1] for v in jax.tree.leaves(vectors)]
+    if counts and all(c == (0,) for c in counts):
         return state  # no vectors (n = 0): nothing to absorb, P unchanged
     alpha = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), alpha)
     relative = bool(relative_alpha)

@@ -125,6 +125,21 @@ def test_update_projection_errors_name_the_leaf():
         rgo_jax.update_projection((state,), {})
 
 
+def test_a_leaf_without_vectors_beside_others_is_an_error_not_a_silent_no_op():
+    """Zero vectors for one leaf and some for another once returned the state unchanged
+    (every P, the other leaf's included, silently not updated)."""
+    tx = rgo_jax.scale_by_rgo()
+    state = tx.init({"a": {"kernel": jnp.zeros((5, 3))}, "b": {"kernel": jnp.zeros((7, 2))}})
+    rng = np.random.default_rng(3)
+    mixed = {"a": {"kernel": jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)}}
+    mixed["b"] = {"kernel": jnp.zeros((0, 7), jnp.float32)}
+    with pytest.raises(ValueError, match=r"different numbers of vectors \{0, 4\}"):
+        rgo_jax.update_projection(state, mixed)
+    # No vectors at all: nothing to absorb, the same state.
+    empty = {k: {"kernel": jnp.zeros((0, d), jnp.float32)} for k, d in (("a", 5), ("b", 7))}
+    assert rgo_jax.update_projection(state, empty) is state
+
+
 def test_positive_definite_after_many_updates():
     rng = np.random.default_rng(6)
     v = random_vectors(rng, 400, 32, scale=3.0)
