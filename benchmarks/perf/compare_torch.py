@@ -9,7 +9,7 @@ JAX functions compiled ahead of time, PyTorch eager), medians reported with the 
   100-step ``lax.scan`` chunk as the harness runs it, vs the custom ``autograd.Function``);
   the plain RGO step at hidden width 2048;
 * one task's consolidation (1000 batches of 10, all six P) through the PUBLIC API
-  (``rgo_jax.batched_curvature_vectors`` over the reduced-gradient model, then
+  (``rgo_jax.curvature_vectors`` over the reduced-gradient model, then
   ``rgo_jax.consolidate``) vs the best-effort PyTorch pass (one backward over all
   examples, Woodbury blocks of 64) and the straightforward one (a backward per batch,
   rank-one loop);
@@ -61,6 +61,7 @@ from flax import nnx
 import rgo_jax
 from rgo_jax.bench._profile import format_profile
 from rgo_jax.bench.models import build_model
+from rgo_jax.nnx import use_reduced_kernel_gradients
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -88,11 +89,11 @@ def steps_row(rounds: int, budget: float) -> dict:
     params, x, y, ce, _, _ = _problem(10, (256, 256))
     own = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731
     sgd, rgo = optax.sgd(LR), rgo_jax.rgo(LR)
-    rin = rgo_jax.rgo_input_projected(LR, r"kernel$")
+    rin = rgo_jax.rgo(LR, input_projected=r"kernel$")
     chunk_n = 100
     xs = jnp.broadcast_to(x, (chunk_n, *x.shape))
     ys = jnp.broadcast_to(y, (chunk_n, *y.shape))
-    one = _step(rin, ce, input_rx=r"kernel$")
+    one = _step(rin, ce, input_projected=True)
 
     def chunk(params, state, xs, ys):
         def body(c, b):
@@ -162,7 +163,7 @@ class _Reduced:
 
     def __call__(self, params, x):
         model = nnx.merge(self.graph, params, self.rest)
-        with rgo_jax.use_reduced_kernel_gradients(model):
+        with use_reduced_kernel_gradients(model):
             return model(x, 0)
 
 
@@ -176,7 +177,7 @@ def consolidation_rows(rounds: int, budget: float, batches: int = 1000) -> dict:
     ys = jnp.asarray(rng.integers(0, 10, size=(batches, 10)), jnp.int32)
     state0 = rgo_jax.rgo(LR).init(params)
     logits = _Reduced(graph, rest)
-    vec_fn = jax.jit(rgo_jax.batched_curvature_vectors, static_argnums=0)
+    vec_fn = jax.jit(rgo_jax.curvature_vectors, static_argnums=0)
 
     def public():
         vecs = vec_fn(logits, params, xs, ys)
