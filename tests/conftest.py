@@ -24,10 +24,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 # (GPM's bases) 2x. Set before NumPy is first imported (by JAX, below).
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
-# Two glibc malloc arenas per process (the workers and the tests' subprocesses start after
-# this): XLA's compiler threads otherwise each grow an arena of their own (measured: the
-# GPU script's smoke run 1.2 -> 1.1 GB).
-os.environ.setdefault("MALLOC_ARENA_MAX", "2")
 # The CLI's persistent compilation cache stays off in tests (and their subprocesses) unless
 # a test asks for it: no files written under the home directory.
 os.environ.setdefault("RGO_JAX_COMPILATION_CACHE", "off")
