@@ -38,8 +38,9 @@ from flax import nnx
 
 import rgo_jax
 from rgo_jax import baselines
+from rgo_jax.bench import _methods
 from rgo_jax.bench._methods import AGEMOptions, EWCOptions, OWMOptions
-from rgo_jax.bench.models import build_model
+from rgo_jax.bench.models import build_model, param_path_str
 from rgo_jax.nnx import use_input_projection
 
 LR = 0.1
@@ -194,6 +195,16 @@ def bench(batch: int, hidden: tuple[int, ...], rounds: int, budget: float) -> di
                 (own(params), q, x, y),
                 (0,),
             )
+    # The harness's input-side GPM (``--input-projection``): through the batch inputs' span.
+    gpm_in = optax.chain(_methods._scale_by_gpm_input_side(), optax.sgd(LR))
+
+    def gpm_kwargs(p, xb):
+        return {"gpm_inputs": {param_path_str(k): v for k, v in inputs(p, xb).items()}}
+
+    for frac, tag in ((0.25, "d/4"), (0.75, "3d/4")):
+        st = _gpm_state(gpm_in.init(params), frac, np.random.default_rng(1))
+        step = _step(gpm_in, ce, gpm_kwargs)
+        cases[f"gpm_input_rank_{tag}"] = (step, (own(params), st, x, y), (0, 1))
     zeros = jax.tree.map(jnp.zeros_like, params)
     fisher = jax.tree.map(lambda p: jnp.abs(p) + 0.1, params)
     ewc_state = baselines.ewc_accumulate(None, params, fisher)
@@ -236,6 +247,9 @@ WHY = {
     "gpm_rank_d": "nothing: the projected gradient is zero",
     "gpm_rank_d_dense_basis": "dense basis: 4 d^2 m at every rank",
     "gpm_rank_d_projector": "precomputed Q = M M^T: 2 d^2 m (not stored by the library)",
+    "gpm_input_rank_d/4": "input side (the harness's --input-projection): "
+    "(Q - M (M^T Q)) (Q^T G), Q [d, B] from a QR of the batch inputs: 4 d k B",
+    "gpm_input_rank_3d/4": "input side, the complement: N (N^T Q) (Q^T G): 4 d (d - k) B",
     "ewc": "penalty: ~4 FLOPs per parameter",
     "agem": "a second backward pass on 64 memory examples",
 }
