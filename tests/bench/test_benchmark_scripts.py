@@ -44,3 +44,31 @@ def _run(code: str) -> subprocess.CompletedProcess:
 def test_every_benchmark_script_imports():
     out = _run(IMPORT_ALL)
     assert out.returncode == 0, out.stdout + out.stderr[-2000:]
+
+
+def test_every_library_name_the_scripts_use_exists():
+    """Importing a script does not run its functions: ``compare_torch.py``'s step and
+    consolidation rows called ``rgo_jax.rgo_input_projected`` and
+    ``rgo_jax.batched_curvature_vectors`` long after both were gone. Every ``rgo_jax.X``,
+    ``baselines.X`` and ``layouts.X`` the scripts read must exist (``from ... import``
+    lines are checked by the import test above)."""
+    import ast
+    import importlib
+
+    modules = {
+        "rgo_jax": "rgo_jax",
+        "baselines": "rgo_jax.baselines",
+        "layouts": "rgo_jax.layouts",
+    }
+    missing = []
+    for path in sorted((REPO / "benchmarks").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)):
+                continue
+            module = modules.get(node.value.id)
+            if module is None or node.attr == "bench":  # the harness subpackage, imported
+                continue
+            if not hasattr(importlib.import_module(module), node.attr):
+                rel = path.relative_to(REPO)
+                missing.append(f"{rel}:{node.lineno}: {node.value.id}.{node.attr}")
+    assert not missing, "\n".join(missing)
