@@ -12,7 +12,6 @@ count compilations turn it off (``tests.helpers.no_persistent_compilation_cache`
 """
 
 import ctypes
-import ctypes.util
 import gc
 import os
 import shutil
@@ -21,7 +20,7 @@ import tempfile
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 # One BLAS thread per process for NumPy: the xdist workers already use every core, and
 # each worker's spinning BLAS threads competing with the other's slowed NumPy's QR/SVD
-# (GPM's bases) 2x. Set before NumPy is first imported (by JAX, below).
+# (GPM's bases) 2x. Set before NumPy is first imported (by JAX, once tests run).
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 # The CLI's persistent compilation cache stays off in tests (and their subprocesses) unless
@@ -39,27 +38,50 @@ if _SHARED_CACHE not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.env
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
-import jax  # noqa: E402
 import pytest  # noqa: E402
 
-jax.config.update("jax_numpy_rank_promotion", "raise")
+
+def _runs_tests(config) -> bool:
+    """False in the xdist controller, which only hands out test files: it never imports JAX
+    (200 MB less for the run)."""
+    return "PYTEST_XDIST_WORKER" in os.environ or not getattr(config.option, "numprocesses", 0)
 
 
 def _malloc_trim():
-    """Returns the C heap's free pages to the system (glibc only; elsewhere a no-op)."""
+    """Returns the C heap's free pages to the system (glibc only; elsewhere a no-op).
+
+    ``CDLL(None)`` is the process's own symbol table, libc's among them: no
+    ``ctypes.util.find_library``, which forks ``ldconfig`` from a worker of a GB or more.
+    """
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
+        ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _release_compiled_code_after_each_module():
-    yield
-    jax.clear_caches()
-    gc.collect()
-    _malloc_trim()
+class _ReleaseCompiledCode:
+    """When the last test of a file is done (a test module, or a file of doctests: the
+    package's modules and the README), its compiled code is dropped and the freed heap
+    handed back to the system. A plugin, not a fixture of this folder, so that it also
+    runs after the doctests outside ``tests/``."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_teardown(self, item, nextitem):
+        if nextitem is not None and nextitem.path == item.path:
+            return
+        import jax
+
+        jax.clear_caches()
+        gc.collect()
+        _malloc_trim()
+
+
+def pytest_configure(config):
+    if _runs_tests(config):
+        import jax
+
+        jax.config.update("jax_numpy_rank_promotion", "raise")
+        config.pluginmanager.register(_ReleaseCompiledCode(), "rgo_jax_release_compiled_code")
 
 
 def pytest_unconfigure(config):

@@ -1,13 +1,8 @@
-"""Performance features: input-side projection, fast curvature vectors, the GPU check script.
+"""Performance features: input-side projection, fast curvature vectors.
 
 These tests check results (against float64 references and the plain single-device path),
 never timings. The sharding tests are in test_sharding.py.
 """
-
-import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +15,7 @@ import rgo_jax
 from rgo_jax import projected_matmul
 from rgo_jax.bench.models import MLP
 from rgo_jax.nnx import use_input_projection, use_reduced_kernel_gradients
-from tests.helpers import REPO, built_in_one_program
+from tests.helpers import built_in_one_program
 
 
 def _spd(rng, d, n=None, alpha=0.1):
@@ -301,36 +296,6 @@ def test_batched_curvature_vectors_errors(mlp):
     with pytest.raises(ValueError, match=r"kernel path\(s\) \['nope/kernel'\]"):
         with use_reduced_kernel_gradients(model, ["nope/kernel"]):
             pass
-
-
-# ---------------------------------------------------------------- the GPU check script
-
-
-@pytest.mark.slow
-def test_gpu_check_runs_small_on_cpu(tmp_path):
-    out = tmp_path / "check.json"
-    # LLVM optimisation level 0: a third less compile time; the script's checks and outputs
-    # do not depend on it (this is a smoke run of the script, not a timing).
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks/perf/gpu_check.py"), "--small", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    printed = json.loads(proc.stdout.strip().splitlines()[-1])
-    saved = json.loads(out.read_text())
-    assert printed["config"] == saved["config"]
-    assert printed["config"]["small"] is True
-    step = printed["step"]
-    assert step["rgo"]["median_s"] > 0 and step["base"]["median_s"] > 0
-    assert step["rgo_over_base"] == pytest.approx(
-        step["rgo"]["median_s"] / step["base"]["median_s"]
-    )
-    assert printed["consolidation"]["vectors_per_s"] > 0
-    assert printed["checks"]["rgo_update_finite"] and printed["checks"]["p_symmetric"]
 
 
 # ---------------------------------------------------------------- core changes made for speed
