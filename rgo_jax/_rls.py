@@ -67,7 +67,7 @@ def rls_sequential(
     return p, jnp.sum(bad, axis=0, dtype=jnp.int32)
 
 
-_BASE = 16  # triangle and Cholesky blocks up to this size: loops of plain array ops
+_BASE = 32  # the block kernel's b x b inverse: loops of plain array ops up to this size
 
 
 def _cholesky_panel(
@@ -103,53 +103,47 @@ def _cholesky_panel(
     return jax.lax.fori_loop(0, c.shape[1], column, init)
 
 
-def _cholesky_small(m: jax.Array) -> jax.Array:
-    """Lower Cholesky factor of a small SPD ``[b, b]`` (``b <= _BASE``), column by column.
+def _chol_inv_small(m: jax.Array) -> jax.Array:
+    """``L^{-1}`` for the Cholesky factor ``L`` of a small SPD ``[b, b]`` (``b <= _BASE``).
 
+    One loop over ``j``: column ``j`` of ``L`` (left-looking, as :func:`_cholesky_panel`),
+    which completes row ``j`` of ``L``, then row ``j`` of ``L^{-1}`` by forward substitution.
+    One loop instead of a factor loop and an inverse loop: measured on one CPU core, with
+    blocks of 32 rather than 16, the block kernel (``block_size=64``) runs 1.4x faster at
+    ``d = 64`` and 1.1x at ``d = 256`` and ``784``, and compiles in two thirds of the time.
     ``m`` is ``alpha I + V P V^T`` in the block kernel; the pivot is clipped at a tiny
-    positive value (see :func:`_cholesky_panel`).
+    positive value.
     """
-    return _cholesky_panel(m, 0, jnp.finfo(m.dtype).tiny)[0]
+    b = m.shape[-1]
+    tiny = jnp.finfo(m.dtype).tiny
+    rows = jnp.arange(b)
+    eye = jnp.eye(b, dtype=m.dtype)
 
+    def step(j, carry):
+        low, inv = carry
+        # Columns >= j of ``low`` and rows >= j of ``inv`` are still zero.
+        x = m[:, j] - jnp.matmul(low, low[j], precision=_HI)
+        pivot = jnp.sqrt(jnp.maximum(x[j], tiny))
+        low = low.at[:, j].set(jnp.where(rows == j, pivot, jnp.where(rows > j, x / pivot, 0.0)))
+        inv = inv.at[j].set((eye[j] - jnp.matmul(low[j], inv, precision=_HI)) / pivot)
+        return low, inv
 
-def _tril_inv_small(low_tri: jax.Array) -> jax.Array:
-    """Inverse of a small lower-triangular ``[b, b]`` by forward substitution (no LAPACK)."""
-    eye = jnp.eye(low_tri.shape[-1], dtype=low_tri.dtype)
-
-    def row(i, inv):
-        # Rows >= i of ``inv`` are still zero and ``low_tri[i, i + 1:]`` is zero.
-        return inv.at[i].set((eye[i] - jnp.matmul(low_tri[i], inv, precision=_HI)) / low_tri[i, i])
-
-    return jax.lax.fori_loop(0, low_tri.shape[-1], row, jnp.zeros_like(low_tri))
-
-
-def _tril_inv(low_tri: jax.Array) -> jax.Array:
-    """Inverse of a lower-triangular ``[b, b]`` matrix by recursive 2 x 2 blocking.
-
-    ``[[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]``: matrix products, down to
-    blocks of at most ``_BASE`` rows solved by :func:`_tril_inv_small`.
-    """
-    b = low_tri.shape[-1]
-    if b <= _BASE:
-        return _tril_inv_small(low_tri)
-    h = b // 2
-    ai, di = _tril_inv(low_tri[:h, :h]), _tril_inv(low_tri[h:, h:])
-    low = -jnp.matmul(di, jnp.matmul(low_tri[h:, :h], ai, precision=_HI), precision=_HI)
-    top = jnp.concatenate([ai, jnp.zeros((h, b - h), low_tri.dtype)], axis=1)
-    return jnp.concatenate([top, jnp.concatenate([low, di], axis=1)], axis=0)
+    zero = jnp.zeros_like(m)
+    return jax.lax.fori_loop(0, b, step, (zero, zero))[1]
 
 
 def _chol_inv(m: jax.Array) -> jax.Array:
     """``L^{-1}`` for the Cholesky factor ``L`` of a symmetric positive definite ``[b, b]``.
 
     Recursive blocking (``L21 = B L11^{-T}``, Schur complement ``C - L21 L21^T``) down to
-    blocks of at most ``_BASE``, factored by :func:`_cholesky_small`: matrix products only,
-    no LAPACK call (see :func:`_cholesky_small` for the deadlock that avoids; XLA:CPU's
-    Cholesky was also measured ~1000x slower at 256 x 256 than at 128 x 128).
+    blocks of at most ``_BASE``, factored and inverted by :func:`_chol_inv_small`: matrix
+    products only, no LAPACK call (see :func:`_cholesky_panel` for the deadlock that
+    avoids; XLA:CPU's Cholesky was also measured ~1000x slower at 256 x 256 than at
+    128 x 128).
     """
     b = m.shape[-1]
     if b <= _BASE:
-        return _tril_inv_small(_cholesky_small(m))
+        return _chol_inv_small(m)
     h = b // 2
     l11i = _chol_inv(m[:h, :h])
     l21 = jnp.matmul(m[h:, :h], l11i.T, precision=_HI)

@@ -333,7 +333,7 @@ def test_block_kernel_many_blocks_matches_closed_form_and_stays_symmetric():
     np.testing.assert_allclose(p, np.asarray(seq[0]), atol=2e-4 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("b", [5, 37, 100])  # base case, odd splits, the blocked Cholesky
+@pytest.mark.parametrize("b", [5, 37, 100])  # base case, odd splits, two levels of blocking
 def test_blocked_cholesky_inverse_matches_float64(b):
     from rgo_jax import _rls
 
@@ -370,17 +370,19 @@ def test_trace_normalisation_uses_the_diagonal_only_for_stacked_p():
         np.testing.assert_allclose(out["w"][i], expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("b", [1, 7, 16])
-def test_small_cholesky_and_triangle_inverse_match_float64(b):
+@pytest.mark.parametrize("b", [1, 7, 32])
+def test_small_cholesky_inverse_matches_float64(b):
+    """The one-loop factor-and-invert of the base blocks: L^-1 of the float64 Cholesky."""
     from rgo_jax import _rls
 
+    assert b <= _rls._BASE
     rng = np.random.default_rng(b)
     a = rng.normal(size=(b, b))
     m = a @ a.T / b + 0.05 * np.eye(b)
-    low = np.asarray(jax.jit(_rls._cholesky_small)(jnp.asarray(m, jnp.float32)), np.float64)
-    np.testing.assert_allclose(low, np.linalg.cholesky(m), atol=1e-5 * np.abs(m).max())
-    inv = np.asarray(jax.jit(_rls._tril_inv_small)(jnp.asarray(low, jnp.float32)), np.float64)
-    np.testing.assert_allclose(inv @ low, np.eye(b), atol=1e-4)
+    inv = np.asarray(jax.jit(_rls._chol_inv_small)(jnp.asarray(m, jnp.float32)), np.float64)
+    ref = np.linalg.inv(np.linalg.cholesky(m))
+    np.testing.assert_allclose(inv, ref, atol=2e-4 * np.abs(ref).max())
+    np.testing.assert_allclose(inv @ m @ inv.T, np.eye(b), atol=1e-4)
     assert np.all(np.triu(inv, 1) == 0)
 
 
