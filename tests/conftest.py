@@ -1,8 +1,8 @@
 """Test-wide JAX hardening: several host devices, rank promotion is an error.
 
-Each test module compiles its own functions; when a module is done its compiled code is
-dropped and the freed heap handed back to the system, so that the suite's memory stays
-that of its largest module instead of the sum of all of them.
+Each test file compiles its own functions; when a file is done (a test module, or a file
+of doctests) its compiled code is dropped and the freed heap handed back to the system, so
+that the suite's memory stays that of its largest file instead of the sum of all of them.
 
 The processes of one test run (pytest, its xdist workers and the tests' subprocesses) share
 one persistent XLA compilation cache in a temporary folder, removed at the end: a program
