@@ -201,21 +201,21 @@ def rls_block(
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}.")
     v, bad = _sanitize(v.astype(p.dtype))
-    n = v.shape[0]
+    n, k = v.shape[:2]
+    alpha = jnp.asarray(alpha, p.dtype)
     b = min(block_size, n)
     pad = (-n) % b
     if pad:
         v = jnp.concatenate([v, jnp.zeros((pad, *v.shape[1:]), v.dtype)], axis=0)
     blocks = v.reshape(-1, b, *v.shape[1:])  # [nb, b, k, d]
-    alpha = jnp.asarray(alpha, p.dtype)
-    update = jax.vmap(_block_one, in_axes=(0, 1, None))  # over k
-
-    def body(carry, blk):
-        return update(carry, blk, alpha), None
-
-    p, _ = jax.lax.scan(body, p, blocks)
-    # One symmetrisation after all blocks (a transpose of P per block costs as much as a
-    # block's products for large d).
+    if k == 1:  # one matrix: unbatched products, 1.1x faster on CPU at every width
+        one = functools.partial(_block_one, alpha=alpha)
+        p = jax.lax.scan(lambda c, blk: (one(c, blk[:, 0]), None), p[0], blocks)[0][None]
+    else:
+        update = jax.vmap(_block_one, in_axes=(0, 1, None))  # over k
+        p = jax.lax.scan(lambda c, blk: (update(c, blk, alpha), None), p, blocks)[0]
+    # One symmetrisation at the end (a transpose of P per block costs as much as a block's
+    # products for large d).
     p = 0.5 * (p + jnp.swapaxes(p, -1, -2))
     return p, jnp.sum(bad, axis=0, dtype=jnp.int32)
 
