@@ -326,11 +326,31 @@ ROWS = [
         "torch_consolidation_straightforward",
     ),
     ("RLS only, Woodbury block 64 (all six P)", "jax_rls_block64", "torch_rls_woodbury64"),
-    ("time to result, 1 task, fresh process, cold compile cache", "jax_1_cold", "torch_1"),
-    ("time to result, 1 task, warm compile cache", "jax_1_warm", "torch_1"),
-    ("time to result, 4 tasks, cold compile cache", "jax_4_cold", "torch_4"),
-    ("time to result, 4 tasks, warm compile cache", "jax_4_warm", "torch_4"),
 ]
+TTR_TASKS = (1, 4)
+
+
+def _tasks(n: int) -> str:
+    return f"{n} task{'s' if n > 1 else ''}"
+
+
+def ttr_rows(tasks) -> list[tuple[str, str, str]]:
+    """The time-to-result rows of :data:`ROWS`' form for each task count."""
+    return [
+        (
+            f"time to result, {_tasks(n)}"
+            + (", fresh process" if i == 0 and what == "cold" else "")
+            + f", {what} compile cache",
+            f"jax_{n}_{what}",
+            f"torch_{n}",
+        )
+        for i, n in enumerate(tasks)
+        for what in ("cold", "warm")
+    ]
+
+
+def _ttr_tasks(res: dict) -> list[int]:
+    return sorted({int(k.split("_")[1]) for k in res if k.startswith("torch_") and k[6:].isdigit()})
 
 
 def markdown(
@@ -338,7 +358,8 @@ def markdown(
 ) -> str:
     loads = loads or {}
     rows = []
-    for label, j, t in ROWS:
+    tasks = _ttr_tasks(res)
+    for label, j, t in ROWS + ttr_rows(tasks):
         if j not in res or t not in res:
             continue
         a, b = res[j], res[t]
@@ -353,14 +374,14 @@ def markdown(
         )
     base = [
         [
-            f"{what}, {n} task{'s' if n > 1 else ''}",
+            f"{what}, {_tasks(n)}",
             f"{res[f'base_{n}_{what}']['median_s']:.1f} s",
             f"{res[f'jax_{n}_{what}']['median_s']:.1f} s",
             f"{res[f'torch_{n}']['median_s']:.1f} s",
             f"{res[f'base_{n}_{what}']['median_s'] / res[f'torch_{n}']['median_s']:.2f}",
             f"{res[f'jax_{n}_{what}']['median_s'] / res[f'torch_{n}']['median_s']:.2f}",
         ]
-        for n in (1, 4)
+        for n in tasks
         for what in ("cold", "warm")
         if f"base_{n}_{what}" in res and f"jax_{n}_{what}" in res and f"torch_{n}" in res
     ]
@@ -393,14 +414,19 @@ def markdown(
             f"{float(np.median(allv)):.1f}, range {min(allv):.1f}-{max(allv):.1f}.\n"
         )
     slope = ""
-    if all(k in res for k in ("jax_1_warm", "jax_4_warm", "torch_1", "torch_4")):
-        sj = (res["jax_4_warm"]["median_s"] - res["jax_1_warm"]["median_s"]) / 3
-        sc = (res["jax_4_cold"]["median_s"] - res["jax_1_cold"]["median_s"]) / 3
-        st = (res["torch_4"]["median_s"] - res["torch_1"]["median_s"]) / 3
-        slope = (
-            f"\nPer additional task (slope 1 -> 4 tasks): rgo_jax {sc:.2f} s cold, {sj:.2f} s "
-            f"warm; PyTorch {st:.2f} s.\n"
-        )
+    if len(tasks) > 1:
+        lo, hi = tasks[0], tasks[-1]
+
+        def per_task(key: str) -> float:
+            return (res[key.format(hi)]["median_s"] - res[key.format(lo)]["median_s"]) / (hi - lo)
+
+        keys = ("jax_{}_cold", "jax_{}_warm", "torch_{}")
+        if all(k.format(n) in res for k in keys for n in (lo, hi)):
+            slope = (
+                f"\nPer additional task (slope {lo} -> {hi} tasks): rgo_jax "
+                f"{per_task('jax_{}_cold'):.2f} s cold, {per_task('jax_{}_warm'):.2f} s warm; "
+                f"PyTorch {per_task('torch_{}'):.2f} s.\n"
+            )
     return "\n".join(
         [
             "Medians of interleaved samples (min in brackets); ratio = rgo_jax / PyTorch "
@@ -438,6 +464,12 @@ def main() -> None:
         "--ttr-only", action="store_true", help="only the time-to-result runs (no kernel rows)"
     )
     ap.add_argument("--reps", type=int, help="time-to-result repetitions (default 3; --quick 1)")
+    ap.add_argument(
+        "--ttr-tasks",
+        type=lambda s: tuple(int(x) for x in s.split(",")),
+        default=TTR_TASKS,
+        help="comma-separated task counts of the time-to-result runs (default %(default)s)",
+    )
     ap.add_argument(
         "--baseline-repo",
         type=Path,
@@ -492,7 +524,9 @@ def main() -> None:
     if not args.no_ttr:
         print("[compare_torch] time to result ...", flush=True)
         reps = args.reps or (1 if args.quick else 3)
-        ttr, profiles, loads = time_to_result(args.data_dir, reps, baseline=args.baseline_repo)
+        ttr, profiles, loads = time_to_result(
+            args.data_dir, reps, args.ttr_tasks, baseline=args.baseline_repo
+        )
         res |= ttr
     load = [load0, os.getloadavg()[0]]
     md = "" if args.rls_sweep_only else markdown(res, args.quick, load, profiles, loads) + "\n"
