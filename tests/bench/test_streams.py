@@ -66,6 +66,19 @@ def test_permuted_matches_definition_on_full_data(digits):
     np.testing.assert_array_equal(stream[0].x_train, digits.x_train)
 
 
+def test_permuted_identity_task_shares_the_data_read_only(digits):
+    """Task 0 of a stream with an identity first task is the data set itself (no copy), and
+    read-only: a write into the split raises instead of changing the data set."""
+    before = digits.x_train.copy()
+    task = data.permuted(digits, 2, seed=0)[0]
+    assert np.shares_memory(task.x_train, digits.x_train)
+    with pytest.raises(ValueError, match="read-only"):
+        task.x_train[0] += 1.0
+    np.testing.assert_array_equal(digits.x_train, before)
+    other = data.permuted(digits, 2, seed=0)[1].x_train  # a permuted task is a fresh array
+    assert not np.shares_memory(other, digits.x_train) and other.flags.writeable
+
+
 def test_permuted_deterministic_and_seeded(digits):
     a = data.permuted(digits, 3, seed=0)[2].x_train
     b = data.permuted(digits, 3, seed=0)[2].x_train
