@@ -136,23 +136,24 @@ def _chol_inv_small(m: jax.Array) -> jax.Array:
     return jax.lax.fori_loop(0, m.shape[-1], step, (zero, zero))[1]
 
 
-def _chol_inv(m: jax.Array) -> jax.Array:
+def _chol_inv(m: jax.Array, small=_chol_inv_small) -> jax.Array:
     """``L^{-1}`` for the Cholesky factor ``L`` of a symmetric positive definite ``[b, b]``.
 
     Recursive blocking (``L21 = B L11^{-T}``, Schur complement ``C - L21 L21^T``) down to
-    blocks of at most ``_BASE``, factored and inverted by :func:`_chol_inv_small`: matrix
+    blocks of at most ``_BASE``, factored and inverted by ``small`` (default
+    :func:`_chol_inv_small`; the benchmarks swap in other forms of it): matrix
     products only, no LAPACK call (see :func:`_cholesky_panel` for the deadlock that
     avoids; XLA:CPU's Cholesky was also measured ~1000x slower at 256 x 256 than at
     128 x 128).
     """
     b = m.shape[-1]
     if b <= _BASE:
-        return _chol_inv_small(m)
+        return small(m)
     h = b // 2
-    l11i = _chol_inv(m[:h, :h])
+    l11i = _chol_inv(m[:h, :h], small)
     l21 = jnp.matmul(m[h:, :h], l11i.T, precision=_HI)
     s = m[h:, h:] - jnp.matmul(l21, l21.T, precision=_HI)
-    l22i = _chol_inv(0.5 * (s + s.T))
+    l22i = _chol_inv(0.5 * (s + s.T), small)
     low = -jnp.matmul(l22i, jnp.matmul(l21, l11i, precision=_HI), precision=_HI)
     top = jnp.concatenate([l11i, jnp.zeros((h, b - h), m.dtype)], axis=1)
     return jnp.concatenate([top, jnp.concatenate([low, l22i], axis=1)], axis=0)

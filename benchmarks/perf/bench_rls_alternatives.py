@@ -86,20 +86,7 @@ def _base_loop(unroll: int = 1, elementwise: bool = False):
         zero = jnp.zeros_like(m)
         return jax.lax.fori_loop(0, b, step, (zero, zero), unroll=unroll)[1]
 
-    def recursive(m):  # _rls._chol_inv with this base
-        b = m.shape[-1]
-        if b <= _rls._BASE:
-            return small(m)
-        h = b // 2
-        l11i = recursive(m[:h, :h])
-        l21 = jnp.matmul(m[h:, :h], l11i.T, precision=_HI)
-        s = m[h:, h:] - jnp.matmul(l21, l21.T, precision=_HI)
-        l22i = recursive(0.5 * (s + s.T))
-        low = -jnp.matmul(l22i, jnp.matmul(l21, l11i, precision=_HI), precision=_HI)
-        top = jnp.concatenate([l11i, jnp.zeros((h, b - h), m.dtype)], axis=1)
-        return jnp.concatenate([top, jnp.concatenate([low, l22i], axis=1)], axis=0)
-
-    return recursive
+    return lambda m: _rls._chol_inv(m, small)
 
 
 def information_form(p, v, alpha=ALPHA):
