@@ -62,7 +62,7 @@ _FLAGS = {
     "--init": (
         "init",
         str,
-        "parameter initialisation: lecun (Flax's default), torch or glorot",
+        "parameter initialisation: lecun (Flax's default), torch, glorot or normal0.1",
     ),
     "--init-scale": ("init_scale", float, "multiply every initial kernel by this (default 1)"),
     "--tasks": ("num_tasks", int, "number of tasks"),

@@ -475,6 +475,8 @@ INIT_SCHEMES = {
     "+-1/sqrt(fan_in) (variance 1/(3 fan_in))",
     "glorot": "Keras / TensorFlow's default: Glorot-uniform kernels "
     "(variance 2/(fan_in + fan_out)), zero biases",
+    "normal0.1": "the TensorFlow code of GEM / A-GEM (weight_variable, bias_variable): "
+    "kernels truncated normal with std 0.1 (cut at 2 std) whatever the fan-in, biases 0.1",
 }
 """The parameter initialisations :func:`initialize` draws, by name (``"lecun"`` the default).
 Fan-in of a kernel is the product of all its axes but the last (``in`` for a dense kernel,
@@ -498,6 +500,9 @@ def _draw(scheme: str, key: jax.Array, kernel: jax.Array, bias: jax.Array | None
     if scheme in _ZERO_BIAS_KERNEL_INIT:
         new_kernel = _ZERO_BIAS_KERNEL_INIT[scheme](k_kernel, kernel.shape, kernel.dtype)
         return new_kernel, None if bias is None else jnp.zeros_like(bias)
+    if scheme == "normal0.1":  # tf.truncated_normal_initializer(stddev=0.1): cut at 2 std
+        cut = jax.random.truncated_normal(k_kernel, -2.0, 2.0, kernel.shape, kernel.dtype)
+        return 0.1 * cut, None if bias is None else jnp.full_like(bias, 0.1)
     bound = 1.0 / math.sqrt(math.prod(kernel.shape[:-1]))  # torch: +-1/sqrt(fan_in)
 
     def uniform(k, like):

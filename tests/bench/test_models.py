@@ -495,7 +495,11 @@ def _layers(model):
     return [m for _, m in nnx.iter_graph(model) if isinstance(m, (nnx.Linear, nnx.Conv))]
 
 
-@pytest.mark.parametrize("scheme", ["torch", "glorot", "lecun"])
+# Variance of a standard normal cut at +-2 (closed form): 1 - 4 phi(2) / (2 Phi(2) - 1).
+_CUT2_VAR = 1 - 4 * math.exp(-2) / math.sqrt(2 * math.pi) / math.erf(2 / math.sqrt(2))
+
+
+@pytest.mark.parametrize("scheme", ["torch", "glorot", "lecun", "normal0.1"])
 @pytest.mark.slow
 def test_initialize_draws_each_scheme_from_its_distribution(scheme):
     # Wide dense and conv layers: their sample moments against the closed forms.
@@ -519,7 +523,12 @@ def test_initialize_draws_each_scheme_from_its_distribution(scheme):
         bias = np.asarray(layer.bias[...], np.float64)
         fan_in = math.prod(kernel.shape[:-1])
         fan_out = kernel.shape[-1] * math.prod(kernel.shape[:-2])
-        var = {"torch": 1 / (3 * fan_in), "glorot": 2 / (fan_in + fan_out), "lecun": 1 / fan_in}
+        var = {
+            "torch": 1 / (3 * fan_in),
+            "glorot": 2 / (fan_in + fan_out),
+            "lecun": 1 / fan_in,
+            "normal0.1": 0.01 * _CUT2_VAR,  # whatever the fan-in
+        }
         if kernel.size >= 20_000:  # sampling error of the variance under 2 %
             np.testing.assert_allclose(kernel.var(), var[scheme], rtol=0.06)
             assert abs(kernel.mean()) < 0.05 * math.sqrt(var[scheme])
@@ -529,6 +538,9 @@ def test_initialize_draws_each_scheme_from_its_distribution(scheme):
             assert np.abs(kernel).max() <= bound and np.abs(bias).max() <= bound
             assert np.abs(kernel).max() > 0.9 * bound  # uniform: fills its interval
             assert np.abs(bias).max() > 0.5 * bound  # biases are drawn too
+        elif scheme == "normal0.1":
+            assert np.abs(kernel).max() <= 0.2  # cut at 2 std
+            np.testing.assert_allclose(bias, 0.1, rtol=1e-7)
         else:
             np.testing.assert_array_equal(bias, 0.0)
         if scheme == "glorot":
