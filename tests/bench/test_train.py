@@ -147,7 +147,7 @@ def test_killed_run_resumes_to_the_same_numbers(cli_run, tmp_path, capsys):
         (["--option", "ewc_fisher=sample"], "'ewc_fisher' must be one of exact, sampled"),
         (["--option", "ewc_fisher=2"], "'ewc_fisher' must be one of"),
         (["--option", "owm_alpha=big"], "'owm_alpha' must be a number"),
-        (["--init", "he"], "init must be one of lecun, torch, glorot, got 'he'"),
+        (["--init", "he"], "init must be one of lecun, torch, glorot, normal0.1, got 'he'"),
         (["--init-scale", "0"], "init_scale must be positive, got 0.0"),
     ],
 )
