@@ -39,6 +39,18 @@ def _step_one(p: jax.Array, v: jax.Array, alpha: jax.Array) -> jax.Array:
     return p - jnp.outer(u, u) * (1.0 / denom)
 
 
+def _each_matrix(fn, *args, in_axes):
+    """``fn`` (one ``[d, d]`` P, the first argument) for each of the ``k`` matrices of
+    ``args[0] [k, d, d]``: a ``jax.vmap`` over ``in_axes``, or, for ``k = 1``, ``fn`` on the
+    one matrix unbatched (XLA:CPU runs a batch of one slower: a rank-one step 2.4x at
+    d = 784, where unbatched it updates P in place; the block kernel 1.03-1.08x)."""
+    if args[0].shape[0] == 1:
+        pairs = zip(args, in_axes, strict=True)
+        one = [a if ax is None else jnp.take(a, 0, axis=ax) for a, ax in pairs]
+        return fn(*one)[None]
+    return jax.vmap(fn, in_axes=in_axes)(*args)
+
+
 def rls_step(p: jax.Array, v: jax.Array, alpha: float | jax.Array) -> tuple[jax.Array, jax.Array]:
     """One rank-one RLS step for each of ``k`` matrices: ``p [k,d,d]``, ``v [k,d]``.
 
@@ -46,9 +58,7 @@ def rls_step(p: jax.Array, v: jax.Array, alpha: float | jax.Array) -> tuple[jax.
     """
     v, bad = _sanitize(v.astype(p.dtype))
     alpha = jnp.asarray(alpha, p.dtype)
-    if p.shape[0] == 1:  # one matrix (OWM's every step): unbatched, XLA updates P in place
-        return _step_one(p[0], v[0], alpha)[None], bad  # the same numbers, 2.4x faster at 784
-    return jax.vmap(_step_one, in_axes=(0, 0, None))(p, v, alpha), bad
+    return _each_matrix(_step_one, p, v, alpha, in_axes=(0, 0, None)), bad
 
 
 def rls_sequential(
@@ -159,7 +169,7 @@ def _chol_inv(m: jax.Array, small=_chol_inv_small) -> jax.Array:
     return jnp.concatenate([top, jnp.concatenate([low, l22i], axis=1)], axis=0)
 
 
-def _block_one(p: jax.Array, v: jax.Array, alpha: jax.Array) -> jax.Array:
+def _block_one(p: jax.Array, v: jax.Array, alpha: jax.Array, inverse=_chol_inv) -> jax.Array:
     """Woodbury update of one ``[d, d]`` P by a block ``v [b, d]``.
 
     ``P <- P - P V^T (alpha I + V P V^T)^{-1} V P``, which equals ``b`` sequential rank-one
@@ -167,14 +177,23 @@ def _block_one(p: jax.Array, v: jax.Array, alpha: jax.Array) -> jax.Array:
     ``W = L^{-1} V P``, the update is the Gram product ``P - W^T W``. ``L^{-1}`` is the
     inverse of a ``b x b`` triangle (:func:`_chol_inv`), so the only ``O(d)``-sized work is
     three matrix products; ``cho_solve`` against the ``[b, d]`` right-hand side was
-    measured 3-6x slower on CPU. The caller symmetrises P once after all blocks.
+    measured 3-6x slower on CPU (``inverse``: the benchmarks swap in other forms of
+    :func:`_chol_inv`). The caller symmetrises P once after all blocks.
     """
     b = v.shape[0]
     u = jnp.matmul(v, p, precision=_HI)  # [b, d] = V P
     m = jnp.matmul(u, v.T, precision=_HI)  # [b, b] = V P V^T
     m = 0.5 * (m + m.T) + alpha * jnp.eye(b, dtype=p.dtype)
-    w = jnp.matmul(_chol_inv(m), u, precision=_HI)  # [b, d] = L^-1 V P
+    w = jnp.matmul(inverse(m), u, precision=_HI)  # [b, d] = L^-1 V P
     return p - jnp.matmul(w.T, w, precision=_HI)
+
+
+def _blocks_one(p: jax.Array, blocks: jax.Array, alpha: jax.Array, inverse=_chol_inv):
+    """:func:`_block_one` over ``blocks [nb, b, d]`` in order for one P, then one
+    symmetrisation (a transpose of P per block costs as much as a block's products for
+    large d)."""
+    p = jax.lax.scan(lambda c, blk: (_block_one(c, blk, alpha, inverse), None), p, blocks)[0]
+    return 0.5 * (p + p.T)
 
 
 def rls_block(
@@ -202,23 +221,14 @@ def rls_block(
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}.")
     v, bad = _sanitize(v.astype(p.dtype))
-    n, k = v.shape[:2]
+    n = v.shape[0]
     alpha = jnp.asarray(alpha, p.dtype)
     b = min(block_size, n)
     pad = (-n) % b
     if pad:
         v = jnp.concatenate([v, jnp.zeros((pad, *v.shape[1:]), v.dtype)], axis=0)
-    if k == 1:  # one matrix: unbatched products, 1.1x faster on CPU at every width
-        one = functools.partial(_block_one, alpha=alpha)
-        blocks = v[:, 0].reshape(-1, b, v.shape[-1])  # [nb, b, d]
-        p = jax.lax.scan(lambda c, blk: (one(c, blk), None), p[0], blocks)[0][None]
-    else:
-        update = jax.vmap(_block_one, in_axes=(0, 1, None))  # over k
-        blocks = v.reshape(-1, b, *v.shape[1:])  # [nb, b, k, d]
-        p = jax.lax.scan(lambda c, blk: (update(c, blk, alpha), None), p, blocks)[0]
-    # One symmetrisation at the end (a transpose of P per block costs as much as a block's
-    # products for large d).
-    p = 0.5 * (p + jnp.swapaxes(p, -1, -2))
+    blocks = v.reshape(-1, b, *v.shape[1:])  # [nb, b, k, d]
+    p = _each_matrix(_blocks_one, p, blocks, alpha, in_axes=(0, 2, None))
     return p, jnp.sum(bad, axis=0, dtype=jnp.int32)
 
 

@@ -42,21 +42,10 @@ ALPHA = 0.01
 
 
 def _woodbury_with(inverse):
-    """The library's block loop for one P with the ``b x b`` factor inverse ``inverse(m)``."""
+    """The library's block loop for one P (``_rls._blocks_one``) with the ``b x b`` factor
+    inverse ``inverse(m)``; ``v [n, d]``, ``n`` a multiple of 64."""
     alpha = jnp.float32(ALPHA)
-
-    def one(p, v):
-        u = jnp.matmul(v, p, precision=_HI)
-        m = jnp.matmul(u, v.T, precision=_HI)
-        m = 0.5 * (m + m.T) + alpha * jnp.eye(v.shape[0], dtype=p.dtype)
-        w = jnp.matmul(inverse(m), u, precision=_HI)
-        return p - jnp.matmul(w.T, w, precision=_HI)
-
-    def run(p, v):  # v [n, d], n a multiple of 64
-        p = jax.lax.scan(lambda c, b: (one(c, b), None), p, v.reshape(-1, 64, v.shape[-1]))[0]
-        return 0.5 * (p + p.T)
-
-    return run
+    return lambda p, v: _rls._blocks_one(p, v.reshape(-1, 64, v.shape[-1]), alpha, inverse)
 
 
 def _lapack_inverse(m):
