@@ -15,7 +15,7 @@ import pytest
 
 from rgo_jax.bench import data
 from rgo_jax.bench.data import Dataset, UnsafePickleError
-from tests.helpers import SHARED
+from tests.helpers import REPO, SHARED
 
 DATASETS = SHARED / "datasets"
 
@@ -232,8 +232,15 @@ def test_missing_files_message(tmp_path):
 # ---------------------------------------------------------------- CIFAR-10 (real, via the tool)
 
 
+PREPARED_CIFAR10 = REPO / "data"
+"""Where ``.ci/run`` prepares CIFAR-10 before the tests (``cifar-10-batches-py/`` in it), as a
+user would once; without it the fixture converts the JPEG archive itself (~15 s)."""
+
+
 @pytest.fixture(scope="module")
 def cifar10_dir(tmp_path_factory) -> Path:
+    if (PREPARED_CIFAR10 / "cifar-10-batches-py" / "test_batch").exists():
+        return PREPARED_CIFAR10
     tool = _need(SHARED / "tools" / "cifar10_from_jpeg.py")
     pytest.importorskip("PIL")
     out = tmp_path_factory.mktemp("cifar10")
@@ -241,7 +248,7 @@ def cifar10_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.slow  # converts the 60,000 JPEGs first
+@pytest.mark.slow  # reads the 60,000 images (and converts the JPEGs first if not prepared)
 def test_cifar10_real(cifar10_dir):
     ds = data.load_dataset("cifar10", cifar10_dir)
     assert ds.x_train.shape == (50000, 32, 32, 3) and ds.x_test.shape == (10000, 32, 32, 3)
