@@ -1,8 +1,11 @@
 """Test-wide JAX hardening: several host devices, rank promotion is an error.
 
 Each test file compiles its own functions; when a file is done (a test module, or a file
-of doctests) its compiled code is dropped and the freed heap handed back to the system, so
-that the suite's memory stays that of its largest file instead of the sum of all of them.
+of doctests) and its worker holds more than ``RGO_JAX_TEST_RELEASE_MB`` (default 750 MB),
+the compiled code is dropped and the freed heap handed back to the system, so that the
+suite's memory stays bounded instead of the sum of all files. Below that the caches stay:
+the next file reuses what is compiled (JAX's eager operations, shared programs) instead
+of tracing and compiling it again.
 
 The processes of one test run (pytest, its xdist workers and the tests' subprocesses) share
 one persistent XLA compilation cache in a temporary folder, removed at the end: a program
@@ -59,6 +62,18 @@ def _malloc_trim():
         pass
 
 
+_RELEASE_ABOVE_BYTES = int(float(os.environ.get("RGO_JAX_TEST_RELEASE_MB", "750")) * 2**20)
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory (Linux ``/proc``; elsewhere a huge value: always release)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 2**62
+
+
 class _ReleaseCompiledCode:
     """When the last test of a file is done (a test module, or a file of doctests: the
     package's modules and the README), its compiled code is dropped and the freed heap
@@ -68,6 +83,8 @@ class _ReleaseCompiledCode:
     @pytest.hookimpl(trylast=True)
     def pytest_runtest_teardown(self, item, nextitem):
         if nextitem is not None and nextitem.path == item.path:
+            return
+        if _rss_bytes() < _RELEASE_ABOVE_BYTES:
             return
         import jax
 
