@@ -76,8 +76,9 @@ def _rss_bytes() -> int:
 
 class _ReleaseCompiledCode:
     """When the last test of a file is done (a test module, or a file of doctests: the
-    package's modules and the README), its compiled code is dropped and the freed heap
-    handed back to the system. A plugin, not a fixture of this folder, so that it also
+    package's modules and the README) and the worker holds more than
+    ``_RELEASE_ABOVE_BYTES``, its compiled code is dropped and the freed heap handed back
+    to the system. A plugin, not a fixture of this folder, so that it also
     runs after the doctests outside ``tests/``."""
 
     @pytest.hookimpl(trylast=True)
