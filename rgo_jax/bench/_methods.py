@@ -393,7 +393,7 @@ class RGO(Method):
             abstract = jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=_weak(x)), state
             )
-            _transform._update_projection.lower(
+            _transform._update_program(opts.rls_method).lower(
                 abstract,
                 vecs,
                 alpha,

@@ -61,7 +61,7 @@ def test_tasks_after_the_first_compile_nothing(tmp_path):
     assert counts["jit(correct)"] == 1  # one evaluation shape, for both methods
     assert counts["jit(single)"] == 2  # one training chunk per method
     # the RLS update compiled ahead (in the background) is the program the task's end runs
-    assert counts["jit(_update_projection)"] == 1
+    assert counts["jit(_update_projection_program)"] == 1
     assert (tmp_path / "run" / "checkpoints").is_dir()
 
 

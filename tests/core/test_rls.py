@@ -156,9 +156,9 @@ def test_update_projection_is_jitted_once_per_structure():
     state = rgo_jax.scale_by_rgo().init({"w": jnp.zeros((6, 2))})
     vec = {"w": jnp.ones((3, 6))}
     rgo_jax.update_projection(state, vec)
-    before = rgo_jax._transform._update_projection._cache_size()
+    before = rgo_jax._transform._update_program("block")._cache_size()
     rgo_jax.update_projection(state, {"w": 2 * jnp.ones((3, 6))}, 0.5)
-    assert rgo_jax._transform._update_projection._cache_size() == before
+    assert rgo_jax._transform._update_program("block")._cache_size() == before
 
 
 @pytest.mark.parametrize("d, groups", [(70, 1), (100, 2), (640, 4)])

@@ -71,3 +71,22 @@ def test_first_stage_leaves_a_failed_state_unchanged():
         state, {"w": jnp.asarray(v, jnp.float32)}, jnp.float32(0.01), "block", 64, False, True
     )
     _assert_identical(first, state)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the one-pass options are CPU's")
+def test_cpu_one_pass_program_gives_the_default_compilers_bits():
+    """On CPU the block update is compiled with the classic loop emitters (less compile
+    time); its P and counters are those of the default compilation, bit for bit."""
+    assert _transform._update_program("block") is _transform._update_block_cpu
+    assert _transform._update_program("sequential") is _transform._update_default
+    rng = np.random.default_rng(2)
+    state = rgo_jax.scale_by_rgo().init({"a": jnp.zeros((65, 4))})
+    vectors = {"a": jnp.asarray(rng.normal(size=(150, 65)), jnp.float32)}
+    # the first stage (fast kernel and its check), the program an eager update runs
+    args = (state, vectors, jnp.float32(0.01), "block", 64, False, True)
+    fast = _transform._update_block_cpu(*args)
+    _assert_identical(fast, _transform._update_default(*args))
+    assert int(fast.num_vectors) == 150
+    # under an outer jit the update is part of that program: no nested compiler options
+    inner = jax.jit(lambda s, v: rgo_jax.update_projection(s, v, 0.01))(state, vectors)
+    assert int(inner.num_vectors) == 150
