@@ -151,8 +151,9 @@ def curvature_vectors(
       per_sample: one vector per example instead of one per batch.
       layout, project_biases: as for :func:`rgo_jax.scale_by_rgo` (use the same values).
       chunk: batches per compiled call (a Python loop over chunks, whose results are
-        concatenated); ``None`` does all batches in one call (fastest; needs memory for all
-        their activations).
+        concatenated; a last, partial chunk is padded to the chunk's size, so one program
+        serves every call); ``None`` does all batches in one call (fastest; needs memory for
+        all their activations).
       hessian: ``"true-class"`` (default, the reference code), ``"full"`` or ``"sampled"``
         (see above; one of :data:`HESSIANS`).
       rng: a JAX key, required by ``hessian="sampled"`` (the drawn classes), else unused.
@@ -223,14 +224,25 @@ def curvature_vectors(
     except TypeError:  # an unhashable callable cannot be a static argument: jit a closure
         fn = jax.jit(functools.partial(_batched, **static))
     nb = ys.shape[0]
-    step = nb if chunk is None else chunk
+    step = nb if chunk is None else max(1, min(chunk, nb))  # a chunk never exceeds the batches
     keys = None if hessian != "sampled" else jax.random.split(rng, nb)
 
     def call(lo):
         xc, yc = jnp.asarray(xs[lo : lo + step]), jnp.asarray(ys[lo : lo + step])
-        if keys is None:
-            return fn(params, xc, yc, mask, args)
-        return fn(params, xc, yc, mask, args, keys=keys[lo : lo + step])
+        kc = None if keys is None else keys[lo : lo + step]
+        real = yc.shape[0]
+        if real < step:  # the last, partial chunk: padded with copies of its last batch so
+            # that every chunk runs the one compiled program; the copies' vectors are dropped
+            pad = lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], step - real, axis=0)])  # noqa: E731
+            xc, yc, kc = pad(xc), pad(yc), None if kc is None else pad(kc)
+        out = (
+            fn(params, xc, yc, mask, args)
+            if kc is None
+            else fn(params, xc, yc, mask, args, keys=kc)
+        )
+        if real == step:
+            return out
+        return jax.tree.map(lambda v: v[: v.shape[0] // step * real], out)
 
     parts = [call(lo) for lo in range(0, nb, step)]
     if len(parts) == 1:

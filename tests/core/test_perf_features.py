@@ -272,6 +272,40 @@ def test_reduced_kernel_gradients_give_the_same_vectors_dense(mlp):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), chunked, ref)
 
 
+def _linear_logits(p, x):
+    return x @ p["w"] + p["b"][None]
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"per_sample": True, "hessian": "full"}, {"hessian": "sampled"}]
+)
+def test_uneven_chunks_run_one_program_and_give_the_whole_vectors(kw):
+    """7 batches in chunks of 3 (3 + 3 + 1): the last chunk is padded to 3 batches, so one
+    program is compiled, and its padding's vectors are dropped (the vectors, in order, are
+    those of one call over all batches)."""
+    from rgo_jax import _curvature
+
+    rng = np.random.default_rng(3)
+    params = {"w": jnp.asarray(rng.normal(size=(5, 4)), jnp.float32), "b": jnp.zeros(4)}
+    xs = jnp.asarray(rng.normal(size=(7, 2, 5)), jnp.float32)
+    ys = jnp.asarray(rng.integers(0, 4, size=(7, 2)), jnp.int32)
+    if kw.get("hessian") == "sampled":
+        kw = {**kw, "rng": jax.random.key(1)}
+    whole = rgo_jax.curvature_vectors(_linear_logits, params, xs, ys, **kw)
+    before = _curvature._batched_jit._cache_size()
+    chunked = rgo_jax.curvature_vectors(_linear_logits, params, xs, ys, chunk=3, **kw)
+    assert _curvature._batched_jit._cache_size() == before + 1
+    # vectors per batch: one, or one per sample (2) and class (4) for per-sample "full"
+    per_batch = 8 if "per_sample" in kw else 1
+    assert chunked["w"].shape == whole["w"].shape == (7 * per_batch, 5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), chunked, whole
+    )
+    # a chunk larger than the batches is one call over them (nothing padded)
+    big = rgo_jax.curvature_vectors(_linear_logits, params, xs, ys, chunk=50, **kw)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), big, whole)
+
+
 @pytest.mark.slow
 def test_reduced_kernel_gradients_give_the_same_vectors_conv():
     rng = np.random.default_rng(7)
