@@ -572,9 +572,8 @@ def test_initialize_is_a_pure_function_of_the_seed_and_keeps_the_ablation_identi
 @pytest.mark.parametrize("scheme", ["lecun", "torch"])
 def test_compiled_construction_draws_what_the_default_compiler_draws(scheme):
     """build_model compiles its one-off program at a lower LLVM optimisation level (and, on
-    CPU, with the classic loop emitters); the
-    parameters are bit for bit those of the same program compiled at the default level,
-    for Flax's initialisers and for a redraw."""
+    CPU, with the classic loop emitters); the parameters are bit for bit those of the same
+    program compiled with the default options, for Flax's initialisers and for a redraw."""
     from rgo_jax.bench.models import _construct
 
     kwargs, shape = SMALL["mlp"]
