@@ -74,6 +74,7 @@ def test_first_stage_leaves_a_failed_state_unchanged():
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the one-pass options are CPU's")
+@pytest.mark.slow  # compiles the update twice, and once more under jit
 def test_cpu_one_pass_program_gives_the_default_compilers_bits():
     """On CPU the block update is compiled with the classic loop emitters (less compile
     time); its P and counters are those of the default compilation, bit for bit."""
