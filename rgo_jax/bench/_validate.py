@@ -145,6 +145,7 @@ _FIELDS = {
     "data_dir": _optional(_str),
     "max_train_per_task": _optional(_int),
     "max_test_per_task": _optional(_int),
+    "subsample": _str,
     "validation_fraction": lambda k, v: _real(k, v, lo=0.0, lo_open=False),
     "first_task_identity": _bool,
     "fel_seed": _seed,

@@ -93,6 +93,11 @@ _FLAGS = {
     ),
     "--max-train-per-task": ("max_train_per_task", int, "subsample each task's training set"),
     "--max-test-per-task": ("max_test_per_task", int, "subsample each task's test set"),
+    "--subsample": (
+        "subsample",
+        str,
+        "how --max-*-per-task choose: random (per task, seeded) or first (same for every task)",
+    ),
     "--validation-fraction": (
         "validation_fraction",
         float,

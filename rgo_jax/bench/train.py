@@ -102,6 +102,7 @@ ADDED_KEYS = {
     "classes_per_task": None,
     "bias": True,
     "normalize": None,
+    "subsample": "random",
 }
 
 #: ``stream`` values of a :class:`Config` that names its own ``dataset``: the builders.
@@ -145,6 +146,8 @@ class Config:
       seeds: seeds of data order, permutations and initialisation.
       data_dir: folder of the data sets (else ``$RGO_DATA_DIR``, then ``~/.cache/rgo_jax``).
       max_train_per_task, max_test_per_task: optional subsampling for quick runs.
+      subsample: how those choose: ``"random"`` (a seeded random subset per task) or
+        ``"first"`` (the first samples, the same for every task, as GPM's code).
       validation_fraction: evaluate on this held-out part of TRAIN instead of test (tuning).
       first_task_identity: task 0 of permuted streams unpermuted (reference code).
       fel_seed: seed of the FEL permutations.
@@ -199,6 +202,7 @@ class Config:
     data_dir: str | None = None
     max_train_per_task: int | None = None
     max_test_per_task: int | None = None
+    subsample: str = "random"
     validation_fraction: float = 0.0
     first_task_identity: bool = True
     fel_seed: int = 0
@@ -259,6 +263,10 @@ class Config:
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError(
                 f"validation_fraction must be in [0, 1), got {self.validation_fraction}."
+            )
+        if self.subsample not in data.SUBSAMPLES:
+            raise ValueError(
+                f"subsample must be one of {', '.join(data.SUBSAMPLES)}, got {self.subsample!r}."
             )
         if self.rls_method not in ("block", "sequential"):
             raise ValueError(
@@ -372,6 +380,7 @@ def _stream(builder, base: str, **options):
             seed,
             max_train_per_task=cfg.max_train_per_task,
             max_test_per_task=cfg.max_test_per_task,
+            subsample=cfg.subsample,
             **options,
         )
 
@@ -395,7 +404,13 @@ def _multi(cfg: Config, seed: int):
             f"multi_dataset needs at least two of {names} under the data directory "
             f"({cfg.data_dir or data.default_data_dir()}); found {len(found)}."
         )
-    return data.multi_dataset(found[: cfg.num_tasks])
+    return data.multi_dataset(
+        found[: cfg.num_tasks],
+        seed=seed,
+        max_train_per_task=cfg.max_train_per_task,
+        max_test_per_task=cfg.max_test_per_task,
+        subsample=cfg.subsample,
+    )
 
 
 _multi.datasets = _MULTI_DATASETS

@@ -213,6 +213,35 @@ def test_subsampling_seeded_subset(digits):
         assert set(a.y_train.tolist()) <= set(a.classes.tolist())
 
 
+def test_first_samples_subsample_is_the_same_for_every_task(digits):
+    """``subsample="first"`` keeps the first samples of the split (of the task's classes)
+    for every task, as GPM's code keeps the first 54,000 MNIST images: each permuted task
+    is the same images, permuted; the default draws another random subset per task."""
+    kw = dict(max_train_per_task=40, max_test_per_task=15)
+    first = data.permuted(digits, 3, seed=4, subsample="first", **kw)
+    size = int(np.prod(digits.input_shape))
+    for t in range(3):
+        perm = data.pixel_permutation(4, t, size)
+        for x, y, base_x, base_y, n in (
+            (first[t].x_train, first[t].y_train, digits.x_train, digits.y_train, 40),
+            (first[t].x_test, first[t].y_test, digits.x_test, digits.y_test, 15),
+        ):
+            want = base_x[:n].reshape(n, size)[:, perm].reshape(x.shape)
+            np.testing.assert_array_equal(x, want)
+            np.testing.assert_array_equal(y, base_y[:n])
+    rand = data.permuted(digits, 3, seed=4, **kw)
+    assert not np.array_equal(rand[1].y_train, rand[2].y_train)  # a subset per task
+    # class splits: the first samples of the task's classes
+    split = data.class_split(digits, 5, seed=2, subsample="first", max_train_per_task=30)
+    for t in range(5):
+        index = np.flatnonzero(np.isin(digits.y_train, split[t].classes))[:30]
+        np.testing.assert_array_equal(split[t].x_train, digits.x_train[index])
+    multi = data.multi_dataset([digits], image_shape=(8, 8, 1), subsample="first", **kw)
+    np.testing.assert_array_equal(multi[0].y_train, digits.y_train[:40])
+    with pytest.raises(ValueError, match="subsample must be one of"):
+        data.permuted(digits, 2, subsample="last", **kw)
+
+
 # ---------------------------------------------------------------- multi-dataset
 
 

@@ -328,7 +328,16 @@ def test_initialisation_is_a_protocol_key_that_older_runs_read_as_flax_default()
     cfg = train.Config()
     # The fingerprint a version without the ``init`` key computed: runs checkpointed then
     # still resume.
-    added = ("init", "init_scale", "dataset", "stream", "classes_per_task", "bias", "normalize")
+    added = (
+        "init",
+        "init_scale",
+        "dataset",
+        "stream",
+        "classes_per_task",
+        "bias",
+        "normalize",
+        "subsample",
+    )
     old = {k: v for k, v in cfg.to_dict().items() if k not in train.OUTPUT_KEYS + added}
     old_hash = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert cfg.fingerprint() == old_hash
@@ -340,6 +349,7 @@ def test_initialisation_is_a_protocol_key_that_older_runs_read_as_flax_default()
         "classes_per_task": cfg.classes_per_task,
         "bias": cfg.bias,
         "normalize": cfg.normalize,
+        "subsample": cfg.subsample,
     }
     assert dataclasses.replace(cfg, init="torch").fingerprint() != cfg.fingerprint()
     assert dataclasses.replace(cfg, bias=False).fingerprint() != cfg.fingerprint()
@@ -423,3 +433,36 @@ def test_each_seed_stream_is_built_once_per_method(tmp_path, monkeypatch):
     )
     train.run(cfg, tmp_path, log=lambda *a: None)
     assert built == [0, 1, 0, 1]
+
+
+def test_subsample_option_reaches_every_stream():
+    """``subsample`` (config key, ``--subsample``) reaches the stream builders, the
+    multi-dataset sequence included (which used to drop ``max_*_per_task`` silently)."""
+    from rgo_jax.bench import data
+    from tests.helpers import SHARED_DATA
+
+    args = cli._parser().parse_args(
+        ["--benchmark", "permuted_digits", "--max-train-per-task", "20", "--subsample", "first"]
+    )
+    cfg = cli.config_from_args(args)
+    assert cfg.subsample == "first"
+    digits = data.load_digits()
+    for t in (0, 1):
+        np.testing.assert_array_equal(train.build_stream(cfg, 0)[t].y_train, digits.y_train[:20])
+    with pytest.raises(ValueError, match="subsample must be one of random, first"):
+        train.Config(subsample="last")
+    assert dataclasses.replace(cfg, subsample="random").fingerprint() != cfg.fingerprint()
+    if not (SHARED_DATA / "mnist").exists():
+        pytest.skip("MNIST not available")
+    multi = train.Config(
+        benchmark="multi_dataset",
+        num_tasks=2,
+        data_dir=str(SHARED_DATA),
+        max_train_per_task=50,
+        max_test_per_task=30,
+        subsample="first",
+    )
+    stream = train.build_stream(multi, 0)
+    mnist = data.load_mnist(SHARED_DATA)
+    assert stream[0].x_train.shape[0] == 50 and stream[0].x_test.shape[0] == 30
+    np.testing.assert_array_equal(stream[0].y_train, mnist.y_train[:50])

@@ -34,6 +34,7 @@ from rgo_jax.bench.data._loaders import load_notmnist as load_notmnist
 from rgo_jax.bench.data._loaders import load_npz as load_npz
 from rgo_jax.bench.data._pickle import UnsafePickleError as UnsafePickleError
 from rgo_jax.bench.data._pickle import load_pickle as load_pickle
+from rgo_jax.bench.data._streams import SUBSAMPLES as SUBSAMPLES
 from rgo_jax.bench.data._streams import Task as Task
 from rgo_jax.bench.data._streams import TaskStream as TaskStream
 from rgo_jax.bench.data._streams import class_split as class_split

@@ -24,6 +24,7 @@ from rgo_jax.bench.data._dataset import Dataset
 from rgo_jax.bench.data._image import resize_images, rotate_images
 
 __all__ = [
+    "SUBSAMPLES",
     "Task",
     "TaskStream",
     "class_split",
@@ -57,6 +58,19 @@ def _check_num_tasks(num_tasks: int) -> int:
     if isinstance(num_tasks, bool) or not isinstance(num_tasks, (int, np.integer)) or num_tasks < 1:
         raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}.")
     return int(num_tasks)
+
+
+SUBSAMPLES = ("random", "first")
+"""How ``max_train_per_task`` / ``max_test_per_task`` choose their samples: ``"random"``, a
+seeded random subset per task (the default), or ``"first"``, the first samples of the
+split (of the task's classes), the same for every task: GPM's code, which keeps the first
+54,000 MNIST training images for all its permuted tasks."""
+
+
+def _check_subsample(value: str) -> str:
+    if value not in SUBSAMPLES:
+        raise ValueError(f"subsample must be one of {SUBSAMPLES}, got {value!r}.")
+    return value
 
 
 def _check_max(name: str, value: int | None) -> int | None:
@@ -269,10 +283,14 @@ class TaskStream:
 # ----------------------------------------------------------------------------------------------
 
 
-def _subsample(n: int, max_n: int | None, seed: int, t: int, tag: int) -> np.ndarray | None:
-    """Sorted indices of a seeded subsample of ``range(n)``, or None to keep all."""
+def _subsample(
+    n: int, max_n: int | None, seed: int, t: int, tag: int, how: str = "random"
+) -> np.ndarray | None:
+    """Sorted indices of a subsample of ``range(n)`` (:data:`SUBSAMPLES`), or None to keep all."""
     if max_n is None or max_n >= n:
         return None
+    if how == "first":
+        return np.arange(max_n)
     return np.sort(_rng(seed, t, tag).choice(n, size=max_n, replace=False))
 
 
@@ -284,6 +302,7 @@ def _pick(
     max_train: int | None,
     max_test: int | None,
     index: np.ndarray | None = None,
+    how: str = "random",
 ) -> Split:
     """The (optionally class-filtered, optionally subsampled) split of a data set."""
     x, y = (
@@ -293,7 +312,7 @@ def _pick(
         (max_train, _TAG_TRAIN_SUBSAMPLE) if split == "train" else (max_test, _TAG_TEST_SUBSAMPLE)
     )
     n = len(y) if index is None else len(index)
-    sub = _subsample(n, max_n, seed, t, tag)
+    sub = _subsample(n, max_n, seed, t, tag, how)
     if index is None:
         index = sub
     elif sub is not None:
@@ -343,6 +362,7 @@ def permuted(
     first_task_identity: bool = True,
     max_train_per_task: int | None = None,
     max_test_per_task: int | None = None,
+    subsample: str = "random",
     cache_size: int = 1,
 ) -> TaskStream:
     """Permuted-input stream: task ``t`` applies one fixed permutation to all input values.
@@ -357,8 +377,9 @@ def permuted(
       num_tasks: number of tasks (20 in the paper).
       seed: seed of the permutations and subsamples.
       first_task_identity: leave task 0 unpermuted.
-      max_train_per_task: keep a seeded random subset of this many training samples.
+      max_train_per_task: keep this many training samples (a seeded random subset).
       max_test_per_task: same for the test samples.
+      subsample: ``"random"`` or ``"first"`` samples for those (:data:`SUBSAMPLES`).
       cache_size: number of built tasks kept in memory.
 
     Returns:
@@ -375,10 +396,11 @@ def permuted(
     seed = _check_seed(seed)
     max_train = _check_max("max_train_per_task", max_train_per_task)
     max_test = _check_max("max_test_per_task", max_test_per_task)
+    how = _check_subsample(subsample)
     size = int(np.prod(dataset.input_shape))
 
     def build(t: int, split: str) -> Split:
-        x, y = _pick(dataset, split, t, seed, max_train, max_test)
+        x, y = _pick(dataset, split, t, seed, max_train, max_test, how=how)
         if t == 0 and first_task_identity:  # the data as they are: no 0.2 s copy per split
             view = x.view()
             view.flags.writeable = False  # shared with the data set: never written in place
@@ -408,6 +430,7 @@ def rotated(
     angle_step: float = 9.0,
     max_train_per_task: int | None = None,
     max_test_per_task: int | None = None,
+    subsample: str = "random",
     cache_size: int = 1,
 ) -> TaskStream:
     """Rotated-input stream: task ``t`` rotates every image by one angle in degrees.
@@ -424,8 +447,9 @@ def rotated(
       num_tasks: number of tasks.
       seed: seed of the angles and subsamples.
       angle_step: width of each task's angle interval, degrees.
-      max_train_per_task: keep a seeded random subset of this many training samples.
+      max_train_per_task: keep this many training samples (a seeded random subset).
       max_test_per_task: same for the test samples.
+      subsample: ``"random"`` or ``"first"`` samples for those (:data:`SUBSAMPLES`).
       cache_size: number of built tasks kept in memory.
 
     Returns:
@@ -436,13 +460,14 @@ def rotated(
     _require_images(dataset, "rotated")
     max_train = _check_max("max_train_per_task", max_train_per_task)
     max_test = _check_max("max_test_per_task", max_test_per_task)
+    how = _check_subsample(subsample)
     step = float(angle_step)
     angles = np.array(
         [_rng(seed, t, _TAG_ANGLE).uniform(step * t, step * t + step) for t in range(num_tasks)]
     )
 
     def build(t: int, split: str) -> Split:
-        x, y = _pick(dataset, split, t, seed, max_train, max_test)
+        x, y = _pick(dataset, split, t, seed, max_train, max_test, how=how)
         return rotate_images(x, float(angles[t])).astype(np.float32, copy=False), y
 
     all_classes = np.arange(dataset.num_classes)
@@ -468,6 +493,7 @@ def class_split(
     shuffle_classes: bool = True,
     max_train_per_task: int | None = None,
     max_test_per_task: int | None = None,
+    subsample: str = "random",
     cache_size: int = 1,
 ) -> TaskStream:
     """Class-split stream: task ``t`` holds ``classes_per_task`` classes of the data set.
@@ -484,8 +510,9 @@ def class_split(
       seed: seed of the class order and subsamples.
       classes_per_task: classes per task; default ``num_classes // num_tasks``.
       shuffle_classes: draw the class order from the seed.
-      max_train_per_task: keep a seeded random subset of this many training samples.
+      max_train_per_task: keep this many training samples (a seeded random subset).
       max_test_per_task: same for the test samples.
+      subsample: ``"random"`` or ``"first"`` samples for those (:data:`SUBSAMPLES`).
       cache_size: number of built tasks kept in memory.
 
     Returns:
@@ -498,6 +525,7 @@ def class_split(
     seed = _check_seed(seed)
     max_train = _check_max("max_train_per_task", max_train_per_task)
     max_test = _check_max("max_test_per_task", max_test_per_task)
+    how = _check_subsample(subsample)
     nc = dataset.num_classes
     k = nc // num_tasks if classes_per_task is None else int(classes_per_task)
     if k < 1 or num_tasks * k > nc:
@@ -521,7 +549,7 @@ def class_split(
                 f"class_split of {dataset.name!r}: task {t} has no {split} samples (its "
                 f"classes {groups[t].tolist()} are absent from the {split} set)."
             )
-        return _pick(dataset, split, t, seed, max_train, max_test, index)
+        return _pick(dataset, split, t, seed, max_train, max_test, index, how)
 
     return TaskStream(
         name=f"split-{dataset.name}",
@@ -559,6 +587,7 @@ def multi_dataset(
     seed: int = 0,
     max_train_per_task: int | None = None,
     max_test_per_task: int | None = None,
+    subsample: str = "random",
     cache_size: int = 1,
 ) -> TaskStream:
     """One task per data set, all brought to one image shape, each with its own head slice.
@@ -574,8 +603,9 @@ def multi_dataset(
       datasets: the data sets, in task order (images ``[N, H, W, C]``).
       image_shape: common ``(H, W, C)``.
       seed: seed of the subsamples.
-      max_train_per_task: keep a seeded random subset of this many training samples.
+      max_train_per_task: keep this many training samples (a seeded random subset).
       max_test_per_task: same for the test samples.
+      subsample: ``"random"`` or ``"first"`` samples for those (:data:`SUBSAMPLES`).
       cache_size: number of built tasks kept in memory.
 
     Returns:
@@ -592,11 +622,12 @@ def multi_dataset(
         _require_images(ds, "multi_dataset")
     max_train = _check_max("max_train_per_task", max_train_per_task)
     max_test = _check_max("max_test_per_task", max_test_per_task)
+    how = _check_subsample(subsample)
     offsets = np.cumsum([0] + [ds.num_classes for ds in datasets])
 
     def build(t: int, split: str) -> Split:
         ds = datasets[t]
-        x, y = _pick(ds, split, t, seed, max_train, max_test)
+        x, y = _pick(ds, split, t, seed, max_train, max_test, how=how)
         return _to_shape(x, shape, ds.name), (y + offsets[t]).astype(np.int32)
 
     return TaskStream(
