@@ -264,10 +264,7 @@ class Config:
             raise ValueError(
                 f"validation_fraction must be in [0, 1), got {self.validation_fraction}."
             )
-        if self.subsample not in data.SUBSAMPLES:
-            raise ValueError(
-                f"subsample must be one of {', '.join(data.SUBSAMPLES)}, got {self.subsample!r}."
-            )
+        data.check_subsample(self.subsample)
         if self.rls_method not in ("block", "sequential"):
             raise ValueError(
                 f"rls_method must be 'block' or 'sequential', got {self.rls_method!r}."

@@ -37,6 +37,7 @@ from rgo_jax.bench.data._pickle import load_pickle as load_pickle
 from rgo_jax.bench.data._streams import SUBSAMPLES as SUBSAMPLES
 from rgo_jax.bench.data._streams import Task as Task
 from rgo_jax.bench.data._streams import TaskStream as TaskStream
+from rgo_jax.bench.data._streams import check_subsample as check_subsample
 from rgo_jax.bench.data._streams import class_split as class_split
 from rgo_jax.bench.data._streams import multi_dataset as multi_dataset
 from rgo_jax.bench.data._streams import permuted as permuted

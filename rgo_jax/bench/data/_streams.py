@@ -27,6 +27,7 @@ __all__ = [
     "SUBSAMPLES",
     "Task",
     "TaskStream",
+    "check_subsample",
     "class_split",
     "multi_dataset",
     "permuted",
@@ -67,9 +68,10 @@ split (of the task's classes), the same for every task: GPM's code, which keeps 
 54,000 MNIST training images for all its permuted tasks."""
 
 
-def _check_subsample(value: str) -> str:
+def check_subsample(value: str) -> str:
+    """``value`` if it is one of :data:`SUBSAMPLES`, else ``ValueError`` naming them."""
     if value not in SUBSAMPLES:
-        raise ValueError(f"subsample must be one of {SUBSAMPLES}, got {value!r}.")
+        raise ValueError(f"subsample must be one of {', '.join(SUBSAMPLES)}, got {value!r}.")
     return value
 
 
@@ -396,7 +398,7 @@ def permuted(
     seed = _check_seed(seed)
     max_train = _check_max("max_train_per_task", max_train_per_task)
     max_test = _check_max("max_test_per_task", max_test_per_task)
-    how = _check_subsample(subsample)
+    how = check_subsample(subsample)
     size = int(np.prod(dataset.input_shape))
 
     def build(t: int, split: str) -> Split:
@@ -460,7 +462,7 @@ def rotated(
     _require_images(dataset, "rotated")
     max_train = _check_max("max_train_per_task", max_train_per_task)
     max_test = _check_max("max_test_per_task", max_test_per_task)
-    how = _check_subsample(subsample)
+    how = check_subsample(subsample)
     step = float(angle_step)
     angles = np.array(
         [_rng(seed, t, _TAG_ANGLE).uniform(step * t, step * t + step) for t in range(num_tasks)]
@@ -525,7 +527,7 @@ def class_split(
     seed = _check_seed(seed)
     max_train = _check_max("max_train_per_task", max_train_per_task)
     max_test = _check_max("max_test_per_task", max_test_per_task)
-    how = _check_subsample(subsample)
+    how = check_subsample(subsample)
     nc = dataset.num_classes
     k = nc // num_tasks if classes_per_task is None else int(classes_per_task)
     if k < 1 or num_tasks * k > nc:
@@ -622,7 +624,7 @@ def multi_dataset(
         _require_images(ds, "multi_dataset")
     max_train = _check_max("max_train_per_task", max_train_per_task)
     max_test = _check_max("max_test_per_task", max_test_per_task)
-    how = _check_subsample(subsample)
+    how = check_subsample(subsample)
     offsets = np.cumsum([0] + [ds.num_classes for ds in datasets])
 
     def build(t: int, split: str) -> Split:
