@@ -8,6 +8,12 @@ and the chosen values are written to ``--out`` (JSON) and printed as a table.
 Command (permuted MNIST, 3 tasks, 1 seed; about 20 minutes on 2 CPU cores):
     python benchmarks/tune.py --data-dir ../shared/datasets \\
         --out benchmarks/results/tuning_permuted_mnist.json
+
+With ``--config FILE`` (``benchmarks/configs/*.json``) the search runs that benchmark's
+protocol (model, budget, every task unless ``--tasks``/``--steps`` say otherwise), each run
+changing only the searched value:
+    python benchmarks/tune.py --config benchmarks/configs/split_cifar10.json \\
+        --data-dir DATA --methods owm --values 1,10,100,1000
 """
 
 from __future__ import annotations
@@ -21,11 +27,13 @@ import time
 from _provenance import git_commit, machine
 
 import rgo_jax
-from rgo_jax.bench import train
+from rgo_jax.bench import cli, train
+from rgo_jax.bench._methods import OPTION_ALIASES
 
 GRID = {
     # method: (Config field or method option, addressed as in --option; values)
     "rgo": ("rgo.alpha", [0.001, 0.01, 0.1, 1.0]),
+    "rgo-plus": ("rgo.alpha", [0.001, 0.01, 0.1, 1.0]),
     "sgd": ("learning_rate", [0.03, 0.1, 0.3]),
     "ewc": ("ewc.lambda", [1.0, 10.0, 100.0, 1000.0]),
     "online-ewc": ("ewc.lambda", [1.0, 10.0, 100.0, 1000.0]),
@@ -35,12 +43,26 @@ GRID = {
 }
 
 
+def _with_value(base: train.Config, method: str, field: str, value: float) -> train.Config:
+    """``base`` running ``method`` alone with ``field`` (a Config field or a method option,
+    addressed or by its earlier name) set to ``value`` instead of the base's setting."""
+    # a Config stores each option under its earlier name (RGO's as Config fields)
+    stored = {new: old for old, new in OPTION_ALIASES.items()}.get(field, field)
+    if stored in {f.name for f in dataclasses.fields(train.Config)}:
+        return dataclasses.replace(base, methods=(method,), **{stored: value})
+    options = {**base.method_options, stored: value}
+    return dataclasses.replace(base, methods=(method,), method_options=options)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--benchmark", default="permuted_mnist")
+    ap.add_argument(
+        "--config", default=None, help="a benchmark's JSON config (instead of --benchmark)"
+    )
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--tasks", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--tasks", type=int, default=None, help="3, or every task of --config")
+    ap.add_argument("--steps", type=int, default=None, help="1000, or --config's budget")
     ap.add_argument("--validation-fraction", type=float, default=0.1)
     ap.add_argument("--methods", default=",".join(GRID))
     ap.add_argument(
@@ -49,7 +71,7 @@ def main() -> None:
         help="comma-separated values to search instead of the grid (one method only)",
     )
     ap.add_argument(
-        "--init", default="lecun", help="parameter initialisation of every run (Config.init)"
+        "--init", default=None, help="parameter initialisation (Config.init; default lecun)"
     )
     ap.add_argument("--seeds", default="0", help="comma-separated seeds; ACC is their mean")
     ap.add_argument("--out", default=None)
@@ -60,17 +82,25 @@ def main() -> None:
         ap.error(f"no search grid for {', '.join(unknown)}; known: {', '.join(GRID)}")
     if args.values is not None and len(methods) != 1:
         ap.error("--values needs exactly one method in --methods")
-    base = train.Config(
-        benchmark=args.benchmark,
-        data_dir=args.data_dir,
-        num_tasks=args.tasks,
-        steps_per_task=args.steps,
-        validation_fraction=args.validation_fraction,
-        checkpoint=False,
-        plots=False,
-        init=args.init,
-        seeds=tuple(int(s) for s in args.seeds.split(",")),
-    )
+    common = {
+        "data_dir": args.data_dir,
+        "validation_fraction": args.validation_fraction,
+        "checkpoint": False,
+        "plots": False,
+        "seeds": tuple(int(s) for s in args.seeds.split(",")),
+    }
+    if args.config is not None:
+        base = cli.config_from_argv(["--config", args.config])
+        common.update({"num_tasks": args.tasks, "steps_per_task": args.steps, "init": args.init})
+        base = dataclasses.replace(base, **{k: v for k, v in common.items() if v is not None})
+    else:
+        base = train.Config(
+            benchmark=args.benchmark,
+            num_tasks=args.tasks or 3,
+            steps_per_task=args.steps or 1000,
+            init=args.init or "lecun",
+            **common,
+        )
     search, chosen = {}, {}
     for method in methods:
         field, values = GRID[method]
@@ -78,10 +108,7 @@ def main() -> None:
             values = [float(v) for v in args.values.split(",")]
         rows = []
         for value in values:
-            if field in {f.name for f in dataclasses.fields(train.Config)}:
-                cfg = dataclasses.replace(base, methods=(method,), **{field: value})
-            else:
-                cfg = dataclasses.replace(base, methods=(method,), method_options={field: value})
+            cfg = _with_value(base, method, field, value)
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
                 res = train.run(cfg, tmp, log=lambda *a: None)

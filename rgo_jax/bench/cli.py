@@ -298,6 +298,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return config_and_sources(args)[0]
 
 
+def config_from_argv(argv: list[str]) -> Config:
+    """The Config ``rgo-bench ARGV`` would run (e.g. ``["--config", "file.json"]``)."""
+    return config_from_args(_parser().parse_args(argv))
+
+
 #: The Config fields the run's header shows (with any other field set by a flag or file).
 _HEADER = (
     "benchmark",

@@ -72,3 +72,38 @@ def test_every_library_name_the_scripts_use_exists():
                 rel = path.relative_to(REPO)
                 missing.append(f"{rel}:{node.lineno}: {node.value.id}.{node.attr}")
     assert not missing, "\n".join(missing)
+
+
+def _tune_module():
+    import importlib.util
+
+    path = REPO / "benchmarks" / "tune.py"
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("benchmark_tune", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    return module
+
+
+def test_tune_changes_only_the_searched_value_of_a_config_file():
+    """The search on a conv benchmark's config (whose ``method_options`` already set each
+    baseline's value under its earlier flat name) runs each value it names, not the file's
+    and not a 'given twice' error, and keeps every other setting of the file."""
+    from rgo_jax.bench import cli
+
+    tune = _tune_module()
+    base = cli.config_from_argv(["--config", str(REPO / "benchmarks/configs/split_cifar10.json")])
+    assert base.method("owm").options.alpha == 10.0  # the file's value
+    owm = tune._with_value(base, "owm", "owm.alpha", 1000.0)
+    assert owm.methods == ("owm",)
+    assert owm.method("owm").options.alpha == 1000.0
+    assert owm.method("agem").options.batch == base.method("agem").options.batch == 10
+    assert (owm.model, owm.hidden, owm.steps_per_task) == ("alexnet", (256, 256), 500)
+    gpm = tune._with_value(base, "gpm", "gpm.threshold", 0.9)
+    assert gpm.method("gpm").options.threshold == 0.9
+    rgo = tune._with_value(base, "rgo-plus", "rgo.alpha", 1.0)
+    assert rgo.alpha == 1.0 and rgo.method("rgo-plus").options.alpha == 1.0
+    assert rgo.method("owm").options.alpha == 10.0
