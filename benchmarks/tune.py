@@ -56,7 +56,7 @@ def _with_value(base: train.Config, method: str, field: str, value: float) -> tr
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--benchmark", default="permuted_mnist")
+    ap.add_argument("--benchmark", default=None, help="permuted_mnist unless --config")
     ap.add_argument(
         "--config", default=None, help="a benchmark's JSON config (instead of --benchmark)"
     )
@@ -71,6 +71,13 @@ def main() -> None:
         help="comma-separated values to search instead of the grid (one method only)",
     )
     ap.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="METHOD=V1,V2,...",
+        help="the values to search for METHOD instead of its default grid (repeatable)",
+    )
+    ap.add_argument(
         "--init", default=None, help="parameter initialisation (Config.init; default lecun)"
     )
     ap.add_argument("--seeds", default="0", help="comma-separated seeds; ACC is their mean")
@@ -80,8 +87,18 @@ def main() -> None:
     unknown = [m for m in methods if m not in GRID]
     if unknown:
         ap.error(f"no search grid for {', '.join(unknown)}; known: {', '.join(GRID)}")
+    if args.config is not None and args.benchmark is not None:
+        ap.error("--benchmark and --config name the benchmark twice; give one")
     if args.values is not None and len(methods) != 1:
         ap.error("--values needs exactly one method in --methods")
+    grids = {}
+    for item in args.grid:
+        method, sep, values = item.partition("=")
+        if not sep or method not in methods:
+            ap.error(f"--grid {item!r} must be METHOD=V1,V2,... with METHOD in --methods")
+        grids[method] = [float(v) for v in values.split(",")]
+    if args.values is not None:
+        grids[methods[0]] = [float(v) for v in args.values.split(",")]
     common = {
         "data_dir": args.data_dir,
         "validation_fraction": args.validation_fraction,
@@ -95,46 +112,54 @@ def main() -> None:
         base = dataclasses.replace(base, **{k: v for k, v in common.items() if v is not None})
     else:
         base = train.Config(
-            benchmark=args.benchmark,
+            benchmark=args.benchmark or "permuted_mnist",
             num_tasks=args.tasks or 3,
             steps_per_task=args.steps or 1000,
             init=args.init or "lecun",
             **common,
         )
     search, chosen = {}, {}
-    for method in methods:
-        field, values = GRID[method]
-        if args.values is not None:
-            values = [float(v) for v in args.values.split(",")]
-        rows = []
-        for value in values:
-            cfg = _with_value(base, method, field, value)
-            t0 = time.perf_counter()
-            with tempfile.TemporaryDirectory() as tmp:
-                res = train.run(cfg, tmp, log=lambda *a: None)
-            acc = res["summaries"][method]["acc"]["mean"]
-            rows.append({"value": value, "val_acc": acc, "seconds": time.perf_counter() - t0})
-            print(f"{method:11s} {field}={value:<8g} validation ACC {100 * acc:6.2f} %")
-        best = max(rows, key=lambda r: r["val_acc"])
-        search[method] = {"hyperparameter": field, "rows": rows}
-        chosen[method] = {field: best["value"]}
-    commit = git_commit()
+    command = "python benchmarks/tune.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in vars(args).items()
+        if v not in (None, []) and k not in ("out", "grid")
+    )
+    command += "".join(f" --grid {g}" for g in args.grid)
     record = {
-        "command": "python benchmarks/tune.py "
-        + " ".join(
-            f"--{k.replace('_', '-')} {v}"
-            for k, v in vars(args).items()
-            if v is not None and k != "out"
-        ),
-        "commit": commit,
+        "command": command,
+        "commit": git_commit(),
         "machine": machine(),
         "protocol": "validation split of each task's TRAINING data; test data never used",
         "search": search,
         "chosen": chosen,
     }
+    for method in methods:
+        field, values = GRID[method]
+        rows = []
+        search[method] = {"hyperparameter": field, "rows": rows}
+        for value in grids.get(method, values):
+            cfg = _with_value(base, method, field, value)
+            t0 = time.perf_counter()
+            with tempfile.TemporaryDirectory() as tmp:
+                res = train.run(cfg, tmp, log=lambda *a: None)
+            summary = res["summaries"][method]
+            row = {"value": value, "seconds": time.perf_counter() - t0}
+            for key, name in (
+                ("acc", "val_acc"),
+                ("bwt", "val_bwt"),
+                ("learning_accuracy", "val_la"),
+            ):
+                row[name] = summary[key]["mean"]
+            rows.append(row)
+            print(
+                f"{method:11s} {field}={value:<8g} validation ACC {100 * row['val_acc']:6.2f} %"
+                f"  BWT {100 * row['val_bwt']:6.2f}  LA {100 * row['val_la']:6.2f}",
+                flush=True,
+            )
+            chosen[method] = {field: max(rows, key=lambda r: r["val_acc"])["value"]}
+            if args.out:  # after every run, so that a stopped search keeps what it measured
+                rgo_jax.bench.write_json_atomic(args.out, record)
     print(json.dumps(chosen, indent=1))
-    if args.out:
-        rgo_jax.bench.write_json_atomic(args.out, record)
 
 
 if __name__ == "__main__":
