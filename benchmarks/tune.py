@@ -29,6 +29,7 @@ from _provenance import git_commit, machine
 import rgo_jax
 from rgo_jax.bench import cli, train
 from rgo_jax.bench._methods import OPTION_ALIASES
+from rgo_jax.bench._validate import NonFiniteError
 
 GRID = {
     # method: (Config field or method option, addressed as in --option; values)
@@ -52,6 +53,35 @@ def _with_value(base: train.Config, method: str, field: str, value: float) -> tr
         return dataclasses.replace(base, methods=(method,), **{stored: value})
     options = {**base.method_options, stored: value}
     return dataclasses.replace(base, methods=(method,), method_options=options)
+
+
+def _measure(cfg: train.Config, method: str, value: float) -> dict:
+    """One run of the search: validation ACC, BWT and LA, or why it diverged."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            res = train.run(cfg, tmp, log=lambda *a: None)
+        except NonFiniteError as err:  # a value that diverges is a result, not a crash
+            return {"value": value, "seconds": time.perf_counter() - t0, "diverged": str(err)}
+    summary = res["summaries"][method]
+    return {
+        "value": value,
+        "seconds": time.perf_counter() - t0,
+        "val_acc": summary["acc"]["mean"],
+        "val_bwt": summary["bwt"]["mean"],
+        "val_la": summary["learning_accuracy"]["mean"],
+    }
+
+
+def _earlier_record(args: argparse.Namespace) -> dict:
+    """The record at ``--out`` that ``--resume`` continues (empty if there is none)."""
+    if not args.out:
+        raise SystemExit("tune.py: --resume needs --out (the earlier search's record)")
+    try:
+        with open(args.out) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
 
 
 def main() -> None:
@@ -82,6 +112,11 @@ def main() -> None:
     )
     ap.add_argument("--seeds", default="0", help="comma-separated seeds; ACC is their mean")
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows an earlier search wrote to --out and run only the values it lacks",
+    )
     args = ap.parse_args()
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in GRID]
@@ -118,13 +153,14 @@ def main() -> None:
             init=args.init or "lecun",
             **common,
         )
-    search, chosen = {}, {}
     command = "python benchmarks/tune.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}"
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
         for k, v in vars(args).items()
-        if v not in (None, []) and k not in ("out", "grid")
+        if v not in (None, [], False) and k not in ("out", "grid")
     )
     command += "".join(f" --grid {g}" for g in args.grid)
+    earlier = _earlier_record(args) if args.resume else {}
+    search, chosen = earlier.get("search", {}), earlier.get("chosen", {})
     record = {
         "command": command,
         "commit": git_commit(),
@@ -133,30 +169,31 @@ def main() -> None:
         "search": search,
         "chosen": chosen,
     }
+    if earlier:
+        record["earlier_runs"] = earlier.get("earlier_runs", []) + [
+            {k: earlier[k] for k in ("command", "commit", "machine")}
+        ]
     for method in methods:
         field, values = GRID[method]
-        rows = []
-        search[method] = {"hyperparameter": field, "rows": rows}
+        entry = search.setdefault(method, {"hyperparameter": field, "rows": []})
+        rows = entry["rows"]
         for value in grids.get(method, values):
-            cfg = _with_value(base, method, field, value)
-            t0 = time.perf_counter()
-            with tempfile.TemporaryDirectory() as tmp:
-                res = train.run(cfg, tmp, log=lambda *a: None)
-            summary = res["summaries"][method]
-            row = {"value": value, "seconds": time.perf_counter() - t0}
-            for key, name in (
-                ("acc", "val_acc"),
-                ("bwt", "val_bwt"),
-                ("learning_accuracy", "val_la"),
-            ):
-                row[name] = summary[key]["mean"]
-            rows.append(row)
-            print(
-                f"{method:11s} {field}={value:<8g} validation ACC {100 * row['val_acc']:6.2f} %"
-                f"  BWT {100 * row['val_bwt']:6.2f}  LA {100 * row['val_la']:6.2f}",
-                flush=True,
-            )
-            chosen[method] = {field: max(rows, key=lambda r: r["val_acc"])["value"]}
+            if any(r["value"] == value for r in rows):
+                continue  # measured by the earlier search (--resume)
+            rows.append(_measure(_with_value(base, method, field, value), method, value))
+            rows.sort(key=lambda r: r["value"])
+            row = next(r for r in rows if r["value"] == value)
+            if "diverged" in row:
+                print(f"{method:11s} {field}={value:<8g} diverged: {row['diverged']}", flush=True)
+            else:
+                print(
+                    f"{method:11s} {field}={value:<8g} validation ACC {100 * row['val_acc']:6.2f}"
+                    f" %  BWT {100 * row['val_bwt']:6.2f}  LA {100 * row['val_la']:6.2f}",
+                    flush=True,
+                )
+            finite = [r for r in rows if "diverged" not in r]
+            if finite:
+                chosen[method] = {field: max(finite, key=lambda r: r["val_acc"])["value"]}
             if args.out:  # after every run, so that a stopped search keeps what it measured
                 rgo_jax.bench.write_json_atomic(args.out, record)
     print(json.dumps(chosen, indent=1))
