@@ -419,6 +419,7 @@ def config_and_sources(args: argparse.Namespace) -> tuple[Config, dict[str, str]
     if fields.get("dataset") is not None:
         _derive_num_tasks(fields, sources)
     options = dict(fields.get("method_options", {}))
+    flagged: set[str] = set()  # the options the flags set, by their addressed name
     for item in args.option:
         key, sep, value = item.partition("=")
         if not sep:
@@ -432,6 +433,11 @@ def config_and_sources(args: argparse.Namespace) -> tuple[Config, dict[str, str]
             fields[field] = _convert(value, typ, f"--option {key}")
             sources[field] = f"flag --option {key}"
             continue
+        addressed = OPTION_ALIASES.get(key, key)
+        if addressed not in flagged:  # a flag overrides the file's value in either spelling
+            for k in [k for k in options if OPTION_ALIASES.get(k, k) == addressed]:
+                del options[k]
+        flagged.add(addressed)
         try:
             options[key] = float(value)
         except ValueError:

@@ -107,3 +107,44 @@ def test_tune_changes_only_the_searched_value_of_a_config_file():
     rgo = tune._with_value(base, "rgo-plus", "rgo.alpha", 1.0)
     assert rgo.alpha == 1.0 and rgo.method("rgo-plus").options.alpha == 1.0
     assert rgo.method("owm").options.alpha == 10.0
+
+
+def test_tune_records_a_diverging_value_instead_of_ending_the_search():
+    """The conv-benchmark search met EWC at lambda 1000 diverging (loss NaN): that value is a
+    result of the search, and the runs after it must still happen."""
+    from rgo_jax.bench import train
+
+    tune = _tune_module()
+    quick = dict(benchmark="permuted_digits", num_tasks=2, steps_per_task=20, hidden=(16,))
+    cfg = train.Config(**quick, methods=("ewc",), plots=False, checkpoint=False)
+    row = tune._measure(tune._with_value(cfg, "ewc", "ewc.lambda", 1e8), "ewc", 1e8)
+    assert row["value"] == 1e8 and "method ewc, seed 0, task 1" in row["diverged"]
+    assert "val_acc" not in row
+    row = tune._measure(tune._with_value(cfg, "ewc", "ewc.lambda", 1.0), "ewc", 1.0)
+    assert "diverged" not in row and 0.1 < row["val_acc"] <= 1.0  # above chance
+
+
+def test_tune_resume_runs_only_the_values_the_record_lacks(tmp_path, monkeypatch):
+    tune = _tune_module()
+    calls = []
+
+    def fake_measure(cfg, method, value):  # the search's bookkeeping, not its training
+        calls.append((method, value))
+        if value == 1000.0:
+            return {"value": value, "seconds": 0.0, "diverged": "loss nan"}
+        return {"value": value, "seconds": 0.0, "val_acc": 1 / value, "val_bwt": 0, "val_la": 0}
+
+    monkeypatch.setattr(tune, "_measure", fake_measure)
+    out = tmp_path / "search.json"
+    argv = ["tune.py", "--benchmark", "permuted_digits", "--methods", "ewc", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv + ["--grid", "ewc=10,1000"])
+    tune.main()
+    monkeypatch.setattr(sys, "argv", argv + ["--grid", "ewc=1,10,1000", "--resume"])
+    tune.main()
+    assert calls == [("ewc", 10.0), ("ewc", 1000.0), ("ewc", 1.0)]
+    import json
+
+    record = json.loads(out.read_text())
+    assert [r["value"] for r in record["search"]["ewc"]["rows"]] == [1.0, 10.0, 1000.0]
+    assert record["chosen"] == {"ewc": {"ewc.lambda": 1.0}}  # the diverged value is not chosen
+    assert "--resume" in record["command"] and len(record["earlier_runs"]) == 1

@@ -136,3 +136,20 @@ def test_a_non_finite_p_names_the_leaf():
         NonFiniteError, match=r"method rgo, seed 0, task 2 .*p\['w'\] \(4, 4\) holds 1 non-finite"
     ):
         check_finite_state({"opt_state": state._replace(p={"w": p})}, "rgo", 0, 2)
+
+
+@pytest.mark.parametrize("key", ["owm.alpha", "owm_alpha"])
+def test_an_option_flag_overrides_the_config_files_value_in_either_spelling(key):
+    """The conv configs set ``owm_alpha`` (the flat name); ``--option owm.alpha=1000`` on top
+    of one was refused as 'given twice', though flags override the file."""
+    conv = str(Path(__file__).parents[2] / "benchmarks" / "configs" / "split_cifar10.json")
+    cfg = cli.config_from_argv(["--config", conv, "--methods", "owm", "--option", f"{key}=1000"])
+    assert cfg.method("owm").options.alpha == 1000.0
+    assert cfg.method("agem").options.batch == 10  # the file's other options stay
+
+
+def test_one_flag_giving_an_option_twice_is_still_refused():
+    with pytest.raises(SystemExit, match="given twice"):
+        cli.config_from_argv(
+            ["--methods", "owm", "--option", "owm.alpha=5", "--option", "owm_alpha=7"]
+        )
