@@ -73,15 +73,26 @@ def _measure(cfg: train.Config, method: str, value: float) -> dict:
     }
 
 
-def _earlier_record(args: argparse.Namespace) -> dict:
+#: The arguments that decide what a search's rows measured: --resume refuses to mix protocols.
+_PROTOCOL_ARGS = ("benchmark", "config", "tasks", "steps", "validation_fraction", "init", "seeds")
+
+
+def _earlier_record(args: argparse.Namespace, protocol: dict) -> dict:
     """The record at ``--out`` that ``--resume`` continues (empty if there is none)."""
     if not args.out:
         raise SystemExit("tune.py: --resume needs --out (the earlier search's record)")
     try:
         with open(args.out) as f:
-            return json.load(f)
+            earlier = json.load(f)
     except FileNotFoundError:
         return {}
+    for key, value in earlier.get("protocol_args", protocol).items():
+        if protocol.get(key) != value:
+            raise SystemExit(
+                f"tune.py: --resume: {args.out} was searched with --{key.replace('_', '-')} "
+                f"{value}, this search has {protocol.get(key)}; its rows would not compare"
+            )
+    return earlier
 
 
 def main() -> None:
@@ -159,13 +170,15 @@ def main() -> None:
         if v not in (None, [], False) and k not in ("out", "grid")
     )
     command += "".join(f" --grid {g}" for g in args.grid)
-    earlier = _earlier_record(args) if args.resume else {}
+    protocol = {k: getattr(args, k) for k in _PROTOCOL_ARGS}
+    earlier = _earlier_record(args, protocol) if args.resume else {}
     search, chosen = earlier.get("search", {}), earlier.get("chosen", {})
     record = {
         "command": command,
         "commit": git_commit(),
         "machine": machine(),
         "protocol": "validation split of each task's TRAINING data; test data never used",
+        "protocol_args": protocol,
         "search": search,
         "chosen": chosen,
     }

@@ -148,3 +148,8 @@ def test_tune_resume_runs_only_the_values_the_record_lacks(tmp_path, monkeypatch
     assert [r["value"] for r in record["search"]["ewc"]["rows"]] == [1.0, 10.0, 1000.0]
     assert record["chosen"] == {"ewc": {"ewc.lambda": 1.0}}  # the diverged value is not chosen
     assert "--resume" in record["command"] and len(record["earlier_runs"]) == 1
+    # a record of another protocol is not continued: its rows measured something else
+    monkeypatch.setattr(sys, "argv", argv + ["--grid", "ewc=3", "--resume", "--tasks", "5"])
+    with pytest.raises(SystemExit, match="searched with --tasks None, this search has 5"):
+        tune.main()
+    assert calls == [("ewc", 10.0), ("ewc", 1000.0), ("ewc", 1.0)]
